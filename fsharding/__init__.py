@@ -1,0 +1,56 @@
+"""fsharding: JAX-style functional sharding for PyTorch.
+
+DeepSpeed's memory and parallelism techniques as pure function transforms over explicit
+parameter pytrees, composed by nesting::
+
+    import fsharding as fs
+    from fsharding import optim
+
+    apply, params = fs.functional(model)
+    grad_fn = fs.value_and_grad(lambda p, b: loss(apply(p, b["x"]), b["y"]))
+    step = fs.train_step(grad_fn, optim.adamw(3e-4))
+    params, opt_state = step.init(params)
+    params, opt_state, metrics = step.step(params, opt_state, batch)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it. Names are resolved on first access (PEP 562),
+# so importing fsharding stays cheap and a heavy subsystem loads only when used.
+_EXPORTS: dict[str, str] = {
+    # pytrees and the functional core
+    "tree": "fsharding.tree",
+    "all_finite": "fsharding.tree",
+    "functional": "fsharding.functional",
+    "value_and_grad": "fsharding.functional",
+    "grad": "fsharding.functional",
+    # training steps
+    "Step": "fsharding.step",
+    "TrainState": "fsharding.step",
+    "train_step": "fsharding.step",
+    # optimizers (also importable as `from fsharding import optim`)
+    "optim": "fsharding.optim",
+}
+
+_MODULES = {"tree", "optim"}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'fsharding' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if name in _MODULES else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

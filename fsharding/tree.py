@@ -1,0 +1,260 @@
+"""Thin pytree helpers on optree.
+
+Every fsharding pytree uses optree's default registry with ``None`` as an empty node
+(as in JAX). Paths are written in JAX's ``keystr`` form, e.g. ``['blocks'][0].mu``, so an
+error can name the exact leaf that is wrong.
+
+Example:
+    >>> import torch
+    >>> from fsharding import tree
+    >>> t = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
+    >>> tree.map(lambda x, y: x + y, t, t)["w"].sum().item()
+    12.0
+    >>> [p for p, _ in tree.leaves_with_path(t)]
+    ["['b']", "['w']"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optree
+import torch
+
+__all__ = [
+    "map",
+    "leaves",
+    "leaves_with_path",
+    "structure",
+    "unflatten",
+    "keystr",
+    "check_same_structure",
+    "first_difference",
+    "nbytes",
+    "all_finite",
+    "is_floating",
+    "local_tensor",
+]
+
+PyTree = Any
+
+_map = map  # the builtin, before this module shadows it
+
+
+def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
+    """Maps ``fn`` over the leaves of one or more trees of the same structure.
+
+    Args:
+        fn: called as ``fn(leaf, *rest_leaves)`` for each leaf position.
+        tree: the tree that fixes the structure.
+        *rest: further trees with the same structure as ``tree``.
+
+    Returns:
+        A tree of ``tree``'s structure holding ``fn``'s results.
+
+    Raises:
+        ValueError: a tree in ``rest`` differs in structure; the message names the first
+            differing path.
+
+    Example:
+        >>> map(lambda a, b: a * b, {"x": 2}, {"x": 3})
+        {'x': 6}
+    """
+    if rest:
+        for i, other in enumerate(rest):
+            check_same_structure(tree, other, names=("tree", f"rest[{i}]"), api="fs.tree.map")
+    return optree.tree_map(fn, tree, *rest)
+
+
+def leaves(tree: PyTree) -> list[Any]:
+    """The leaves of ``tree`` in canonical (sorted-key) order.
+
+    Example:
+        >>> leaves({"b": 1, "a": (2, 3)})
+        [2, 3, 1]
+    """
+    return optree.tree_leaves(tree)
+
+
+def structure(tree: PyTree) -> optree.PyTreeSpec:
+    """The treedef of ``tree`` (use with :func:`unflatten`).
+
+    Example:
+        >>> structure({"a": 1}).num_leaves
+        1
+    """
+    return optree.tree_structure(tree)
+
+
+def unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
+    """Rebuilds a tree from a treedef and its leaves.
+
+    Example:
+        >>> unflatten(structure({"a": 1, "b": 2}), [5, 6])
+        {'a': 5, 'b': 6}
+    """
+    return optree.tree_unflatten(treedef, list(leaves))
+
+
+def keystr(accessor: optree.PyTreeAccessor) -> str:
+    """The JAX-style path string of an optree accessor (``['a'][0].mu``)."""
+    s = accessor.codify("")
+    return s if s else "<root>"
+
+
+def leaves_with_path(tree: PyTree) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs with JAX-style path strings.
+
+    Example:
+        >>> leaves_with_path({"a": [10, 20]})
+        [("['a'][0]", 10), ("['a'][1]", 20)]
+    """
+    accessors, lvs, _ = optree.tree_flatten_with_accessor(tree)
+    return [(keystr(a), leaf) for a, leaf in zip(accessors, lvs)]
+
+
+def first_difference(a: PyTree, b: PyTree) -> str | None:
+    """The path of the first node where two trees' structures differ, or None if equal.
+
+    Example:
+        >>> first_difference({"a": 1, "b": 2}, {"a": 1, "c": 2})
+        "['b'] (keys ['a', 'b'] vs ['a', 'c'])"
+    """
+    if optree.tree_structure(a) == optree.tree_structure(b):
+        return None
+    return _diff(a, b, "")
+
+
+def _node(x: PyTree) -> tuple[Any, list[Any], list[Any]] | None:
+    """(node type, children, entries) of a non-leaf, or None for a leaf."""
+    if x is not None and optree.tree_structure(x).is_leaf():
+        return None
+    out = optree.tree_flatten_one_level(x)
+    return (type(x), out.metadata), list(out.children), list(out.entries)
+
+
+def _entry_str(node_type: type, entry: Any) -> str:
+    if isinstance(entry, str) and hasattr(node_type, "_fields"):
+        return f".{entry}"
+    return f"[{entry!r}]"
+
+
+def _diff(a: PyTree, b: PyTree, path: str) -> str:
+    na, nb = _node(a), _node(b)
+    here = path or "<root>"
+    if na is None and nb is None:
+        return here  # unreachable in practice: two leaves never differ in structure
+    if na is None or nb is None:
+        kind = lambda n, x: "a leaf" if n is None else type(x).__name__  # noqa: E731
+        return f"{here} ({kind(na, a)} vs {kind(nb, b)})"
+    (ta, ma), ca, ea = na
+    (tb, mb), cb, eb = nb
+    if ta is not tb:
+        return f"{here} ({ta.__name__} vs {tb.__name__})"
+    if list(ea) != list(eb):
+        first = next((x for x, y in zip(ea, eb) if x != y), None)
+        if first is None:
+            first = ea[len(eb)] if len(ea) > len(eb) else eb[len(ea)]
+        at = path + _entry_str(ta, first)
+        return f"{at} (keys {list(ea)!r} vs {list(eb)!r})"
+    if hasattr(ta, "_fields"):
+        ea = list(ta._fields)
+    for entry, xa, xb in zip(ea, ca, cb):
+        sub = path + _entry_str(ta, entry)
+        if optree.tree_structure(xa) != optree.tree_structure(xb):
+            return _diff(xa, xb, sub)
+    return f"{here} (node metadata differs: {ma!r} vs {mb!r})"
+
+
+def check_same_structure(
+    a: PyTree, b: PyTree, *, names: tuple[str, str] = ("a", "b"), api: str = "fsharding"
+) -> None:
+    """Raises a ValueError naming the first path where ``a`` and ``b`` differ.
+
+    Args:
+        a: first tree.
+        b: second tree.
+        names: how the two trees are called in the message (argument names).
+        api: the public API that is checking, for the message.
+
+    Raises:
+        ValueError: the structures differ.
+
+    Example:
+        >>> check_same_structure({"w": 1}, {"w": 2})
+        >>> check_same_structure({"w": 1}, {"v": 2}, names=("params", "grads"))
+        Traceback (most recent call last):
+        ...
+        ValueError: fsharding: params and grads differ in pytree structure at ['w'] (keys ['w'] vs ['v']). Pass trees with the same keys and nesting (e.g. grads from fs.value_and_grad(f)(params)).
+    """
+    where = first_difference(a, b)
+    if where is not None:
+        raise ValueError(
+            f"{api}: {names[0]} and {names[1]} differ in pytree structure at {where}. "
+            f"Pass trees with the same keys and nesting (e.g. grads from "
+            f"fs.value_and_grad(f)(params))."
+        )
+
+
+def local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or ``x`` itself for a plain tensor."""
+    to_local = getattr(x, "to_local", None)
+    if to_local is not None and type(x).__name__ == "DTensor":
+        return to_local()
+    return x
+
+
+def nbytes(tree: PyTree) -> int:
+    """Bytes held by the tensors of ``tree``, counting each storage once.
+
+    Views and tied tensors share a storage and count once; a DTensor counts its local
+    shard. Non-tensor leaves count zero.
+
+    Example:
+        >>> w = torch.zeros(4, 4)
+        >>> nbytes({"w": w, "view": w[0], "b": torch.zeros(4)})
+        80
+    """
+    seen: dict[tuple[str, int], int] = {}
+    for leaf in optree.tree_leaves(tree):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        t = local_tensor(leaf)
+        if t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr())
+        seen[key] = max(seen.get(key, 0), st.nbytes())
+    return sum(seen.values())
+
+
+def is_floating(x: Any) -> bool:
+    """True for a floating-point (or complex) tensor."""
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def all_finite(tree: PyTree) -> torch.Tensor:
+    """A 0-dim bool tensor: True when every floating leaf of ``tree`` is finite.
+
+    One device sync is left to the caller (``bool(...)``); no per-leaf sync.
+
+    Example:
+        >>> bool(all_finite({"a": torch.ones(2), "b": torch.tensor([float("inf")])}))
+        False
+    """
+    tensors = [local_tensor(x) for x in optree.tree_leaves(tree) if is_floating(x)]
+    if not tensors:
+        return torch.tensor(True)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    flags = []
+    for dev_tensors in by_device.values():
+        # max |x| is inf/nan exactly when some element is (no overflow, unlike a sum).
+        norms = torch._foreach_norm([t.detach() for t in dev_tensors], float("inf"))
+        flags.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    out = flags[0]
+    for f in flags[1:]:
+        out = out & f.to(out.device)
+    return out
