@@ -20,6 +20,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The core is imported eagerly. (`from fsharding.functional import functional` also makes
+# `fs.functional` the function, not the submodule of the same name.)
+from fsharding import optim, tree
+from fsharding.functional import functional, grad, value_and_grad
+from fsharding.step import Step, TrainState, train_step
+from fsharding.tree import all_finite
+
 # Public name -> the module that defines it. Names are resolved on first access (PEP 562),
 # so importing fsharding stays cheap and a heavy subsystem loads only when used.
 _EXPORTS: dict[str, str] = {

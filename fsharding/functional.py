@@ -37,9 +37,10 @@ def functional(
     *,
     buffers: Literal["frozen", "state"] = "frozen",
     wrap: WrapSpec = None,
-) -> tuple[Callable[..., Any], dict[str, torch.Tensor]] | tuple[
-    Callable[..., Any], dict[str, torch.Tensor], dict[str, torch.Tensor]
-]:
+) -> (
+    tuple[Callable[..., Any], dict[str, torch.Tensor]]
+    | tuple[Callable[..., Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]
+):
     """Turns ``module`` into a pure function of an explicit params dict.
 
     ``params`` is keyed as ``module.named_parameters()`` (tied weights appear once) and its
@@ -428,9 +429,7 @@ def value_and_grad(
                 grads_flat = torch.autograd.grad(target, flat, allow_unused=True)
             else:
                 grads_flat = (None,) * len(flat)
-        grads_flat = [
-            torch.zeros_like(x) if g is None else g for x, g in zip(flat, grads_flat)
-        ]
+        grads_flat = [torch.zeros_like(x) if g is None else g for x, g in zip(flat, grads_flat)]
         grads, i = [], 0
         for leaves, treedef in prepared:
             grads.append(optree.tree_unflatten(treedef, grads_flat[i : i + len(leaves)]))
@@ -440,9 +439,7 @@ def value_and_grad(
             grads_out = loss_scale.unscale(grads_out)
         value = value.detach()
         if has_aux:
-            aux = optree.tree_map(
-                lambda x: x.detach() if isinstance(x, torch.Tensor) else x, aux
-            )
+            aux = optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, aux)
             return (value, aux), grads_out
         return value, grads_out
 

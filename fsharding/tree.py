@@ -186,7 +186,7 @@ def check_same_structure(
         >>> check_same_structure({"w": 1}, {"v": 2}, names=("params", "grads"))
         Traceback (most recent call last):
         ...
-        ValueError: fsharding: params and grads differ in pytree structure at ['w'] (keys ['w'] vs ['v']). Pass trees with the same keys and nesting (e.g. grads from fs.value_and_grad(f)(params)).
+        ValueError: fsharding: params and grads differ in pytree structure at ['w'] ...
     """
     where = first_difference(a, b)
     if where is not None:

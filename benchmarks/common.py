@@ -1,0 +1,197 @@
+"""Side-by-side benchmark runner and memory probes shared by every benchmark.
+
+Every benchmark compares variants *in one run*: variants alternate step by step (so drift
+and contention hit all of them alike), each gets warm-up steps, then >= 10 timed steps; we
+report medians, the spread (IQR / median) and ratios to the baseline (the first variant).
+Contention is measured: other processes' share of the CPU during the timed steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Variant:
+    """One contender: ``setup()`` returns a ``step()`` closure (state lives in the closure).
+
+    ``memory()`` (optional) returns a dict of extra figures (e.g. peak live MiB), measured
+    outside the timed steps.
+    """
+
+    name: str
+    setup: Callable[[], Callable[[], Any]]
+    memory: Callable[[], dict[str, float]] | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    times: list[float]
+    extra: dict[str, float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float:
+        q = statistics.quantiles(self.times, n=4)
+        return (q[2] - q[0]) / self.median
+
+
+def _cpu_busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    vals = [int(x) for x in parts]
+    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
+
+
+def _own_jiffies() -> int:
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+
+
+def run_side_by_side(
+    variants: list[Variant], *, warmup: int = 3, steps: int = 10, rounds: int = 1
+) -> tuple[list[Result], float]:
+    """Runs every variant's step alternately; returns results and the contention share.
+
+    Contention = other processes' busy CPU time / total CPU time available during the
+    timed steps (0.0 on a quiet machine).
+    """
+    steppers = [v.setup() for v in variants]
+    for _ in range(warmup):
+        for s in steppers:
+            s()
+    times: list[list[float]] = [[] for _ in variants]
+    busy0, own0, wall0 = _cpu_busy_jiffies(), _own_jiffies(), time.perf_counter()
+    for _ in range(rounds):
+        for _ in range(steps):
+            for i, s in enumerate(steppers):
+                gc.collect()
+                t0 = time.perf_counter()
+                s()
+                times[i].append(time.perf_counter() - t0)
+    busy, own = _cpu_busy_jiffies() - busy0, _own_jiffies() - own0
+    wall = time.perf_counter() - wall0
+    hz = os.sysconf("SC_CLK_TCK")
+    contention = max(0.0, (busy - own) / hz) / (wall * (os.cpu_count() or 1))
+    results = []
+    for v, ts in zip(variants, times):
+        extra = v.memory() if v.memory is not None else {}
+        results.append(Result(v.name, ts, extra))
+    del steppers
+    return results, contention
+
+
+def markdown_table(results: list[Result], *, extra_keys: Iterable[str] = ()) -> str:
+    """A markdown table: median ms, spread, ratio to the first variant, extra columns."""
+    base = results[0].median
+    keys = list(extra_keys)
+    head = "| variant | median ms/step | spread (IQR/median) | × " + results[0].name + " |"
+    head += "".join(f" {k} |" for k in keys)
+    lines = [head, "|" + " --- |" * (4 + len(keys))]
+    for r in results:
+        row = f"| {r.name} | {r.median * 1e3:.1f} | {r.spread * 100:.1f}% | {r.median / base:.3f} |"
+        for k in keys:
+            v = r.extra.get(k)
+            row += f" {v:.1f} |" if isinstance(v, float) else f" {v if v is not None else '–'} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class PeakLiveMemory(TorchDispatchMode):
+    """Peak bytes of live storages during a region (ANCHORS.md's "peak live memory").
+
+    Counts every storage an aten op produces (and the storages of ``track`` given at entry,
+    e.g. params and optimizer state) until it is really freed (weakref finalizer on the
+    untyped storage). Independent of how a library keeps residuals.
+    """
+
+    def __init__(self, track: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+        for t in track:
+            self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        n = st.nbytes()
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key, n)
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.current -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        stack = [out]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, torch.Tensor):
+                self._add(x)
+            elif isinstance(x, (list, tuple)):
+                stack.extend(x)
+        return out
+
+
+def peak_live_mib(fn: Callable[[], Any], track: Iterable[torch.Tensor] = ()) -> float:
+    """Runs ``fn`` once under :class:`PeakLiveMemory`; returns the peak in MiB."""
+    gc.collect()
+    with PeakLiveMemory(track) as probe:
+        fn()
+        gc.collect()
+    return probe.peak / 2**20
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB, from /proc/self/status."""
+    cur = peak = 0.0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return cur, peak

@@ -1,0 +1,91 @@
+"""fsharding.tree: structure checks name paths, nbytes counts storages once, all_finite."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fsharding import tree
+
+
+class S(NamedTuple):
+    mu: object
+    nu: object
+
+
+def trees(leaf=st.integers(0, 9), depth: int = 3):
+    return st.recursive(
+        leaf,
+        lambda sub: st.one_of(
+            st.lists(sub, max_size=3),
+            st.dictionaries(st.sampled_from("abcde"), sub, max_size=3),
+            st.builds(S, sub, sub),
+        ),
+        max_leaves=8,
+    )
+
+
+@given(trees())
+def test_map_leaves_roundtrip(t):
+    doubled = tree.map(lambda x: 2 * x, t)
+    assert tree.leaves(doubled) == [2 * x for x in tree.leaves(t)]
+    assert tree.unflatten(tree.structure(t), tree.leaves(t)) == t
+    assert tree.first_difference(t, doubled) is None
+
+
+@given(trees(), trees())
+def test_first_difference_names_a_real_difference(a, b):
+    where = tree.first_difference(a, b)
+    same = tree.structure(a) == tree.structure(b)
+    assert (where is None) == same
+    if not same:
+        with pytest.raises(ValueError, match="differ in pytree structure at"):
+            tree.check_same_structure(a, b)
+
+
+def test_first_difference_paths():
+    assert tree.first_difference({"a": 1, "b": {"c": 1}}, {"a": 1, "b": {"d": 1}}).startswith(
+        "['b']['c']"
+    )
+    assert tree.first_difference({"w": S(1, [1, 2])}, {"w": S(1, [1, 2, 3])}).startswith(
+        "['w'].nu[2]"
+    )
+    assert tree.first_difference([1, (2,)], [1, [2]]).startswith("[1] (tuple vs list)")
+    with pytest.raises(ValueError, match=r"params and grads differ .* at \['x'\]"):
+        tree.check_same_structure({"x": 1}, {"x": [1]}, names=("params", "grads"))
+
+
+def test_map_checks_structure():
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        tree.map(lambda x, y: x + y, {"a": 1, "b": 2}, {"a": 1, "c": 2})
+
+
+def test_leaves_with_path_keystr():
+    paths = [p for p, _ in tree.leaves_with_path({"a": [1, S(2, 3)], "b": None})]
+    assert paths == ["['a'][0]", "['a'][1].mu", "['a'][1].nu"]
+
+
+def test_nbytes_counts_each_storage_once():
+    w = torch.zeros(10, 10)
+    t = {"w": w, "view": w[2:4], "t": w.t(), "b": torch.zeros(3, dtype=torch.float64), "n": 3}
+    assert tree.nbytes(t) == 400 + 24
+    assert tree.nbytes({}) == 0
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.data())
+def test_all_finite(sizes, data):
+    leaves = [torch.randn(s) for s in sizes]
+    assert bool(tree.all_finite(leaves))
+    bad = data.draw(st.sampled_from([float("inf"), float("-inf"), float("nan")]))
+    i = data.draw(st.integers(0, len(sizes) - 1))
+    leaves[i][data.draw(st.integers(0, sizes[i] - 1))] = bad
+    assert not bool(tree.all_finite({"x": leaves, "i": torch.arange(3)}))
+
+
+def test_all_finite_no_overflow_in_low_precision():
+    big = torch.full((1000,), 60000.0, dtype=torch.float16)  # sum would overflow fp16
+    assert bool(tree.all_finite([big]))
