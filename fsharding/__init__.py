@@ -40,6 +40,10 @@ _EXPORTS: dict[str, str] = {
     "Step": "fsharding.step",
     "TrainState": "fsharding.step",
     "train_step": "fsharding.step",
+    # memory transforms
+    "accumulate": "fsharding.transforms.accumulate",
+    # data parallel
+    "zero": "fsharding.transforms.zero",
     # optimizers (also importable as `from fsharding import optim`)
     "optim": "fsharding.optim",
 }

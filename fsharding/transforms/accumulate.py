@@ -1,0 +1,342 @@
+"""Gradient accumulation: one step's batch as ``steps`` microbatches, run in sequence.
+
+``fs.accumulate(grad_fn, steps=k)`` is DeepSpeed's ``gradient_accumulation_steps`` as a
+function transform. It is a plain sequential loop over microbatches with one float32
+gradient buffer, and it is *exact*: the result equals one call on the whole batch, also
+when microbatches hold different numbers of valid tokens (token weights, below). Averaging
+per-microbatch means instead is the 2024 gradient-accumulation bug: the mean of means is
+not the batch mean once the token counts differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, overload
+
+import einops
+import optree
+import torch
+
+from fsharding import tree as _tree
+
+__all__ = ["accumulate"]
+
+PyTree = Any
+GradFn = Callable[..., Any]
+Weights = Callable[..., Any]
+
+_API = "fs.accumulate"
+
+
+@overload
+def accumulate(grad_fn: GradFn, /, *, steps: int, weights: Weights | None = None) -> GradFn: ...
+
+
+@overload
+def accumulate(
+    grad_fn: None = None, /, *, steps: int, weights: Weights | None = None
+) -> Callable[[GradFn], GradFn]: ...
+
+
+def accumulate(
+    grad_fn: GradFn | None = None, /, *, steps: int, weights: Weights | None = None
+) -> GradFn | Callable[[GradFn], GradFn]:
+    """Runs a gradient function over ``steps`` microbatches and combines them exactly.
+
+    Every tensor leaf of every positional argument after the first (params) and of every
+    keyword argument is split along dim 0 into ``steps`` equal microbatches
+    (``einops.rearrange(x, "(k b) ... -> k b ...")``; microbatch ``i`` holds rows
+    ``i*b .. (i+1)*b - 1``); non-tensor leaves go to every microbatch unchanged. The
+    microbatches run one after another, so only one microbatch's autograd graph is alive
+    at a time (peak saved activations about ``1/steps`` of the full batch). Each one's grads
+    are added, scaled by its weight, into one gradient-sized buffer (float32, or the grads'
+    dtype if wider: bf16 contributions ``+256, +1, -256`` sum to exactly 1) and freed right
+    away. The result is
+
+        ``loss = Σ wᵢ·lossᵢ / Σ wᵢ``,  ``grads = Σ wᵢ·gradsᵢ / Σ wᵢ``
+
+    cast back to the dtypes ``grad_fn`` returned. With equal weights (the default) and a
+    ``grad_fn`` that averages over the batch, this equals one call on the whole batch (to
+    float32 rounding). **Token-weighted mode:** when each call's loss is
+    ``sum(token losses) / count(valid tokens)``, pass ``weights`` returning the microbatch's
+    count of valid tokens; the result then equals the whole batch's token mean even when the
+    counts differ between microbatches.
+
+    All weights are read (one host sync) before any microbatch runs. A microbatch of weight
+    0 is skipped: ``grad_fn`` is not called for it, so an all-padding microbatch (whose own
+    token mean would be 0/0) contributes no NaN. If every weight is 0 there is nothing to
+    average and a ValueError is raised (drop such batches, e.g. in the data loader). When
+    exactly one microbatch has a non-zero weight (always for ``steps=1``), ``grad_fn``'s loss
+    and grads are returned unchanged: ``steps=1`` calls ``grad_fn`` once on the unsplit
+    arguments and is bitwise ``grad_fn``.
+
+    Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
+    from a whole-batch call (deterministic given the seed); the equivalence above is for
+    functions that draw no random numbers.
+
+    Composition: ``accumulate`` only calls ``grad_fn`` in a loop, so it nests inside the
+    training step: ``fs.train_step(fs.accumulate(fs.value_and_grad(f), steps=k), opt)``.
+    ``fs.zero`` composes with the same loop: at stages 0/1 the accumulated grads are reduced
+    once per step; at stages 2/3 each microbatch's grads are reduce-scattered into the
+    sharded buffer, so no full-size gradient outlives a microbatch. Under fp16 loss scaling
+    each microbatch's grads come back unscaled from ``grad_fn``; an overflow in any
+    microbatch makes the accumulated grads non-finite, and the step's finite check skips it.
+
+    Args:
+        grad_fn: ``grad_fn(params, *args, **kwargs) -> (loss, grads)``, or
+            ``((loss, aux), grads)`` (e.g. ``fs.value_and_grad(f, has_aux=True)``; detected
+            from the output). ``grads`` must be gradients w.r.t. ``params``, which are not
+            split. Omit it to use ``accumulate(steps=k)`` as a decorator.
+        steps: number of microbatches, an int >= 1. Every split leaf's dim 0 must be
+            divisible by it.
+        weights: ``weights(*argsᵢ, **kwargsᵢ) -> number | 0-dim tensor``, called with
+            microbatch ``i``'s arguments exactly as ``grad_fn`` gets them after params; a
+            finite value >= 0. ``None``: equal weights.
+
+    Returns:
+        ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
+        ``((loss, auxes), grads)`` where ``auxes`` is a list with one aux per microbatch
+        (``None`` for a skipped one). ``loss_scale``, when given, is forwarded to every
+        ``grad_fn`` call (which must return unscaled grads, as ``fs.value_and_grad`` does).
+
+    Raises:
+        TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
+            ``grad_fn``'s output or a weight has the wrong type (at call time).
+        ValueError: ``steps < 1``; a leaf's dim 0 is not divisible by ``steps`` or it is
+            0-dim (the message names the leaf, e.g. ``args[1]['x']`` where ``args[0]`` is
+            params, or ``kwargs['mask']``, and its shape); a weight is negative or not
+            finite; every weight is 0.
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> from fsharding.transforms.accumulate import accumulate
+        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+        >>> params = {"w": torch.ones(3)}
+        >>> batch = {"x": torch.arange(24.0).reshape(8, 3), "y": torch.ones(8)}
+        >>> loss, grads = accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
+        >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
+        >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
+        (True, True)
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(
+            f"{_API}: steps must be an int >= 1 (the number of microbatches), got "
+            f"{steps!r} of type {type(steps).__name__}."
+        )
+    if steps < 1:
+        raise ValueError(
+            f"{_API}: steps must be >= 1 (the number of microbatches), got {steps}. "
+            "Use steps=1 for no accumulation."
+        )
+    if weights is not None and not callable(weights):
+        raise TypeError(
+            f"{_API}: weights must be None (equal weights) or a callable "
+            f"weights(*args, **kwargs) -> number, got {type(weights).__name__}. For token "
+            "weighting pass e.g. weights=lambda batch: batch['mask'].sum()."
+        )
+    if grad_fn is None:
+        return functools.partial(accumulate, steps=steps, weights=weights)
+    if not callable(grad_fn):
+        raise TypeError(
+            f"{_API}: grad_fn must be callable, e.g. fs.value_and_grad(loss_fn), got "
+            f"{type(grad_fn).__name__}."
+        )
+
+    @functools.wraps(grad_fn)
+    def accumulated(params: PyTree, *args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
+        extra = {} if loss_scale is None else {"loss_scale": loss_scale}
+        if steps == 1 and weights is None:
+            return _unsplit(grad_fn(params, *args, **extra, **kwargs))
+        micro = _split(args, kwargs, steps)
+        ws = _weights(weights, micro, steps)
+        live = [i for i, w in enumerate(ws) if w != 0.0]
+        if len(live) == 1:  # Σ wᵢ·xᵢ / Σ wᵢ = x exactly: no rounding through the buffer
+            (i,) = live
+            out = _unsplit(grad_fn(params, *micro[i][0], **extra, **micro[i][1]))
+            if isinstance(out[0], tuple):
+                (loss, (aux,)), grads = out
+                return (loss, [aux if j == i else None for j in range(steps)]), grads
+            return out
+        return _run(grad_fn, params, micro, ws, extra)
+
+    return accumulated
+
+
+def _split(
+    args: tuple[Any, ...], kwargs: dict[str, Any], steps: int
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """``steps`` (args, kwargs) pairs: each tensor leaf cut along dim 0, others shared."""
+    accessors, leaves, treedef = optree.tree_flatten_with_accessor((args, kwargs))
+    per_leaf: list[Any] = []
+    for accessor, leaf in zip(accessors, leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            per_leaf.append(None)
+            continue
+        if leaf.dim() == 0 or leaf.shape[0] % steps != 0:
+            path = _path(accessor)
+            why = (
+                "it is 0-dim (no dim 0 to split); pass constants through a closure instead"
+                if leaf.dim() == 0
+                else f"dim 0 (size {leaf.shape[0]}) is not divisible by steps={steps}; use a "
+                f"batch size that is a multiple of {steps} (e.g. DataLoader(drop_last=True))"
+            )
+            raise ValueError(
+                f"{_API}: cannot split {path} of shape {tuple(leaf.shape)} into {steps} "
+                f"microbatches: {why}."
+            )
+        per_leaf.append(einops.rearrange(leaf, "(k b) ... -> k b ...", k=steps))
+    out = []
+    for i in range(steps):
+        mb = [leaf if s is None else s[i] for leaf, s in zip(leaves, per_leaf, strict=True)]
+        out.append(optree.tree_unflatten(treedef, mb))
+    return out
+
+
+def _path(accessor: optree.PyTreeAccessor) -> str:
+    """``args[i]...`` (numbered as in the call, ``args[0]`` is params) or ``kwargs[...]``."""
+    first, *rest = list(accessor)
+    second, *rest = rest
+    tail = optree.PyTreeAccessor(tuple(rest)).codify("")
+    if first.entry == 0:
+        return f"args[{second.entry + 1}]{tail}"
+    return f"kwargs[{second.entry!r}]{tail}"
+
+
+def _weights(
+    weights: Weights | None, micro: list[tuple[tuple[Any, ...], dict[str, Any]]], steps: int
+) -> list[float]:
+    """Every microbatch's weight as a float, with at most one host sync per device."""
+    if weights is None:
+        return [1.0] * steps
+    raw = [weights(*a, **kw) for a, kw in micro]
+    values: list[Any] = list(raw)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, w in enumerate(raw):
+        if isinstance(w, torch.Tensor):
+            if w.dim() != 0 or w.dtype == torch.bool or w.is_complex():
+                raise TypeError(
+                    f"{_API}: weights returned a {w.dtype} tensor of shape {tuple(w.shape)} "
+                    f"for microbatch {i}; return a number or a 0-dim numeric tensor (e.g. "
+                    "mask.sum())."
+                )
+            by_device.setdefault(w.device, []).append(i)
+        elif isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(
+                f"{_API}: weights returned {w!r} of type {type(w).__name__} for microbatch "
+                f"{i}; return a number or a 0-dim tensor (e.g. mask.sum())."
+            )
+    for idx in by_device.values():
+        stacked = torch.stack([raw[i].detach().to(torch.float64) for i in idx])
+        for i, v in zip(idx, stacked.tolist(), strict=True):
+            values[i] = v
+    values = [float(v) for v in values]
+    for i, v in enumerate(values):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(
+                f"{_API}: weights returned {v} for microbatch {i}; weights must be finite and "
+                ">= 0 (e.g. the number of valid tokens; 0 skips the microbatch)."
+            )
+    if not any(values):
+        raise ValueError(
+            f"{_API}: every microbatch has weight 0 (weights {values}), so there is nothing "
+            "to average (Σ wᵢ = 0). Drop batches without valid tokens before the step, or "
+            "return a positive weight for at least one microbatch."
+        )
+    return values
+
+
+def _unsplit(out: Any) -> tuple[Any, PyTree]:
+    """Validates ``grad_fn``'s output; returns it with any aux wrapped in a 1-element list."""
+    if isinstance(out, tuple) and len(out) == 2:
+        value, grads = out
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor):
+            return (value[0], [value[1]]), grads
+        if isinstance(value, torch.Tensor):
+            return value, grads
+    raise TypeError(
+        f"{_API}: grad_fn must return (loss, grads) or ((loss, aux), grads) like "
+        f"fs.value_and_grad, got {_describe(out)}. Wrap the loss with fs.value_and_grad."
+    )
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, tuple):
+        return "a tuple of (" + ", ".join(type(x).__name__ for x in out) + ")"
+    return f"a {type(out).__name__}"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _run(
+    grad_fn: GradFn,
+    params: PyTree,
+    micro: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    ws: list[float],
+    extra: dict[str, Any],
+) -> Any:
+    """The accumulation loop: one buffer, each microbatch's grads freed once added."""
+    buf: list[torch.Tensor] | None = None
+    grad_dtypes: list[torch.dtype] = []
+    treedef = None
+    loss_acc: torch.Tensor | None = None
+    loss_dtype = None
+    auxes: list[Any] = [None] * len(micro)
+    has_aux = False
+    for i, ((args, kwargs), w) in enumerate(zip(micro, ws, strict=True)):
+        if w == 0.0:
+            continue
+        value, grads = _unsplit(grad_fn(params, *args, **extra, **kwargs))
+        if isinstance(value, tuple):
+            has_aux = True
+            value, (auxes[i],) = value
+        leaves, tdef = optree.tree_flatten(grads)
+        if buf is None:
+            treedef = tdef
+            bad = [(p, g) for p, g in _tree.leaves_with_path(grads) if not torch.is_tensor(g)]
+            if bad:
+                raise TypeError(
+                    f"{_API}: grad_fn returned grads leaf {bad[0][0]} of type "
+                    f"{type(bad[0][1]).__name__}; every grads leaf must be a tensor."
+                )
+            grad_dtypes = [g.dtype for g in leaves]
+            buf = [g.detach().to(_acc_dtype(g.dtype), copy=True) for g in leaves]
+            if w != 1.0:
+                _foreach(torch._foreach_mul_, buf, None, w)
+            loss_dtype = value.dtype
+            loss_acc = value.detach().to(_acc_dtype(value.dtype)) * w
+        else:
+            if tdef != treedef:
+                first = optree.tree_unflatten(treedef, [0] * treedef.num_leaves)
+                _tree.check_same_structure(
+                    first,
+                    grads,
+                    names=("the first microbatch's grads", f"microbatch {i}'s"),
+                    api=_API,
+                )
+            _foreach(torch._foreach_add_, buf, [g.detach() for g in leaves], w)
+            loss_acc = loss_acc + value.detach().to(loss_acc.dtype) * w
+        del value, grads, leaves  # free this microbatch's grads before the next one runs
+    total = math.fsum(ws)
+    _foreach(torch._foreach_div_, buf, None, total)
+    out = [b if b.dtype == d else b.to(d) for b, d in zip(buf, grad_dtypes, strict=True)]
+    loss = (loss_acc / total).to(loss_dtype)
+    grads = optree.tree_unflatten(treedef, out)
+    return ((loss, auxes), grads) if has_aux else (loss, grads)
+
+
+def _foreach(op: Callable[..., Any], bufs: list[torch.Tensor], others: Any, scalar: float) -> None:
+    """``op`` over ``bufs`` (and ``others``), one fused call per (device, dtype) group."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for j, b in enumerate(bufs):
+        key = (b.device, b.dtype, None if others is None else others[j].dtype)
+        groups.setdefault(key, []).append(j)
+    for idx in groups.values():
+        bs = [bufs[j] for j in idx]
+        if others is None:
+            op(bs, scalar)
+        else:
+            op(bs, [others[j] for j in idx], alpha=scalar)
