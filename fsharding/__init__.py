@@ -42,6 +42,12 @@ _EXPORTS: dict[str, str] = {
     "train_step": "fsharding.step",
     # memory transforms
     "accumulate": "fsharding.transforms.accumulate",
+    "Policy": "fsharding.transforms.amp",
+    "amp": "fsharding.transforms.amp",
+    "LossScale": "fsharding.transforms.loss_scale",
+    "DynamicLossScale": "fsharding.transforms.loss_scale",
+    "StaticLossScale": "fsharding.transforms.loss_scale",
+    "NoOpLossScale": "fsharding.transforms.loss_scale",
     # data parallel
     "zero": "fsharding.transforms.zero",
     # optimizers (also importable as `from fsharding import optim`)
