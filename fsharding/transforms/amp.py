@@ -398,10 +398,10 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
     On a function: floating tensor leaves of all arguments are cast to
     ``policy.compute_dtype`` on entry (differentiably, so gradients come back in each
     argument's dtype), outputs to ``policy.output_dtype``, and inside, the op rule of the
-    module docstring applies (norms, softmax and reductions in float32 returning ``compute_dtype``, losses in
-    float32 returning float32; matmuls in
-    ``compute_dtype``). Measured error of ``"bf16"`` against float64 on an MLP with
-    layer_norm, softmax and cross_entropy: loss within 1e-2 relative, gradients within 5e-2
+    module docstring applies (norms, softmax and reductions in float32 returning
+    ``compute_dtype``; losses in float32 returning float32; matmuls in ``compute_dtype``).
+    Measured error of ``"bf16"`` against float64 on an MLP with layer_norm, softmax and
+    cross_entropy: loss within 1e-2 relative, gradients within 5e-2
     relative L2 (``"fp16"``: 1e-3 and 1e-2).
 
     A loss op (``F.cross_entropy`` & co.) inside ``amp`` computes and returns float32, as
