@@ -48,7 +48,21 @@ _EXPORTS: dict[str, str] = {
     "DynamicLossScale": "fsharding.transforms.loss_scale",
     "StaticLossScale": "fsharding.transforms.loss_scale",
     "NoOpLossScale": "fsharding.transforms.loss_scale",
-    # data parallel
+    # meshes and SPMD
+    "Mesh": "fsharding.mesh",
+    "P": "fsharding.mesh",
+    "from_local": "fsharding.mesh",
+    "launch": "fsharding.launch",
+    "LaunchError": "fsharding.launch",
+    "psum": "fsharding.collectives",
+    "pmean": "fsharding.collectives",
+    "pmax": "fsharding.collectives",
+    "all_gather": "fsharding.collectives",
+    "psum_scatter": "fsharding.collectives",
+    "ppermute": "fsharding.collectives",
+    "axis_index": "fsharding.collectives",
+    "axis_size": "fsharding.collectives",
+    "shard": "fsharding.transforms.shard",
     "zero": "fsharding.transforms.zero",
     # optimizers (also importable as `from fsharding import optim`)
     "optim": "fsharding.optim",
