@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 # `fs.functional` the function, not the submodule of the same name.)
 from fsharding import optim, tree
 from fsharding.functional import functional, grad, value_and_grad
+from fsharding.launch import LaunchError, launch
 from fsharding.step import Step, TrainState, train_step
 from fsharding.tree import all_finite
 
@@ -41,6 +42,11 @@ _EXPORTS: dict[str, str] = {
     "TrainState": "fsharding.step",
     "train_step": "fsharding.step",
     # memory transforms
+    "remat": "fsharding.transforms.remat",
+    "checkpoint_name": "fsharding.transforms.remat",
+    "policies": "fsharding.transforms.policies",
+    "print_saved_activations": "fsharding.introspect",
+    "offload": "fsharding.transforms.offload",
     "accumulate": "fsharding.transforms.accumulate",
     "Policy": "fsharding.transforms.amp",
     "amp": "fsharding.transforms.amp",
@@ -68,7 +74,7 @@ _EXPORTS: dict[str, str] = {
     "optim": "fsharding.optim",
 }
 
-_MODULES = {"tree", "optim"}
+_MODULES = {"tree", "optim", "policies"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
