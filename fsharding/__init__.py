@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "checkpoint_name": "fsharding.transforms.remat",
     "policies": "fsharding.transforms.policies",
     "print_saved_activations": "fsharding.introspect",
+    "saved_activations": "fsharding.introspect",
     "offload": "fsharding.transforms.offload",
     "accumulate": "fsharding.transforms.accumulate",
     "Policy": "fsharding.transforms.amp",

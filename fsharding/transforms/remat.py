@@ -1,0 +1,468 @@
+"""Activation checkpointing: ``fs.remat`` and ``fs.checkpoint_name``.
+
+``remat(f, policy=...)`` runs ``f`` under ``torch.utils.checkpoint.checkpoint`` (non-reentrant,
+RNG state preserved) with a selective-checkpoint context built from the policy
+(:mod:`fsharding.transforms.policies`): the values the policy saves are cached, the rest is
+recomputed in backward by running ``f`` again. Values, gradients and dropout masks are
+bitwise those of ``f``.
+
+What fsharding adds around torch's checkpoint:
+
+* pytree arguments: every tensor leaf of ``args`` and ``kwargs`` becomes a top-level
+  checkpoint input, so the region's inputs are saved through saved-tensor hooks (an outer
+  ``fs.offload`` moves them; nested leaves are not held by a hidden reference), and the
+  device whose RNG state is preserved is found;
+* offloading: values a policy answers :class:`~fsharding.transforms.policies.Offloadable`
+  are copied to host memory when computed and copied back when recomputation reaches them
+  (torch's ``*_CPU_OFFLOAD`` policies act only under ``torch.compile``);
+* state: recomputation never writes tensors made outside the region (BatchNorm running
+  stats, ``num_batches_tracked``, caches, workspaces): the first write to such a storage
+  makes a private copy of it, and the rest of the recomputation reads and writes the copy.
+  State is updated once, by the forward (a dispatch mode during recomputation; a write it
+  cannot see, inside compiled code, is not redirected);
+* the forward's context variables and ``fs.amp`` op rule are in force again during
+  recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
+* :func:`_in_remat` tells other transforms that they run inside a region (``fs.offload``
+  inside ``remat`` steps aside: checkpoint's saved-tensor hook must stay innermost).
+
+torch.compile: ``torch.compile(remat(f))`` works; ``remat(torch.compile(f))`` runs torch's
+checkpoint and selective checkpointing alone (fsharding's dispatch mode would make the
+compiled code fall back to eager in recomputation only), so offloading and state protection
+do not apply inside it. Compile the region's function itself or code around ``remat``:
+a compiled function called deeper inside a region is compiled in the forward but not in
+the recomputation, and checkpoint then reports different saved tensors.
+
+Composition: ``offload(remat(f))`` keeps only the region's inputs, on the offload target;
+``remat(gather(block))`` re-gathers params in backward; ``remat(amp(f))`` and
+``amp(remat(f))`` recompute in the same precision as the forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import optree
+import torch
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils import checkpoint as _ckpt
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+from fsharding.transforms import policies as _policies
+from fsharding.transforms.policies import Offloadable
+
+__all__ = ["remat", "checkpoint_name"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The remat regions whose function is running on this thread, innermost last.
+_FRAMES: contextvars.ContextVar[tuple[_Frame, ...]] = contextvars.ContextVar(
+    "fsharding_remat_frames", default=()
+)
+# Set by fsharding.introspect while it measures saved activations (forward only).
+_RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fsharding_saved_recorder", default=None
+)
+_IGNORED = getattr(_ckpt, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
+
+
+def _in_remat() -> bool:
+    """True while the function of a remat region runs: its forward or its recomputation.
+
+    Transforms that install saved-tensor hooks (``fs.offload``) check it and step aside:
+    only the innermost hook runs, and it must be checkpoint's.
+    """
+    return bool(_FRAMES.get())
+
+
+def checkpoint_name(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Tags ``x`` with ``name`` so name-based remat policies can save or offload it.
+
+    The identity in value and gradient (JAX's ``checkpoint_name``). Inside a remat region
+    whose policy reads names it returns a copy of ``x`` made by the op
+    ``torch.ops.fsharding.checkpoint_name`` (what the policy sees); elsewhere it returns
+    ``x`` itself. Do not modify the result in place.
+
+    Args:
+        x: a tensor.
+        name: the name policies refer to.
+
+    Returns:
+        ``x`` (or a copy of it).
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> policy = fs.policies.save_only_these_names("h")
+        >>> f = fs.remat(lambda x: fs.checkpoint_name(x.sin(), "h").cos().sum(), policy=policy)
+        >>> f(torch.ones(2, requires_grad=True)).item() == torch.ones(2).sin().cos().sum().item()
+        True
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"fs.checkpoint_name: x must be a torch.Tensor, got {type(x).__name__}; tag each "
+            "tensor separately."
+        )
+    if not isinstance(name, str):
+        raise TypeError(
+            f"fs.checkpoint_name: name must be a str, got {name!r} ({type(name).__name__})."
+        )
+    frames = _FRAMES.get()
+    if all(f.name_blind for f in frames):
+        return x
+    return _policies._NAME_OP(x, name)
+
+
+# --------------------------------------------------------------------------------------
+# remat
+# --------------------------------------------------------------------------------------
+
+
+@overload
+def remat(fn: F, /, *, policy: Callable[..., Any] | None = None) -> F: ...
+
+
+@overload
+def remat(fn: None = None, /, *, policy: Callable[..., Any] | None = None) -> Callable[[F], F]: ...
+
+
+def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any] | None = None):
+    """Activation checkpointing: ``fn`` keeps only what ``policy`` saves; backward recomputes.
+
+    Args:
+        fn: any function of pytrees of tensors (positional and keyword arguments); it may
+            return any pytree. Omit it to get a decorator.
+        policy: a policy from ``fs.policies`` (or any ``policy(op, *args, **kwargs) ->
+            bool | Offloadable``). Default ``nothing_saveable``: only ``fn``'s inputs are
+            kept. ``everything_saveable`` calls ``fn`` unchanged.
+
+    Returns:
+        A function with ``fn``'s signature, values and gradients.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or ``policy`` is not a policy (e.g. a factory
+            such as ``save_only_these_names`` that was not called).
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> @fs.remat(policy=fs.policies.dots_saveable)
+        ... def block(w, x):
+        ...     return torch.tanh(x @ w).sum()
+        >>> loss, g = fs.value_and_grad(block)(torch.eye(2), torch.ones(3, 2))
+        >>> g.shape
+        torch.Size([2, 2])
+    """
+    policy = _policies._check(policy, "fs.remat")
+    if fn is None:
+        return functools.partial(remat, policy=policy)
+    if not callable(fn):
+        raise TypeError(
+            f"fs.remat: fn must be callable, got {type(fn).__name__}; use fs.remat(f, "
+            "policy=...) or @fs.remat(policy=...)."
+        )
+    if policy is _policies.everything_saveable:
+
+        @functools.wraps(fn)
+        def plain(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return plain
+
+    # A torch.compile'd fn would run eagerly under fsharding's dispatch mode in recompute
+    # only, and save different tensors than in its compiled forward: give it torch's
+    # checkpoint (and selective checkpointing) alone.
+    compiled = hasattr(fn, "_torchdynamo_orig_callable")
+
+    @functools.wraps(fn)
+    def remat_fn(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        leaves, treedef = optree.tree_flatten((args, kwargs))
+        slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        tensors = [leaves[i] for i in slots]
+        for i in slots:  # tensors travel as checkpoint inputs only, never by closure
+            leaves[i] = None
+        frame = _Frame(policy, compiled)
+
+        def region(*inputs: torch.Tensor) -> Any:
+            full = list(leaves)
+            for i, t in zip(slots, inputs):
+                full[i] = t
+            a, k = optree.tree_unflatten(treedef, full)
+            return frame.run(fn, a, k)
+
+        return _ckpt.checkpoint(
+            region,
+            *tensors,
+            use_reentrant=False,
+            preserve_rng_state=True,
+            context_fn=frame.contexts,
+        )
+
+    return remat_fn
+
+
+class _Frame:
+    """One call of a remat'd function: its policy, offloaded values and forward context."""
+
+    def __init__(self, policy: Callable[..., Any], compiled: bool = False):
+        self.policy = policy
+        self.compiled = compiled
+        self.name_blind = any(policy is p for p in _policies._NAME_BLIND)
+        self.sac = policy is not _policies.nothing_saveable
+        self.may_offload = not self.name_blind and not isinstance(
+            policy, (_policies.SaveOnlyTheseNames, _policies.SaveAnyNamesButThese)
+        )
+        self.recorder = _RECORDER.get()
+        self.context = contextvars.copy_context()
+        self.amp_modes = _amp_modes()
+        self.calls = 0
+        self.offloaded: dict[Any, list[Any]] = {}
+
+    def contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        """checkpoint's ``context_fn``: (forward context, recompute context)."""
+        fwd: list[Any] = []
+        rec: list[Any] = []
+        if not self.compiled:
+            rec.append(_RegionMode(self, forward=False))
+            if self.may_offload or self.recorder is not None:
+                fwd.append(_RegionMode(self, forward=True))
+        if self.sac:
+            f, r = _ckpt.create_selective_checkpoint_contexts(self.sac_policy)
+            fwd.append(f)  # entered last: the caching mode sees each op before ours
+            rec.append(r)
+        return _Entered(fwd), _Entered(rec)
+
+    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            return self._call(fn, args, kwargs, forward=True)
+        return self.context.run(self._call, fn, args, kwargs, forward=False)
+
+    def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, *, forward: bool) -> Any:
+        token = _FRAMES.set((*_FRAMES.get(), self))
+        try:
+            with contextlib.ExitStack() as stack:
+                if not forward:
+                    for mode in self.amp_modes:
+                        stack.enter_context(mode)
+                elif self.recorder is not None:
+                    # Measuring only (forward, never differentiated): see what the region
+                    # would save, in place of checkpoint's hook.
+                    hooks = torch.autograd.graph.saved_tensors_hooks
+                    stack.enter_context(hooks(self.recorder.pack_in_region, lambda t: t))
+                return fn(*args, **kwargs)
+        finally:
+            _FRAMES.reset(token)
+
+    def decide(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        decision = self.policy(func, *args, **kwargs)
+        if not isinstance(decision, (bool, Offloadable)):
+            raise TypeError(
+                f"fs.remat: policy {_policy_name(self.policy)} returned {decision!r} for "
+                f"{func}; a policy must return True (save), False (recompute) or "
+                "fs.policies.Offloadable(...)."
+            )
+        return decision
+
+    def sac_policy(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        """The policy in torch's selective-checkpoint vocabulary (offloading is ours)."""
+        if self.decide(op, args, kwargs) is True:
+            return _ckpt.CheckpointPolicy.MUST_SAVE
+        return _ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _policy_name(policy: Any) -> str:
+    return getattr(policy, "__name__", None) or repr(policy)
+
+
+def _amp_modes() -> list[Any]:
+    """fs.amp op rules in force now, to re-enter around recomputation."""
+    amp = sys.modules.get("fsharding.transforms.amp")
+    if amp is None:
+        return []
+    stack = _get_current_function_mode_stack()
+    ctx = amp.recompute_context()
+    pushed = _get_current_function_mode_stack()[len(stack) :]
+    if pushed:  # a context entered on creation: keep its modes, enter them when recomputing
+        ctx.__exit__(None, None, None)
+        return pushed
+    return [ctx]
+
+
+class _Entered:
+    """Enters several context managers in order, exits them in reverse (re-enterable)."""
+
+    def __init__(self, managers: list[Any]):
+        self.managers = managers
+        self.stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        for m in self.managers:
+            self.stack.enter_context(m)
+
+    def __exit__(self, *exc: Any) -> bool:
+        stack, self.stack = self.stack, None
+        return bool(stack is not None and stack.__exit__(*exc))
+
+
+# --------------------------------------------------------------------------------------
+# the region's dispatch mode: offloading, state protection, measurement
+# --------------------------------------------------------------------------------------
+
+
+class _RegionMode(TorchDispatchMode):
+    """Below the selective-checkpoint mode: it sees the ops that really run.
+
+    Forward: copies the outputs the policy offloads to host memory; reports cached and
+    offloaded outputs to a recorder. Recompute: returns the offloaded copies instead of
+    computing them again, and redirects in-place writes to tensors made outside the
+    region (state) to scratch copies.
+    """
+
+    def __init__(self, frame: _Frame, *, forward: bool):
+        super().__init__()
+        self.frame = frame
+        self.forward = forward
+        self.created: set[int] = set()
+        self.scratch: dict[int, torch.Tensor] = {}  # outside storage -> private copy
+        self.taken: dict[Any, int] = {}
+
+    def __enter__(self) -> _RegionMode:
+        self.created.clear()
+        self.scratch.clear()
+        self.taken.clear()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        if func in _IGNORED or not isinstance(func, torch._ops.OpOverload):
+            return func(*args, **kwargs)  # e.g. a compiled region run as one operator
+        frame = self.frame
+        check = frame.may_offload or (self.forward and frame.recorder is not None)
+        decision = frame.decide(func, args, kwargs) if check else False
+        if self.forward:
+            out = func(*args, **kwargs)
+            if isinstance(decision, Offloadable):
+                host = optree.tree_map(_to_host, out)
+                frame.offloaded.setdefault(func, []).append(host)
+                if frame.recorder is not None:
+                    frame.recorder.offloaded(func, out, host)
+            elif decision is True and frame.recorder is not None:
+                frame.recorder.cached(func, out)
+            return out
+        if isinstance(decision, Offloadable):
+            i = self.taken.get(func, 0)
+            self.taken[func] = i + 1
+            return optree.tree_map(_from_host, frame.offloaded[func][i])
+        writes, fresh = _op_info(func)
+        if self.scratch:  # reads and writes of outside storage written earlier: the copy
+            args, kwargs = tree_map_only(torch.Tensor, self._reroute, (args, kwargs))
+        if writes:
+            args, kwargs = self._protect_state(writes, args, kwargs)
+        out = func(*args, **kwargs)
+        if fresh:  # new storages: the region's own, free to write
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                key = _storage_key(t)
+                if key is not None:
+                    self.created.add(key)
+        return out
+
+    def _protect_state(self, writes: tuple, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, kwargs = list(args), dict(kwargs)
+        for i, name in writes:
+            if i is not None and i < len(args):
+                args[i] = self._scratch(args[i])
+            elif name in kwargs:
+                kwargs[name] = self._scratch(kwargs[name])
+        return tuple(args), kwargs
+
+    def _scratch(self, value: Any) -> Any:
+        """Where a write to ``value`` goes: ``value`` itself if the region made its storage,
+        else the same view of a private copy of that storage (copy on first write)."""
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._scratch(v) for v in value)
+        key = _storage_key(value)
+        if key is None or key in self.created or value.numel() == 0:
+            return value
+        copy = self.scratch.get(key)
+        if copy is None:
+            size = value.untyped_storage().nbytes() // value.element_size()
+            copy = value.as_strided((size,), (1,), 0).clone()
+            self.scratch[key] = copy
+            self.created.add(_storage_key(copy))
+        if copy.dtype != value.dtype:
+            return value.clone()
+        return copy.as_strided(value.size(), value.stride(), value.storage_offset())
+
+    def _reroute(self, t: torch.Tensor) -> torch.Tensor:
+        copy = self.scratch.get(_storage_key(t))  # type: ignore[arg-type]
+        if copy is None or copy.dtype != t.dtype:
+            return t
+        return copy.as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+# Ops that write their running-stat arguments without saying so in their schema.
+_UNDECLARED_WRITES = {
+    f"aten::{n}": ((3, "running_mean"), (4, "running_var"))
+    for n in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
+}
+_OP_INFO: dict[Any, tuple[tuple, bool]] = {}
+
+
+def _op_info(func: Any) -> tuple[tuple, bool]:
+    """``(position or None, name)`` of each argument ``func`` writes in place, and whether
+    its outputs are fresh storages (no output aliases an input)."""
+    info = _OP_INFO.get(func)
+    if info is None:
+        schema = func._schema
+        writes = tuple(
+            (None if a.kwarg_only else i, a.name)
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ) + _UNDECLARED_WRITES.get(schema.name, ())
+        fresh = all(r.alias_info is None for r in schema.returns)
+        info = _OP_INFO[func] = (writes, fresh)
+    return info
+
+
+def _storage_key(t: Any) -> int | None:
+    """The address of ``t``'s storage (without building a storage object), or None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.data_ptr() - t.storage_offset() * t.element_size()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
+        return None
+
+
+class _Host:
+    """An offloaded tensor: its host copy and the device it returns to (a pytree leaf)."""
+
+    __slots__ = ("tensor", "device")
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device):
+        self.tensor, self.device = tensor, device
+
+
+def _to_host(x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.device.type == "cpu":  # nothing to offload to: a distinct copy keeps it observable
+        return _Host(x.detach().clone(), x.device)
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=torch.cuda.is_available())
+    host.copy_(x.detach(), non_blocking=True)
+    return _Host(host, x.device)
+
+
+def _from_host(x: Any) -> Any:
+    if not isinstance(x, _Host):
+        return x
+    if x.device.type == "cpu":
+        return x.tensor.clone()  # never hand out the stored copy itself
+    return x.tensor.to(x.device, non_blocking=True)
