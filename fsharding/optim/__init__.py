@@ -1,5 +1,21 @@
-"""Optimizers: optax's data model on torch tensors (see ``fsharding.optim.base``)."""
+"""Optimizers: optax's data model on torch tensors.
 
+``GradientTransformation(init, update)`` pairs of pure functions, composed with ``chain``;
+each transform's state is its own NamedTuple; aliases (``adamw``, ``sgd``, ...) are chains
+with optax's names, formulas and defaults; schedules are functions ``step -> float``.
+``torch_compat`` converts Adam/AdamW/SGD state to and from ``torch.optim`` state dicts.
+
+Example:
+    >>> import torch
+    >>> from fsharding import optim
+    >>> tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3))
+    >>> params = {"w": torch.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": torch.ones(3)}, state, params)
+    >>> params = optim.apply_updates(params, updates)
+"""
+
+from fsharding.optim.aliases import adam, adamw, lamb, lion, sgd
 from fsharding.optim.base import (
     EmptyState,
     GradientTransformation,
@@ -12,8 +28,42 @@ from fsharding.optim.base import (
     identity,
     learning_rate,
 )
+from fsharding.optim.clipping import clip, clip_by_global_norm
+from fsharding.optim.moments import (
+    ScaleByAdamState,
+    ScaleByLionState,
+    TraceState,
+    scale_by_adam,
+    scale_by_lion,
+    trace,
+)
+from fsharding.optim.schedules import (
+    constant_schedule,
+    cosine_decay_schedule,
+    exponential_decay,
+    join_schedules,
+    linear_schedule,
+    piecewise_constant_schedule,
+    warmup_cosine_decay_schedule,
+)
+from fsharding.optim.torch_compat import (
+    from_torch_state_dict,
+    to_torch_state_dict,
+    torch_optimizer,
+)
+from fsharding.optim.transforms import (
+    ScaleByScheduleState,
+    ScaleByTrustRatioState,
+    add_decayed_weights,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_trust_ratio,
+)
+from fsharding.optim.wrappers import ApplyIfFiniteState, apply_if_finite
 
 __all__ = [
+    # data model
     "EmptyState",
     "GradientTransformation",
     "apply_updates",
@@ -24,4 +74,40 @@ __all__ = [
     "global_norm",
     "identity",
     "learning_rate",
+    # transforms and their states
+    "ApplyIfFiniteState",
+    "ScaleByAdamState",
+    "ScaleByLionState",
+    "ScaleByScheduleState",
+    "ScaleByTrustRatioState",
+    "TraceState",
+    "add_decayed_weights",
+    "apply_if_finite",
+    "clip",
+    "clip_by_global_norm",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_lion",
+    "scale_by_schedule",
+    "scale_by_trust_ratio",
+    "trace",
+    # aliases
+    "adam",
+    "adamw",
+    "lamb",
+    "lion",
+    "sgd",
+    # schedules
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "exponential_decay",
+    "join_schedules",
+    "linear_schedule",
+    "piecewise_constant_schedule",
+    "warmup_cosine_decay_schedule",
+    # torch.optim interop
+    "from_torch_state_dict",
+    "to_torch_state_dict",
+    "torch_optimizer",
 ]

@@ -6,9 +6,10 @@ small transforms; each transform's state is its own NamedTuple. ``update`` and
 ``apply_updates`` run under ``torch.no_grad`` and return tensors that do not require grad.
 
 Memory: the default path never writes into its inputs. The one explicit in-place path is
-*donation* (JAX's word): inside ``with donation():`` transforms may overwrite the state they
-were given (``Step.step(..., donate=True)`` uses it), and ``apply_updates_`` adds updates into
-params in place.
+*donation* (JAX's word): inside ``with donation():`` transforms update the state they were
+given in place and may reuse the incoming updates' buffers (``Step.step(..., donate=True)``
+uses it), with bitwise the same results; ``apply_updates_`` adds updates into params in
+place.
 """
 
 from __future__ import annotations
@@ -115,27 +116,88 @@ def global_norm(updates: PyTree) -> torch.Tensor:
     """The L2 norm of all floating leaves together, as a 0-dim tensor (float32, or float64
     when any leaf is float64).
 
-    Computed with one ``torch._foreach_norm`` per device and dtype (no per-leaf sync).
+    Computed with one ``torch._foreach_norm`` per device and dtype (no per-leaf sync). A
+    DTensor leaf counts by its global value: local squared norms are summed over the mesh
+    dims it is sharded on (one all-reduce per mesh and layout), replicated dims count once.
 
     Example:
         >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}).item()
         5.0
     """
-    leaves = [_tree.local_tensor(x) for x in optree.tree_leaves(updates) if _tree.is_floating(x)]
+    from fsharding.optim import _util  # (a cycle at import time)
+
+    leaves = [x for x in optree.tree_leaves(updates) if _tree.is_floating(x)]
     if not leaves:
         return torch.zeros((), dtype=torch.float32)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for x in leaves:
-        groups.setdefault((x.device, x.dtype), []).append(x)
-    acc = torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
-    sq = []
-    for xs in groups.values():
-        norms = torch._foreach_norm(xs, 2)
-        sq.append(torch.stack(norms).to(acc).square().sum())
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
+    reduce = _SHARDED_NORM.get()
+    if reduce is not None:  # leaves are local shards (fs.zero): sum squares over ranks
+        local = [_tree.local_tensor(x) for x in leaves]
+        per_leaf = [n.to(acc).square() for n in torch._foreach_norm(local, 2)]
+        return reduce(per_leaf).to(acc).sqrt()
+    dt = _util._dtensor_type()
+    plain = [x for x in leaves if dt is None or not isinstance(x, dt)]
+    sq = [_sum_sq(_util.pick(plain, g), acc) for g in _util.groups(plain)]
+    if len(plain) < len(leaves):
+        sq.extend(_dtensor_sum_sq([x for x in leaves if isinstance(x, dt)], acc))
     total = sq[0]
     for s in sq[1:]:
         total = total + s.to(total.device)
     return total.sqrt()
+
+
+_SHARDED_NORM: contextvars.ContextVar[Callable[[list[torch.Tensor]], torch.Tensor] | None] = (
+    contextvars.ContextVar("fs_sharded_norm", default=None)
+)
+
+
+@contextlib.contextmanager
+def sharded_norm(reduce: Callable[[list[torch.Tensor]], torch.Tensor]) -> Iterator[None]:
+    """Within this block, :func:`global_norm` sees sharded leaves (used by ``fs.zero``).
+
+    ``reduce(per_leaf_squared_norms) -> total`` turns the local squared norm of each leaf
+    (in leaf order) into the global sum of squares, e.g. with an all-reduce over the ranks
+    that hold the shards. So ``clip_by_global_norm`` inside a sharded optimizer clips by
+    the norm of the whole, unsharded gradient.
+
+    Example:
+        >>> with sharded_norm(lambda sq: 2 * sum(sq)):  # as if a second rank held the same
+        ...     global_norm({"a": torch.tensor([3.0, 4.0])}).item()
+        7.071067810058594
+    """
+    token = _SHARDED_NORM.set(reduce)
+    try:
+        yield
+    finally:
+        _SHARDED_NORM.reset(token)
+
+
+def _sum_sq(xs: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    norms = torch._foreach_norm(xs, 2)
+    return torch.stack(norms).to(acc).square().sum()
+
+
+def _dtensor_sum_sq(leaves: list[Any], acc: torch.dtype) -> list[torch.Tensor]:
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.tensor import Replicate, Shard
+
+    out: list[torch.Tensor] = []
+    buckets: dict[tuple, tuple[Any, tuple, list[torch.Tensor]]] = {}
+    for x in leaves:
+        pl = tuple(x.placements)
+        if all(isinstance(p, (Shard, Replicate)) for p in pl):
+            key = (id(x.device_mesh), pl, x.to_local().device, x.dtype)
+            buckets.setdefault(key, (x.device_mesh, pl, []))[2].append(x.to_local())
+        else:  # e.g. Partial: let DTensor reduce it
+            n = torch.linalg.vector_norm(x).full_tensor()
+            out.append(n.to(acc).square())
+    for mesh, pl, locs in buckets.values():
+        s = _sum_sq(locs, acc)
+        for dim, p in enumerate(pl):
+            if isinstance(p, Shard):
+                s = funcol.wait_tensor(funcol.all_reduce(s, "sum", (mesh, dim)))
+        out.append(s)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -151,17 +213,43 @@ def _check_updates(params: PyTree, updates: PyTree, api: str) -> None:
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """Returns ``params + updates`` leaf-wise, in each param's dtype (new tensors).
 
+    One ``torch._foreach_add`` per device and dtype; DTensor params keep their layout.
+
     Example:
         >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"].tolist()
         [2.0, 2.0]
     """
-    _check_updates(params, updates, "optim.apply_updates")
+    from fsharding.optim import _util  # (a cycle at import time)
+
     pl, treedef = optree.tree_flatten(params)
-    ul = optree.tree_leaves(updates)
-    out = [
-        p if u is None else (p + u.to(p.dtype)).detach() if isinstance(p, torch.Tensor) else p + u
-        for p, u in zip(pl, ul)
-    ]
+    ul, udef = optree.tree_flatten(updates)
+    if treedef != udef:
+        _check_updates(params, updates, "optim.apply_updates")
+    out = list(pl)
+    pos = [i for i, (p, u) in enumerate(zip(pl, ul)) if isinstance(p, torch.Tensor)]
+    for i, (p, u) in enumerate(zip(pl, ul)):
+        if not isinstance(p, torch.Tensor):
+            out[i] = p + u
+    tp = [pl[i] for i in pos]
+    tu = [ul[i] for i in pos]
+    p_loc, dt = _util.local(tp)
+    u_loc, _ = _util.local(tu)
+    new = list(p_loc)
+    # Mixed dtypes (e.g. float32 updates of bf16 params): add with type promotion, round
+    # once to the param dtype (optax's rule) — a pre-cast of the update would round twice.
+    same = [i for i, (p, u) in enumerate(zip(p_loc, u_loc)) if p.dtype == u.dtype]
+    for i in sorted(set(range(len(p_loc))) - set(same)):
+        new[i] = (p_loc[i] + u_loc[i]).to(p_loc[i].dtype)
+    sp, su = [p_loc[i] for i in same], [u_loc[i] for i in same]
+    out_same = list(sp)
+    for g in _util.groups(sp, su):
+        _util.put(out_same, g, torch._foreach_add(_util.pick(sp, g), _util.pick(su, g)))
+    for i, x in zip(same, out_same):
+        new[i] = x
+    if dt:
+        new = _util.rewrap(new, tp, p_loc)
+    for i, x in zip(pos, new):
+        out[i] = x
     return optree.tree_unflatten(treedef, out)
 
 
@@ -177,20 +265,21 @@ def apply_updates_(params: PyTree, updates: PyTree) -> PyTree:
         >>> apply_updates_(p, {"w": torch.ones(2)})["w"].tolist()
         [2.0, 2.0]
     """
-    _check_updates(params, updates, "optim.apply_updates_")
-    pl = [p for p in optree.tree_leaves(params)]
-    ul = optree.tree_leaves(updates)
-    groups: dict[tuple, tuple[list, list]] = {}
-    for p, u in zip(pl, ul):
-        if u is None:
-            continue
-        if u.dtype != p.dtype:
-            u = u.to(p.dtype)
-        groups.setdefault((p.device, p.dtype), ([], []))
-        groups[(p.device, p.dtype)][0].append(_tree.local_tensor(p))
-        groups[(p.device, p.dtype)][1].append(_tree.local_tensor(u))
-    for ps, us in groups.values():
-        torch._foreach_add_(ps, us)
+    from fsharding.optim import _util  # (a cycle at import time)
+
+    pl, pdef = optree.tree_flatten(params)
+    ul, udef = optree.tree_flatten(updates)
+    if pdef != udef:
+        _check_updates(params, updates, "optim.apply_updates_")
+    p_loc, _ = _util.local(pl)
+    u_loc, _ = _util.local(ul)
+    same = [(p, u) for p, u in zip(p_loc, u_loc) if p.dtype == u.dtype]
+    for p, u in zip(p_loc, u_loc):
+        if p.dtype != u.dtype:
+            p.add_(u)  # computes in the promoted dtype, rounds once into p
+    sp, su = [p for p, _ in same], [u for _, u in same]
+    for g in _util.groups(sp, su):
+        torch._foreach_add_(_util.pick(sp, g), _util.pick(su, g))
     return params
 
 
@@ -203,10 +292,14 @@ _DONATING: contextvars.ContextVar[bool] = contextvars.ContextVar("fs_donating", 
 
 @contextlib.contextmanager
 def donation() -> Iterator[None]:
-    """Within this block, ``update`` may overwrite the optimizer state passed to it.
+    """Within this block, ``update`` may overwrite the optimizer state and the updates
+    passed to it.
 
     This is the single in-place path (JAX's buffer donation): the caller promises not to
-    use the old state again, and transforms save the memory of a second state copy.
+    use the old state or the incoming updates (e.g. the grads) again, and transforms save
+    the memory of a second state copy: state tensors are updated in place (the same tensor
+    objects come back) and outgoing updates may live in the incoming updates' buffers. The
+    values are bitwise those of the non-donated path.
 
     Example:
         >>> from fsharding import optim
@@ -226,7 +319,12 @@ def donation() -> Iterator[None]:
 
 
 def donating() -> bool:
-    """True inside :func:`donation` (transforms use it to pick the in-place path)."""
+    """True inside :func:`donation` (transforms use it to pick the in-place path).
+
+    Example:
+        >>> donating()
+        False
+    """
     return _DONATING.get()
 
 

@@ -1,0 +1,254 @@
+"""Moment-based transforms: ``scale_by_adam``, ``scale_by_lion`` and ``trace`` (momentum).
+
+optax's formulas and defaults on torch tensors, one ``torch._foreach_*`` pass per (device,
+dtype) group. Step counts are python ints (see ``fsharding.optim.transforms``). Inside
+``optim.donation()`` the moment buffers are updated in place and the outgoing updates reuse
+the incoming updates' buffers where the formula allows (bitwise the same results as without
+donation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from fsharding.optim import _util as _u
+from fsharding.optim.base import GradientTransformation, donating
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByLionState",
+    "TraceState",
+    "scale_by_adam",
+    "scale_by_lion",
+    "trace",
+]
+
+PyTree = Any
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: ``count`` (python int, updates done so far) and the
+    first and second moments ``mu``, ``nu`` (trees like params)."""
+
+    count: int
+    mu: PyTree
+    nu: PyTree
+
+
+class ScaleByLionState(NamedTuple):
+    """State of :func:`scale_by_lion`: ``count`` (python int) and the momentum ``mu``."""
+
+    count: int
+    mu: PyTree
+
+
+class TraceState(NamedTuple):
+    """State of :func:`trace`: the momentum buffer ``trace`` (a tree like params)."""
+
+    trace: PyTree
+
+
+def adam_denominator(
+    nu: list[torch.Tensor], bc2: float, eps: float, eps_root: float
+) -> list[torch.Tensor]:
+    """``sqrt(nu / bc2 + eps_root) + eps`` (one new buffer, the step's only temporary)."""
+    d = list(torch._foreach_div(nu, bc2))
+    if eps_root:
+        torch._foreach_add_(d, eps_root)
+    torch._foreach_sqrt_(d)
+    if eps:
+        torch._foreach_add_(d, eps)
+    return d
+
+
+def adam_moments(g, mu, nu, b1: float, b2: float, donate: bool):
+    """optax's ``mu = b1 mu + (1 - b1) g`` (as torch, one ``lerp``) and
+    ``nu = b2 nu + (1 - b2) g^2``; in place when donating, else into new tensors."""
+    if g[0].dtype != mu[0].dtype:
+        g = [x.to(mu[0].dtype) for x in g]
+    mu = _u.first("lerp", donate, mu, g, 1.0 - b1)
+    nu = _u.first("mul", donate, nu, b2)
+    torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
+    return g, mu, nu
+
+
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> GradientTransformation:
+    """Adam's rescaling: ``mu_hat / (sqrt(nu_hat + eps_root) + eps)`` with bias-corrected
+    moments ``mu_hat = mu / (1 - b1^t)``, ``nu_hat = nu / (1 - b2^t)`` (optax formulas).
+
+    Args:
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to the denominator outside the square root, >= 0.
+        eps_root: added inside the square root, >= 0.
+
+    Returns:
+        A transform with state :class:`ScaleByAdamState`. (optax's ``mu_dtype`` and
+        ``nesterov`` options are not provided: moments have the params' dtype.)
+
+    Example:
+        >>> import torch
+        >>> from fsharding import optim
+        >>> tx = optim.scale_by_adam()
+        >>> u, s = tx.update({"w": torch.tensor([0.5])}, tx.init({"w": torch.zeros(1)}))
+        >>> round(u["w"].item(), 6), s.count
+        (1.0, 1)
+    """
+    api = "optim.scale_by_adam"
+    _u.betas(api, b1=b1, b2=b2)
+    _u.non_negative(api, eps=eps, eps_root=eps_root)
+    b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
+
+    def init(params: PyTree) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=0,
+            mu=_u.zeros_like_tree(params, f"{api}.init"),
+            nu=_u.zeros_like_tree(params, f"{api}.init"),
+        )
+
+    @torch.no_grad()
+    def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None):
+        gl, gdef = _u.flatten(updates, api, "updates")
+        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api)
+        nl = _u.leaves_like(state.nu, gdef, updates, ("updates", "state.nu"), api)
+        g_loc, dt = _u.local(gl)
+        m_loc, _ = _u.local(ml)
+        n_loc, _ = _u.local(nl)
+        donate = donating()
+        count = int(state.count) + 1
+        bc1, bc2 = 1.0 - b1**count, 1.0 - b2**count
+        out, new_m, new_n = list(g_loc), list(m_loc), list(n_loc)
+        for idx in _u.groups(g_loc, m_loc, n_loc):
+            g, m, v = adam_moments(
+                _u.pick(g_loc, idx), _u.pick(m_loc, idx), _u.pick(n_loc, idx), b1, b2, donate
+            )
+            d = adam_denominator(v, bc2, eps, eps_root)
+            torch._foreach_mul_(d, bc1)  # mu_hat / d == mu / (bc1 * d)
+            if donate:
+                torch._foreach_copy_(g, m)
+                torch._foreach_div_(g, d)
+                u = g
+            else:
+                u = list(torch._foreach_div(m, d))
+            _u.put(out, idx, u)
+            _u.put(new_m, idx, m)
+            _u.put(new_n, idx, v)
+        if dt:
+            out, new_m, new_n = (
+                _u.rewrap(out, gl, g_loc),
+                _u.rewrap(new_m, ml, m_loc),
+                _u.rewrap(new_n, nl, n_loc),
+            )
+        unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
+        return unflat(out), ScaleByAdamState(count, unflat(new_m), unflat(new_n))
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+    """Lion's update direction: ``sign(b1 mu + (1 - b1) g)``, then
+    ``mu = b2 mu + (1 - b2) g`` (Chen et al. 2023, optax formulas).
+
+    Args:
+        b1: interpolation between momentum and gradient for the direction, in [0, 1).
+        b2: decay of the momentum, in [0, 1).
+
+    Example:
+        >>> import torch
+        >>> from fsharding import optim
+        >>> tx = optim.scale_by_lion()
+        >>> tx.update({"w": torch.tensor([-3.0, 2.0])}, tx.init({"w": torch.zeros(2)}))[0]
+        {'w': tensor([-1.,  1.])}
+    """
+    api = "optim.scale_by_lion"
+    _u.betas(api, b1=b1, b2=b2)
+    b1, b2 = float(b1), float(b2)
+
+    def init(params: PyTree) -> ScaleByLionState:
+        return ScaleByLionState(count=0, mu=_u.zeros_like_tree(params, f"{api}.init"))
+
+    @torch.no_grad()
+    def update(updates: PyTree, state: ScaleByLionState, params: PyTree = None):
+        gl, gdef = _u.flatten(updates, api, "updates")
+        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api)
+        g_loc, dt = _u.local(gl)
+        m_loc, _ = _u.local(ml)
+        donate = donating()
+        out, new_m = list(g_loc), list(m_loc)
+        for idx in _u.groups(g_loc, m_loc):
+            g, m = _u.pick(g_loc, idx), _u.pick(m_loc, idx)
+            if g[0].dtype != m[0].dtype:
+                g = [x.to(m[0].dtype) for x in g]
+            c = list(torch._foreach_lerp(m, g, 1.0 - b1))
+            m = _u.first("lerp", donate, m, g, 1.0 - b2)
+            torch._foreach_sign_(c)
+            _u.put(out, idx, c)
+            _u.put(new_m, idx, m)
+        if dt:
+            out, new_m = _u.rewrap(out, gl, g_loc), _u.rewrap(new_m, ml, m_loc)
+        unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
+        return unflat(out), ScaleByLionState(int(state.count) + 1, unflat(new_m))
+
+    return GradientTransformation(init, update)
+
+
+def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+    """Momentum: ``trace = g + decay * trace``; the update is ``trace``, or with Nesterov
+    ``g + decay * trace`` (optax formulas; equal to ``torch.optim.SGD``'s momentum buffer
+    with ``dampening=0``).
+
+    Args:
+        decay: the momentum coefficient, >= 0.
+        nesterov: use Nesterov momentum.
+
+    Example:
+        >>> import torch
+        >>> from fsharding import optim
+        >>> tx = optim.trace(0.5)
+        >>> s = tx.init({"w": torch.zeros(1)})
+        >>> u, s = tx.update({"w": torch.ones(1)}, s)
+        >>> u, s = tx.update({"w": torch.ones(1)}, s)
+        >>> u["w"].tolist()
+        [1.5]
+    """
+    api = "optim.trace"
+    _u.non_negative(api, decay=decay)
+    decay = float(decay)
+
+    def init(params: PyTree) -> TraceState:
+        return TraceState(trace=_u.zeros_like_tree(params, f"{api}.init"))
+
+    @torch.no_grad()
+    def update(updates: PyTree, state: TraceState, params: PyTree = None):
+        gl, gdef = _u.flatten(updates, api, "updates")
+        tl = _u.leaves_like(state.trace, gdef, updates, ("updates", "state.trace"), api)
+        g_loc, dt = _u.local(gl)
+        t_loc, _ = _u.local(tl)
+        donate = donating()
+        out, new_t = list(g_loc), list(t_loc)
+        for idx in _u.groups(g_loc, t_loc):
+            g, t = _u.pick(g_loc, idx), _u.pick(t_loc, idx)
+            if g[0].dtype != t[0].dtype:
+                g = [x.to(t[0].dtype) for x in g]
+            t = _u.first("mul", donate, t, decay)
+            torch._foreach_add_(t, g)
+            if nesterov:
+                u = _u.first("add", donate, g, t, alpha=decay)
+            elif donate:  # the outgoing updates must not alias the (donated) state
+                torch._foreach_copy_(g, t)
+                u = g
+            else:
+                u = t
+            _u.put(out, idx, u)
+            _u.put(new_t, idx, t)
+        if dt:
+            out, new_t = _u.rewrap(out, gl, g_loc), _u.rewrap(new_t, tl, t_loc)
+        unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
+        return unflat(out), TraceState(unflat(new_t))
+
+    return GradientTransformation(init, update)
