@@ -70,7 +70,9 @@ _EXPORTS: dict[str, str] = {
     "axis_index": "fsharding.collectives",
     "axis_size": "fsharding.collectives",
     "shard": "fsharding.transforms.shard",
+    "gather": "fsharding.transforms.gather",
     "zero": "fsharding.transforms.zero",
+    "memory_report": "fsharding.memory",
     # optimizers (also importable as `from fsharding import optim`)
     "optim": "fsharding.optim",
 }

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import stateless
 
 from fsharding import tree as _tree
+from fsharding.transforms import gather as _gather
 
 __all__ = ["functional", "value_and_grad", "grad"]
 
@@ -235,7 +236,8 @@ class _Runner:
         kwargs: dict,
     ) -> tuple[Any, dict[str, torch.Tensor] | None]:
         self._check_params(params)
-        tensors = dict(params)
+        # fs.zero(stage=3, gather="blocks") passes shards: gather those no fs.gather block owns.
+        tensors = _gather.gather_unowned(self, dict(params))
         if state is None:
             # Frozen buffers: pass copies so an in-place update (BatchNorm) can be detected
             # without ever touching the module's own buffers.

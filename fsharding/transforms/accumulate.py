@@ -78,9 +78,11 @@ def accumulate(
 
     Composition: ``accumulate`` only calls ``grad_fn`` in a loop, so it nests inside the
     training step: ``fs.train_step(fs.accumulate(fs.value_and_grad(f), steps=k), opt)``.
-    ``fs.zero`` composes with the same loop: at stages 0/1 the accumulated grads are reduced
-    once per step; at stages 2/3 each microbatch's grads are reduce-scattered into the
-    sharded buffer, so no full-size gradient outlives a microbatch. Under fp16 loss scaling
+    ``fs.zero`` composes with the same loop (``accumulate`` inside ``zero``): at stages 0-2,
+    and at stage 3 with ``gather="boundary"``, the full-size accumulated grads are reduced
+    once per step; at stage 3 with ``gather="blocks"`` each microbatch's backward
+    reduce-scatters its grads block by block, so the buffer holds this rank's shards and no
+    full-size gradient exists (params are gathered per microbatch). Under fp16 loss scaling
     each microbatch's grads come back unscaled from ``grad_fn``; an overflow in any
     microbatch makes the accumulated grads non-finite, and the step's finite check skips it.
 

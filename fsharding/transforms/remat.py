@@ -164,6 +164,9 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
             f"fs.remat: fn must be callable, got {type(fn).__name__}; use fs.remat(f, "
             "policy=...) or @fs.remat(policy=...)."
         )
+    if getattr(fn, "_fs_transform", False):
+        # remat of a transform (e.g. fs.remat(fs.gather)) composes: block -> remat(t(block)).
+        return lambda block: remat(fn(block), policy=policy)
     if policy is _policies.everything_saveable:
 
         @functools.wraps(fn)

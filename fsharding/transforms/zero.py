@@ -1,30 +1,54 @@
 """``fs.zero``: data-parallel training steps with ZeRO stages 0-3.
 
 The same ``Step(init, step, gather)`` as ``fs.train_step``, data parallel over one mesh
-axis. Compute runs on plain local tensors with explicit bucketed collectives; DTensor is
-used only for what is *stored* sharded (params at stage 3, optimizer state at stages 1-3),
-so checkpoints and placements are standard.
+axis (or several: HSDP). Compute runs on plain local tensors with explicit bucketed
+collectives; DTensor is used only for what is *stored* sharded (params at stage 3,
+optimizer state at stages 1-3), so checkpoints and placements are standard.
 
-Schedule of one step (N ranks on ``axis``; Ψ = parameter bytes; logical bytes per rank):
+Schedule of one step (N ranks on the shard axis; Ψ = parameter bytes; logical bytes per
+rank, each figure times (N-1)/N, as ``fs.memory_report`` counts them):
 
-========  ==========================================  ==================================
-stage     communication                               stored per rank
-========  ==========================================  ==================================
-0 (DDP)   all-reduce grads (2Ψ)                        params, grads, opt state
-1         all-reduce grads, all-gather params (3Ψ)    params, opt state / N
-2         reduce-scatter grads, all-gather params     params, (grads, opt state) / N
-          (2Ψ)
-3         all-gather params at the ``grad_fn``        (params, grads, opt state) / N
-          boundary, reduce-scatter grads (2Ψ)
-========  ==========================================  ==================================
+=============  ============================================  ================================
+stage          communication                                 held per rank
+=============  ============================================  ================================
+0 (DDP)        all-reduce grads (2Ψ)                         params, grads, opt state
+1              all-reduce grads, all-gather params (3Ψ)      params, opt state / N
+2, boundary    reduce-scatter grads after ``grad_fn``,       params, (grads, opt state) / N;
+               all-gather params after the update (2Ψ)       full grads out of ``grad_fn``
+2, blocks      per ``fs.gather`` block: reduce-scatter in    params, (grads, opt state) / N
+               backward; all-gather params after the
+               update (2Ψ)
+3, boundary    all-gather params before ``grad_fn``,         (params, grads, opt state) / N;
+               reduce-scatter grads after it (2Ψ)            full params and grads around
+                                                             ``grad_fn``
+3, blocks      per ``fs.gather`` block: all-gather in        (params, grads, opt state) / N;
+               forward, again in backward under ``remat``,   full params of one block at a
+               reduce-scatter in backward (3Ψ)               time
+=============  ============================================  ================================
 
-Gradient accumulation composes by nesting: ``fs.zero(fs.accumulate(g, steps=k), ...)``
-accumulates the k microbatches locally and reduces once per step at every stage.
+``gather="blocks"``: ``grad_fn`` receives rank-local shards and every use of params goes
+through ``fs.gather`` (at stage 2 its forward reads the locally held full params, without
+communication). The params that no ``fs.gather`` block owns (embeddings, head) are gathered
+once by ``fs.functional``'s apply and kept until backward (not re-gathered).
+
+Hybrid sharding (HSDP): ``axis=("replicate", "shard")`` makes the step data parallel over
+both axes and shards over the last one; grads are reduced over the shard axis first (all-
+reduce or reduce-scatter) and then all-reduced over the others (their shards: 2Ψ/N more).
+The loss, token counts and the fp16 finite check are reduced over every data-parallel axis;
+the grad norm sums squares over the shard axis (replicas hold the same shards).
+
+Gradient accumulation nests inside: ``fs.zero(fs.accumulate(fs.value_and_grad(f),
+steps=k), ...)``. With ``gather="boundary"`` (and at stages 0/1) ``accumulate`` sums the
+k microbatches into a full-size buffer and ``zero`` reduces once per step. With
+``gather="blocks"`` (stages 2/3) each microbatch's backward reduce-scatters its grads per
+block into ``accumulate``'s shard-sized buffer (at stage 3 the params are gathered per
+microbatch too): no full-size gradient ever exists.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +56,11 @@ import optree
 import torch
 import torch.distributed as dist
 
+from fsharding import memory as _memory
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
 from fsharding.step import Step, TrainState, train_step
+from fsharding.transforms import gather as _gather
 from fsharding.transforms import zero_layout as _lay
 
 __all__ = ["zero"]
@@ -48,55 +74,61 @@ def _dtensor_api():
     return DTensor, Shard
 
 
-def _axis_group(mesh: Any, axis: str) -> tuple[Any, Any]:
-    """(process group, 1-D DeviceMesh) of ``axis``, or (None, None) on a local mesh."""
-    names = tuple(getattr(mesh, "axis_names", ()))
-    if axis not in names:
-        raise ValueError(
-            f"fs.zero: axis={axis!r} is not an axis of the mesh; its axes are {list(names)}. "
-            "Pass axis= one of them (e.g. fs.Mesh(dp=2) and axis='dp')."
-        )
-    if mesh.device_mesh is None:
-        return None, None
-    return mesh.group(axis), mesh[axis].device_mesh
-
-
 def zero(
     grad_fn: Callable[..., tuple[torch.Tensor, PyTree]],
     optimizer: _optim.GradientTransformation,
     *,
     mesh: Any,
     stage: int,
-    axis: str = "dp",
+    axis: str | tuple[str, ...] = "dp",
     loss_scale: Any = None,
+    gather: str = "boundary",
 ) -> Step:
     """A data-parallel training step with ZeRO sharding of model state over ``axis``.
 
     Args:
-        grad_fn: ``grad_fn(params, batch) -> (loss, grads)`` on *full* params and the
-            rank-local batch (e.g. ``fs.value_and_grad(loss_fn)``, possibly inside
-            ``fs.accumulate``); every rank's batch has the same size.
+        grad_fn: ``grad_fn(params, batch) -> (loss, grads)`` on the rank-local batch
+            (e.g. ``fs.value_and_grad(loss_fn)``, possibly inside ``fs.accumulate``); every
+            rank's batch has the same size. It gets full params, except with
+            ``gather="blocks"``.
         optimizer: an ``optim.GradientTransformation``. At stages 1-3 it runs on each rank's
             shards; ``optim.clip_by_global_norm`` still sees the global norm.
         mesh: an ``fs.Mesh``; a local mesh (no process group) gives ``fs.train_step``.
         stage: 0 (grads all-reduced, DDP), 1 (+ optimizer state sharded), 2 (+ grads
             reduce-scattered; no full-size gradient kept between steps), 3 (+ params stored
-            sharded, gathered at the ``grad_fn`` boundary).
-        axis: the mesh axis to shard over.
+            sharded).
+        axis: the mesh axis to shard over; a tuple ``("replicate", "shard")`` is hybrid
+            sharding: data parallel over all of them (grads, loss and counts reduced over
+            each), state sharded over the last. Axes not named (e.g. ``"pp"``, ``"tp"``)
+            are not data parallel: nothing is reduced over them.
         loss_scale: an initial ``fs.LossScale`` (fp16); the finite check is all-reduced, so
             every rank skips the same steps.
+        gather: ``"boundary"``: ``grad_fn`` gets full params (at stage 3 all-gathered
+            before it) and returns full grads, reduced after it. ``"blocks"`` (stages 2
+            and 3): ``grad_fn`` gets the rank-local shards (plain tensors) and every use of
+            params must go through ``fs.gather`` — ``fs.functional(model, wrap={Block:
+            lambda f: fs.remat(fs.gather(f))})`` gathers each block inside its remat region
+            and the other params on entry of ``apply``; grads come back as shards,
+            reduce-scattered block by block during backward, so at stage 3 full params exist
+            for one block at a time and at stages 2/3 no full-size gradient exists.
 
     Returns:
         ``Step(init, step, gather)``. ``init(params, *, init_fn=None)`` takes full params
         (identical on every rank) or meta-device params with ``init_fn(path, meta) -> full
         leaf`` (called one leaf at a time, so stage 3 never holds a full replica); it
         returns params and opt_state with exactly ``fs.train_step(...).init``'s pytree
-        structure, sharded leaves being ``DTensor``s with placement ``Shard(0)`` and the
-        leaf's global shape. ``step`` returns the global-batch mean loss on every rank.
-        ``gather(params)`` returns full plain tensors, identical on every rank.
+        structure, sharded leaves being ``DTensor``s on ``mesh[shard axis]`` with placement
+        ``Shard(0)`` and the leaf's global shape. ``step`` returns the global-batch mean
+        loss on every rank. ``gather(params)`` returns full plain tensors, identical on
+        every rank.
 
     Raises:
-        ValueError: bad ``stage`` or ``axis``.
+        ValueError: bad ``stage``, ``axis`` or ``gather``; at ``init``, an ``init_fn`` leaf of
+            the wrong shape; at ``step``, params not in ``init``'s layout, or (with
+            ``gather="blocks"``) a ``grad_fn`` that gathers nothing or an ``fs.gather`` with
+            another axis. RuntimeError: with ``gather="blocks"``, ``grad_fn`` failed on the
+            shards before gathering anything (the message says how to gather). All are
+            raised on every rank, before any collective that could hang.
 
     Example:
         >>> import torch, fsharding as fs
@@ -111,39 +143,66 @@ def zero(
     """
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         raise ValueError(f"fs.zero: stage must be 0, 1, 2 or 3, got {stage!r}.")
-    group, dmesh = _axis_group(mesh, axis)
-    if group is None or dist.get_world_size(group) == 1:
+    if gather not in ("boundary", "blocks"):
+        raise ValueError(
+            f"fs.zero: gather must be 'boundary' or 'blocks', got {gather!r}. 'blocks' "
+            "gathers params per fs.gather block (stages 2 and 3)."
+        )
+    if gather == "blocks" and stage < 2:
+        raise ValueError(
+            f"fs.zero: gather='blocks' needs stage 2 or 3 (grads reduce-scattered), got "
+            f"stage={stage}; at stages 0/1 grads are all-reduced once per step."
+        )
+    axes = _lay.dp_axes(mesh, axis)
+    dp = math.prod(mesh.shape[a] for a in axes)
+    if mesh.device_mesh is None or dp == 1:
         local = train_step(grad_fn, optimizer, loss_scale=loss_scale)
 
         def init_local(params: PyTree, *, init_fn: Callable | None = None) -> tuple:
             return local.init(_materialize(params, init_fn))
 
         return Step(init=init_local, step=local.step, gather=local.gather)
-    return _ZeRO(grad_fn, optimizer, group, dmesh, stage, loss_scale).as_step()
+    return _ZeRO(grad_fn, optimizer, mesh, axes, stage, loss_scale, gather == "blocks").as_step()
 
 
 def _materialize(params: PyTree, init_fn: Callable | None) -> PyTree:
-    def one(path: str, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and x.device.type == "meta":
-            if init_fn is None:
-                raise ValueError(
-                    f"fs.zero.init: params leaf {path} is on the meta device; pass "
-                    "init_fn=lambda path, meta: <full tensor> to initialise it."
-                )
-            return init_fn(path, x)
-        return x
-
     pairs = _tree.leaves_with_path(params)
-    return _tree.unflatten(_tree.structure(params), [one(p, x) for p, x in pairs])
+    return _tree.unflatten(_tree.structure(params), [_leaf(p, x, init_fn) for p, x in pairs])
+
+
+def _leaf(path: str, x: Any, init_fn: Callable | None) -> Any:
+    """``x``, or for a meta-device leaf ``init_fn(path, x)`` (checked against ``x``)."""
+    if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
+        return x
+    if init_fn is None:
+        raise ValueError(
+            f"fs.zero.init: params leaf {path} is on the meta device; pass "
+            "init_fn=lambda path, meta: <full tensor> to initialise it leaf by leaf."
+        )
+    t = init_fn(path, x)
+    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+        raise ValueError(
+            f"fs.zero.init: init_fn returned {got} for params leaf {path}, whose meta tensor "
+            f"is {x.dtype} {tuple(x.shape)}; return a full tensor of that shape and dtype."
+        )
+    return t
 
 
 class _ZeRO:
     """The distributed implementation behind :func:`zero` (one instance per Step)."""
 
-    def __init__(self, grad_fn, optimizer, group, dmesh, stage, loss_scale) -> None:
-        self.grad_fn, self.opt, self.group, self.dmesh = grad_fn, optimizer, group, dmesh
-        self.stage, self.loss_scale = stage, loss_scale
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+    def __init__(self, grad_fn, optimizer, mesh, axes, stage, loss_scale, blocks) -> None:
+        self.grad_fn, self.opt, self.mesh = grad_fn, optimizer, mesh
+        self.stage, self.loss_scale, self.blocks = stage, loss_scale, blocks
+        self.axes, self.axis = axes, axes[-1]
+        self.group = mesh.group(self.axis)
+        self.dmesh = mesh[self.axis].device_mesh
+        self.rep_groups = [mesh.group(a) for a in axes[:-1] if mesh.shape[a] > 1]
+        # every data-parallel group that communicates, shard axis first
+        self.dp_groups = ([self.group] if mesh.shape[self.axis] > 1 else []) + self.rep_groups
+        self.dp = math.prod(mesh.shape[a] for a in axes)
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.treedef = None
 
     # -- layout -----------------------------------------------------------------------
@@ -152,11 +211,10 @@ class _ZeRO:
         leaves, treedef = optree.tree_flatten(params)
         self.treedef = treedef
         self.paths = [p for p, _ in _tree.leaves_with_path(params)]
-        self.sharded = [isinstance(x, torch.Tensor) and x.dim() >= 1 for x in leaves]
         self.layouts: list[_lay.LeafLayout | None] = []
         k = 0
-        for x, sh in zip(leaves, self.sharded):
-            if sh:
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and x.dim() >= 1:
                 self.layouts.append(_lay.LeafLayout(k, tuple(x.shape), x.dtype, self.world))
                 k += 1
             else:
@@ -180,6 +238,9 @@ class _ZeRO:
             for x, lay in zip(leaves, self.layouts)
         ]
 
+    def _dtensors(self, local: list) -> list:
+        return [self._to_dtensor(x, lay) if lay else x for x, lay in zip(local, self.layouts)]
+
     def _wrap_state(self, state: Any, local_params: list) -> Any:
         """DTensor-wrap the param-shaped subtrees of an optimizer state built on shards."""
 
@@ -192,17 +253,10 @@ class _ZeRO:
             )
 
         def wrap(node: Any) -> Any:
-            leaves = optree.tree_leaves(node)
-            out = [
-                self._to_dtensor(x, lay) if lay is not None else x
-                for x, lay in zip(leaves, self.layouts)
-            ]
-            return optree.tree_unflatten(self.treedef, out)
+            return self._tree(self._dtensors(optree.tree_leaves(node)))
 
         return optree.tree_map(
-            lambda n: wrap(n) if is_param_tree(n) else n,
-            state,
-            is_leaf=is_param_tree,
+            lambda n: wrap(n) if is_param_tree(n) else n, state, is_leaf=is_param_tree
         )
 
     def _unwrap_state(self, state: Any) -> Any:
@@ -218,20 +272,17 @@ class _ZeRO:
                     f"fs.zero.init: params leaf {path} is not a floating tensor ({x!r}); keep "
                     "integer or constant values out of params."
                 )
-        meta = [isinstance(x, torch.Tensor) and x.device.type == "meta" for _, x in pairs]
+        meta = [x.device.type == "meta" for _, x in pairs]
         if any(meta) and init_fn is None:
-            raise ValueError(
-                f"fs.zero.init: params leaf {pairs[meta.index(True)][0]} is on the meta device; "
-                "pass init_fn=lambda path, meta: <full tensor> to initialise it leaf by leaf."
-            )
+            _leaf(pairs[meta.index(True)][0], pairs[meta.index(True)][1], None)  # raises
         self._plan(params)
         if any(meta):
             self.device = next(
                 (x.device for _, x in pairs if x.device.type != "meta"), torch.device("cpu")
             )
         local, full = [], []
-        for (path, x), lay, is_meta in zip(pairs, self.layouts, meta):
-            t = init_fn(path, x) if is_meta else x.detach()
+        for (path, x), lay in zip(pairs, self.layouts):
+            t = _leaf(path, x, init_fn).detach()
             if self.stage == 3 and lay is not None:
                 local.append(_lay.shard_rows(t, lay, self.rank))
                 full.append(None)
@@ -240,19 +291,11 @@ class _ZeRO:
                 local.append(_lay.shard_rows(t, lay, self.rank) if lay is not None else t)
             del t
         if self.stage == 0:
-            params_out = optree.tree_unflatten(self.treedef, full)
+            params_out = self._tree(full)
             opt = self.opt.init(params_out)
         else:
             opt = self._wrap_state(self.opt.init(self._tree(local)), local)
-            if self.stage == 3:
-                params_out = self._tree(
-                    [
-                        self._to_dtensor(x, lay) if lay is not None else x
-                        for x, lay in zip(local, self.layouts)
-                    ]
-                )
-            else:
-                params_out = optree.tree_unflatten(self.treedef, full)
+            params_out = self._tree(self._dtensors(local) if self.stage == 3 else full)
         if self.loss_scale is not None:
             return params_out, TrainState(opt=opt, loss_scale=self.loss_scale)
         return params_out, opt
@@ -263,11 +306,15 @@ class _ZeRO:
     def _gather_full(self, local: list) -> list:
         shards = [x for x, lay in zip(local, self.layouts) if lay is not None]
         fulls = _lay.all_gather_buckets(self.buckets, shards, self.group, self.device)
+        tracker = _gather.current_tracker()
+        if tracker is not None and self.stage == 3:  # (stages 1/2: the params it returns)
+            tracker.add(fulls)
         return [fulls[lay.index] if lay is not None else x for x, lay in zip(local, self.layouts)]
 
     def gather(self, params: PyTree) -> PyTree:
         if self.stage != 3:
             return optree.tree_map(self._local, params)
+        self._check(params, "fs.zero.gather")
         local = [self._local(x) for x in optree.tree_leaves(params)]
         return self._tree(self._gather_full(local))
 
@@ -283,11 +330,68 @@ class _ZeRO:
                 names=("init's params", "params"),
                 api=api,
             )
+        if self.stage != 3:
+            return
+        for path, x, lay in zip(self.paths, optree.tree_leaves(params), self.layouts):
+            if lay is not None and tuple(self._local(x).shape) != lay.local_shape(self.rank):
+                raise ValueError(
+                    f"{api}: params leaf {path} has local shape {tuple(self._local(x).shape)}"
+                    f", but stage 3 stores this rank's rows of {lay.shape}: "
+                    f"{lay.local_shape(self.rank)}. Pass the params returned by init or step."
+                )
 
-    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+    def _psum(self, x: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        """``x`` reduced over every data-parallel rank (a new tensor)."""
         y = x.detach().clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
-        return y / self.world
+        for g in self.dp_groups:
+            dist.all_reduce(y, op=op, group=g)
+        return y
+
+    def _grad_fn(self, local_params: list, batch: Any, kw: dict) -> tuple[Any, Any, list]:
+        """``(loss, grads, shards)``; shards: the params passed as rank-local shards."""
+        if not self.blocks:
+            full = self._gather_full(local_params) if self.stage == 3 else local_params
+            loss, grads = self.grad_fn(self._tree(full), batch, **kw)
+            return loss, grads, None
+        shards = local_params if self.stage == 3 else self._shard_leaves(local_params)
+        layouts = {x.untyped_storage()._cdata: lay for x, lay in zip(shards, self.layouts) if lay}
+        s = _gather.Sharding(
+            self.axis, self.axes, self.mesh.axis_names, self.group, layouts, self.rank
+        )
+        if self.stage == 2:  # full params are held: "gathering" reads them, no communication
+            s.fulls = {
+                x.untyped_storage()._cdata: f
+                for x, f, lay in zip(shards, local_params, self.layouts)
+                if lay
+            }
+        s.tracker = _gather.current_tracker()
+        loss, grads = _gather.call_sharded(s, self.grad_fn, self._tree(shards), batch, **kw)
+        return loss, grads, shards
+
+    def _reduce(self, g: list) -> list:
+        """Grads -> the data-parallel mean: full (stages 0/1) or this rank's shards."""
+        if self.stage <= 1:
+            return _lay.all_reduce_mean(g, self.dp_groups, self.dp)
+        idx = [i for i, lay in enumerate(self.layouts) if lay is not None]
+        if self.blocks:  # already reduce-scattered (summed) over the shard axis in backward
+            for i in idx:
+                if g[i].shape != self.layouts[i].local_shape(self.rank):
+                    raise ValueError(
+                        f"fs.zero(gather='blocks'): the grad of params leaf {self.paths[i]} "
+                        f"has shape {tuple(g[i].shape)}, not this rank's shard "
+                        f"{self.layouts[i].local_shape(self.rank)}."
+                    )
+            shards = [g[i] for i in idx]
+        else:
+            full = [g[i] for i in idx]
+            shards = _lay.reduce_scatter_buckets(self.buckets, full, self.group, self.device)
+        shards = _lay.all_reduce_mean(shards, self.rep_groups, self.dp)
+        rep = [i for i, lay in enumerate(self.layouts) if lay is None]
+        reps = _lay.all_reduce_mean([g[i] for i in rep], self.dp_groups, self.dp) if rep else []
+        out = list(g)
+        for i, x in zip(idx + rep, shards + reps):
+            out[i] = x
+        return out
 
     def step(self, params: PyTree, opt_state: Any, batch: Any, *, donate: bool = False):
         self._check(params, "fs.zero.step")
@@ -297,56 +401,39 @@ class _ZeRO:
             else (opt_state, None)
         )
         local_params = [self._local(x) for x in optree.tree_leaves(params)]
-        full_params = self._gather_full(local_params) if self.stage == 3 else local_params
         kw = {"loss_scale": scale} if scale is not None else {}
-        loss, grads = self.grad_fn(self._tree(full_params), batch, **kw)
+        loss, grads, p_local = self._grad_fn(local_params, batch, kw)
         _tree.check_same_structure(params, grads, names=("params", "grads"), api="fs.zero.step")
-        del full_params
         g = optree.tree_leaves(grads)
         del grads
+        _memory.observe_grads(g)
+        g = self._reduce(g)
         if self.stage <= 1:
-            g = _lay.all_reduce_mean(g, self.group)
             grad_norm = _optim.global_norm(g)
             if self.stage == 1:
                 g = self._shard_leaves(g)
         else:
-            rep = [i for i, lay in enumerate(self.layouts) if lay is None]
-            shards = _lay.reduce_scatter_buckets(
-                self.buckets,
-                [x for x, lay in zip(g, self.layouts) if lay is not None],
-                self.group,
-                self.device,
-            )
-            reps = _lay.all_reduce_mean([g[i] for i in rep], self.group) if rep else []
-            g = [shards[lay.index] if lay is not None else None for lay in self.layouts]
-            for i, r in zip(rep, reps):
-                g[i] = r
             grad_norm = self._sharded_norm(g)
-        metrics: dict[str, Any] = {"loss": self._mean(loss), "grad_norm": grad_norm}
+        _memory.observe_grads(g, reduced=True)
+        metrics: dict[str, Any] = {"loss": self._psum(loss) / self.dp, "grad_norm": grad_norm}
         opt_local = self._unwrap_state(opt) if self.stage >= 1 else opt
         lr = _optim.learning_rate(self.opt, opt_local)
         if lr is not None:
             metrics["lr"] = lr
         if scale is not None:
-            finite = _tree.all_finite(g).to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.group)
-            finite = bool(finite)
+            finite = bool(self._psum(_tree.all_finite(g).to(torch.int32), dist.ReduceOp.MIN))
             metrics["loss_scale"] = scale.loss_scale
             metrics["skipped"] = not finite
             new_scale = scale.adjust(finite)
             if not finite:
                 return params, TrainState(opt=opt, loss_scale=new_scale), metrics
-        p_local = local_params if self.stage in (0, 3) else self._shard_leaves(local_params)
+        if p_local is None:
+            p_local = local_params if self.stage in (0, 3) else self._shard_leaves(local_params)
         new_opt, new_p = self._update(g, opt_local, p_local, donate)
         if self.stage == 0:
             params_out = self._tree(new_p)
         elif self.stage == 3:
-            params_out = self._tree(
-                [
-                    self._to_dtensor(x, lay) if lay is not None else x
-                    for x, lay in zip(new_p, self.layouts)
-                ]
-            )
+            params_out = self._tree(self._dtensors(new_p))
         else:
             params_out = self._tree(self._gather_full(new_p))
         if self.stage >= 1:
@@ -367,7 +454,8 @@ class _ZeRO:
         return new_opt, optree.tree_leaves(apply(ptree, updates))
 
     def _sq_reduce(self, sq_per_leaf: list[torch.Tensor]) -> torch.Tensor:
-        """Global sum of squares from per-leaf local sums (sharded leaves summed over ranks)."""
+        """Global sum of squares from per-leaf local sums: sharded leaves summed over the
+        shard axis (replicas along other data-parallel axes hold the same shards)."""
         if len(sq_per_leaf) == len(self.layouts):
             shard = [s for s, lay in zip(sq_per_leaf, self.layouts) if lay is not None]
             rep = [s for s, lay in zip(sq_per_leaf, self.layouts) if lay is None]

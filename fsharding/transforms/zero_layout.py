@@ -6,6 +6,10 @@ DTensor's ``Shard(0)``): chunk ``c = ceil(n / N)``; rank ``r`` owns rows
 is padded to ``c`` rows and leaves are packed into flat per-dtype buckets laid out rank-major
 (``[N, S]``), so one ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` moves a whole
 bucket. Padding lives only in these transient buffers: returned tensors never show it.
+
+The collectives run on torch's functional c10d ops (all-gather, reduce-scatter: several
+buckets in flight before the first wait) and ``dist.all_reduce``; :func:`all_reduce_mean`
+reduces over several process groups in turn (hybrid sharding's replicate axes).
 """
 
 from __future__ import annotations
@@ -13,11 +17,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["LeafLayout", "Bucket", "make_buckets", "shard_rows"]
+__all__ = [
+    "LeafLayout",
+    "Bucket",
+    "make_buckets",
+    "shard_rows",
+    "all_gather_buckets",
+    "reduce_scatter_buckets",
+    "all_reduce_mean",
+    "dp_axes",
+]
 
 BUCKET_BYTES = 64 * 2**20
 
@@ -76,15 +90,21 @@ class Bucket:
         return buf
 
     def unpack_gathered(self, out: torch.Tensor) -> list[torch.Tensor]:
-        """Full leaves from the gathered ``[N*S]`` buffer."""
+        """Full leaves from the gathered ``[N*S]`` buffer (each its own exact-size storage,
+        one copy; the buffer and its padding can be freed right away)."""
         world = self.layouts[0].world if self.layouts else 1
         view = out.view(world, self.numel)
         full = []
         for lay, off in zip(self.layouts, self.offsets):
-            rows = view[:, off : off + lay.padded_numel].reshape(
-                world * lay.chunk_rows, *lay.shape[1:]
-            )
-            full.append(rows[: lay.shape[0]].clone() if lay.shape[0] else rows[:0].clone())
+            n, c, rest = lay.shape[0], lay.chunk_rows, lay.shape[1:]
+            t = torch.empty(lay.shape, dtype=out.dtype, device=out.device)
+            if n:
+                blocks = view[:, off : off + lay.padded_numel].view(world, c, *rest)
+                k = n // c  # ranks whose chunk is complete
+                t[: k * c].view(k, c, *rest).copy_(blocks[:k])
+                if n > k * c:
+                    t[k * c :].copy_(blocks[k, : n - k * c])
+            full.append(t)
         return full
 
     def scatter_input(self, fulls: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -113,8 +133,30 @@ class Bucket:
         return shards
 
 
-# torch >= 2.12 renamed reduce_scatter_tensor (the old name warns); 2.6 has only the old one.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
+    """The data-parallel axes (shard axis last), validated against the mesh."""
+    names = tuple(getattr(mesh, "axis_names", ()))
+    axes = (axis,) if isinstance(axis, str) else axis
+    if not isinstance(axes, tuple) or not axes or not all(isinstance(a, str) for a in axes):
+        raise TypeError(
+            f"fs.zero: axis must be a mesh axis name or a tuple of them (replicate axes first, "
+            f"the shard axis last), got {axis!r}."
+        )
+    for a in axes:
+        if a not in names:
+            raise ValueError(
+                f"fs.zero: axis={a!r} is not an axis of the mesh; its axes are {list(names)}. "
+                "Pass axis= one of them (e.g. fs.Mesh(dp=2) and axis='dp')."
+            )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"fs.zero: axis={axis!r} repeats an axis.")
+    return axes
+
+
+# torch's functional collective ops (out of place; the op layer of
+# torch.distributed._functional_collectives, the same in torch 2.6 and 2.13), called directly
+# as in fsharding.collectives. Several are issued before the first is waited on.
+_C = torch.ops._c10d_functional
 
 
 def make_buckets(layouts: Sequence[LeafLayout], bucket_bytes: int = BUCKET_BYTES) -> list[Bucket]:
@@ -143,19 +185,16 @@ def all_gather_buckets(
 ) -> list[torch.Tensor]:
     """Full tensors for every sharded leaf (indexed like ``shards``), bucket by bucket.
 
-    All buckets' collectives are launched asynchronously first, then awaited.
+    All buckets' collectives are launched first, then awaited.
     """
     world = dist.get_world_size(group)
     pending = []
     for b in buckets:
         inp = b.gather_input([shards[lay.index] for lay in b.layouts], device)
-        out = torch.empty(world * b.numel, dtype=b.dtype, device=device)
-        work = dist.all_gather_into_tensor(out, inp, group=group, async_op=True)
-        pending.append((b, out, work))
+        pending.append((b, _C.all_gather_into_tensor(inp, world, group.group_name)))
     full: list[torch.Tensor | None] = [None] * len(shards)
-    for b, out, work in pending:
-        work.wait()
-        for lay, t in zip(b.layouts, b.unpack_gathered(out)):
+    for b, out in pending:
+        for lay, t in zip(b.layouts, b.unpack_gathered(_C.wait_tensor(out))):
             full[lay.index] = t
     return full  # type: ignore[return-value]
 
@@ -166,47 +205,52 @@ def reduce_scatter_buckets(
     group: dist.ProcessGroup,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    """Each rank's shard of the rank-mean of full tensors (indexed like ``fulls``)."""
+    """Each rank's shard of the rank-**sum** of full tensors (indexed like ``fulls``)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     pending = []
     for b in buckets:
         inp = b.scatter_input([fulls[lay.index] for lay in b.layouts], device)
-        out = torch.empty(b.numel, dtype=b.dtype, device=device)
-        work = dist.reduce_scatter_tensor(
-            out, inp, op=dist.ReduceOp.SUM, group=group, async_op=True
-        )
-        pending.append((b, out, work))
+        pending.append((b, _C.reduce_scatter_tensor(inp, "sum", world, group.group_name)))
     shards: list[torch.Tensor | None] = [None] * len(fulls)
-    for b, out, work in pending:
-        work.wait()
-        out.div_(world)
-        for lay, t in zip(b.layouts, b.unpack_scattered(out, rank)):
+    for b, out in pending:
+        for lay, t in zip(b.layouts, b.unpack_scattered(_C.wait_tensor(out), rank)):
             shards[lay.index] = t
     return shards  # type: ignore[return-value]
 
 
 def all_reduce_mean(
-    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, bucket_bytes: int = BUCKET_BYTES
+    tensors: Sequence[torch.Tensor],
+    groups: Sequence[dist.ProcessGroup],
+    divisor: int,
+    bucket_bytes: int = BUCKET_BYTES,
 ) -> list[torch.Tensor]:
-    """The rank-mean of each tensor (flattened into per-dtype buckets, async)."""
-    world = dist.get_world_size(group)
+    """The sum of each tensor over every rank of ``groups`` (one axis after another, so
+    over their product), divided by ``divisor``; flattened into per-dtype buckets.
+
+    With no groups it only divides. Returns new tensors (views of the buckets).
+    """
     by_dtype: dict[torch.dtype, list[list[int]]] = {}
     for i, t in enumerate(tensors):
-        groups = by_dtype.setdefault(t.dtype, [[]])
-        cur = groups[-1]
+        chunks = by_dtype.setdefault(t.dtype, [[]])
+        cur = chunks[-1]
         if cur and sum(tensors[j].numel() for j in cur) * t.element_size() > bucket_bytes:
-            groups.append(cur := [])
+            chunks.append(cur := [])
         cur.append(i)
-    pending = []
-    for groups in by_dtype.values():
-        for idx in groups:
-            flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-            pending.append((idx, flat, work))
+    flats = [
+        (idx, torch.cat([tensors[i].reshape(-1) for i in idx]))
+        for chunks in by_dtype.values()
+        for idx in chunks
+    ]
+    for group in groups:
+        works = [
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+            for _, flat in flats
+        ]
+        for work in works:
+            work.wait()
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    for idx, flat, work in pending:
-        work.wait()
-        flat.div_(world)
+    for idx, flat in flats:
+        flat.div_(divisor)
         off = 0
         for i in idx:
             n = tensors[i].numel()

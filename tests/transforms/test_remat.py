@@ -463,3 +463,26 @@ def test_workspace_shared_by_regions_is_copied_on_write():
     g = fs.grad(lambda x: (remat(region)(remat(region)(x) * 2) ** 2).sum())(x)
     assert torch.equal(g, ref)
     assert torch.equal(buf, (torch.tanh(x + 3 * x) * 2).detach() * 3)  # the forward's write
+
+
+def test_remat_of_a_transform_composes():
+    """fs.remat(t) for a transform t (e.g. fs.gather) means block -> remat(t(block))."""
+    import fsharding as fs
+
+    calls = []
+
+    def t(block):
+        def run(p, x):
+            calls.append(1)
+            return block(p, x)
+
+        return run
+
+    t._fs_transform = True
+    f = fs.remat(t)(lambda p, x: torch.tanh(x @ p).sum())
+    p, x = torch.randn(3, 3), torch.randn(2, 3)
+    loss, g = fs.value_and_grad(f)(p, x)
+    assert len(calls) == 2  # forward + recompute: remat really wraps t(block)
+    loss0, g0 = fs.value_and_grad(lambda p, x: torch.tanh(x @ p).sum())(p, x)
+    assert torch.equal(loss, loss0) and torch.equal(g, g0)
+    assert callable(fs.remat(fs.gather)) and callable(fs.remat(fs.gather)(lambda p, x: x))

@@ -1,7 +1,9 @@
 """fs.zero stages 0-3 against a single-process fs.train_step on the same global batch.
 
 Each launch runs every stage on 2 (or 4) gloo ranks and compares, in the ranks, with a
-single-process reference computed on the global batch (identical on every rank).
+single-process reference computed on the global batch (identical on every rank). The 4-rank
+launch adds hybrid sharding (a replicate x shard mesh) and gather="blocks" on a GPT with
+uneven shapes; errors are checked to raise on every rank (no hang).
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fsharding as fs
 from fsharding import optim
-from tests.dist_utils import run
+from tests.dist_utils import raises, run
 
 STEPS = 5
 
@@ -127,24 +131,129 @@ def test_zero_stages_match_single_process_on_2_ranks():
     assert sum(r[(3, "plain")]["params"] for r in res) <= full_params + 2 * 4
 
 
-def test_zero_stage3_on_4_ranks():
-    res = run(worker, 4, (3,), 2, timeout=240)
+def hsdp_worker(rows_per_rank):
+    """Hybrid sharding on a (replicate=2, shard=2) mesh: every stage against the
+    single-process reference on the 4-rank global batch, state sharded over "shard" only."""
+    from torch.distributed.tensor import DTensor
+
+    mesh = fs.Mesh({"replicate": 2, "shard": 2})
+    rank = torch.distributed.get_rank()
+    batches = global_batches(rows_per_rank * 4)
+    ref_params, ref_norms, ref_losses, _ = reference(batches)
+    sizes = {}
+    for stage in (0, 1, 2, 3):
+        vg = fs.value_and_grad(loss_fn)
+        step = fs.zero(vg, make_opt(), mesh=mesh, stage=stage, axis=("replicate", "shard"))
+        params, state = step.init(make_params())
+        for leaf in fs.tree.leaves((params, state)):
+            if isinstance(leaf, DTensor):
+                assert leaf.device_mesh.mesh_dim_names == ("shard",)
+        sizes[stage] = (fs.tree.nbytes(params), fs.tree.nbytes(state))
+        for i, b in enumerate(batches):
+            lo = rank * rows_per_rank
+            local = {k: v[lo : lo + rows_per_rank] for k, v in b.items()}
+            params, state, m = step.step(params, state, local)
+            torch.testing.assert_close(m["loss"], ref_losses[i], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m["grad_norm"], ref_norms[i], rtol=1e-6, atol=1e-7)
+        full = step.gather(params)
+        for k in ref_params:
+            torch.testing.assert_close(full[k], ref_params[k], rtol=1e-5, atol=1e-6)
+    return sizes
+
+
+def gpt_blocks_worker(axis):
+    """The GPT of test_gather under stage 3 gather='blocks' on 4 ranks (uneven shapes)."""
+    from tests.transforms import test_gather as tg
+
+    world = torch.distributed.get_world_size()
+    mesh = fs.Mesh({"dp": world}) if axis == "dp" else fs.Mesh({"replicate": 2, "shard": 2})
+    rank = torch.distributed.get_rank()
+    model = tg.GPT(tg.CFG, seed=0)
+    batches = tg.gpt_batches(tg.ROWS * world)
+    ref_p, ref_losses, ref_norms = tg.gpt_reference(model, batches)
+    shard_axis = axis if isinstance(axis, str) else axis[-1]
+    apply, params = fs.functional(
+        model, wrap={tg.Block: lambda f: fs.remat(tg.gather(f, axis=shard_axis))}
+    )
+    vg = fs.value_and_grad(tg.loss_of(apply))
+    step = fs.zero(vg, tg.make_opt(), mesh=mesh, stage=3, axis=axis, gather="blocks")
+    q, _, losses, norms, _ = tg.run_zero(step, params, batches, rank)
+    for i in range(tg.STEPS):
+        torch.testing.assert_close(losses[i], ref_losses[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norms[i], ref_norms[i], rtol=1e-5, atol=1e-6)
+    full = step.gather(q)
+    for k, v in ref_p.items():
+        torch.testing.assert_close(full[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    if axis != "dp":  # fs.gather must name the shard axis
+        apply, params = fs.functional(model, wrap={tg.Block: tg.gather(axis="replicate")})
+        vg = fs.value_and_grad(tg.loss_of(apply))
+        step = fs.zero(vg, tg.make_opt(), mesh=mesh, stage=3, axis=axis, gather="blocks")
+        q, s = step.init(params)
+        local = {k: v[: tg.ROWS] for k, v in batches[0].items()}
+        msg = raises(lambda: step.step(q, s, local), ValueError)
+        assert "fs.zero shards params over 'shard'; pass axis='shard'" in msg, msg
+    return fs.tree.nbytes(q)
+
+
+def four_rank_worker():
+    out = {"stage3": worker((3,), 2), "hsdp": hsdp_worker(1)}
+    out["gpt_dp"] = gpt_blocks_worker("dp")
+    out["gpt_hsdp"] = gpt_blocks_worker(("replicate", "shard"))
+    return out
+
+
+def test_zero_on_4_ranks_stage3_hsdp_and_blocks():
+    res = run(four_rank_worker, 4, timeout=240)
     full_params = fs.tree.nbytes(make_params())
     full_opt = 2 * full_params  # adam's mu and nu
     for r in res:  # ~1/4 each, within the padding of uneven dims (e.g. 7 rows -> 2,2,2,1)
-        assert r[(3, "plain")]["params"] < 0.4 * full_params
-        assert r[(3, "plain")]["opt"] < 0.4 * full_opt
+        assert r["stage3"][(3, "plain")]["params"] < 0.4 * full_params
+        assert r["stage3"][(3, "plain")]["opt"] < 0.4 * full_opt
+        # HSDP shards over "shard" (2 ranks): ~1/2 of the state, replicated over "replicate"
+        (p0, s0), s1, p3 = r["hsdp"][0], r["hsdp"][1][1], r["hsdp"][3][0]
+        assert p0 == full_params and 0.4 * s0 < s1 < 0.65 * s0 and 0.4 * p0 < p3 < 0.65 * p0
+    # blocks: each rank holds 1/4 of the GPT (dp=4) or 1/2 (HSDP, shard=2)
+    assert sum(r["gpt_dp"] for r in res) == sum(r["gpt_hsdp"] for r in res) // 2
 
 
 def bad_input_worker():
-    mesh = fs.Mesh(dp=torch.distributed.get_world_size())
+    world = torch.distributed.get_world_size()
+    mesh = fs.Mesh(dp=world)
     vg = fs.value_and_grad(loss_fn)
-    msgs = []
-    for kwargs in ({"stage": 4}, {"stage": 1, "axis": "tp"}):
-        try:
-            fs.zero(vg, make_opt(), mesh=mesh, **kwargs)
-        except ValueError as e:
-            msgs.append(str(e))
+    opt = make_opt()
+    msgs = {}
+    for name, kwargs in {
+        "stage": {"stage": 4},
+        "axis": {"stage": 1, "axis": "tp"},
+        "repeat": {"stage": 1, "axis": ("dp", "dp")},
+        "gather": {"stage": 3, "gather": "layers"},
+        "blocks_stage": {"stage": 1, "gather": "blocks"},
+    }.items():
+        msgs[name] = raises(lambda kw=kwargs: fs.zero(vg, opt, mesh=mesh, **kw), ValueError)
+    msgs["mesh"] = raises(lambda: fs.Mesh(dp=world + 1), ValueError)
+    step = fs.zero(vg, opt, mesh=mesh, stage=3)
+    meta = {k: v.to("meta") for k, v in make_params().items()}
+    msgs["init_fn"] = raises(
+        lambda: step.init(meta, init_fn=lambda path, m: torch.zeros(2)), ValueError
+    )
+    params, state = step.init(make_params())
+    b = {k: v[:2] for k, v in global_batches(2)[0].items()}
+    msgs["full"] = raises(lambda: step.step(make_params(), state, b), ValueError)
+    # gather="blocks" with a loss that never calls fs.gather: shards reach the math
+    blocks = fs.zero(vg, opt, mesh=mesh, stage=3, gather="blocks")
+    params, state = blocks.init(make_params())
+    msgs["no_gather_crash"] = raises(lambda: blocks.step(params, state, b), RuntimeError)
+    elementwise = fs.value_and_grad(lambda p, b: sum((x**2).sum() for x in p.values()))
+    blocks = fs.zero(elementwise, opt, mesh=mesh, stage=3, gather="blocks")
+    params, state = blocks.init(make_params())
+    msgs["no_gather"] = raises(lambda: blocks.step(params, state, b), ValueError)
+    # fs.gather naming an axis the mesh does not have
+    from fsharding.transforms.gather import gather
+
+    wrong = fs.value_and_grad(lambda p, b: gather(loss_fn, axis="tp")(p, b))
+    blocks = fs.zero(wrong, opt, mesh=mesh, stage=3, gather="blocks")
+    params, state = blocks.init(make_params())
+    msgs["gather_axis"] = raises(lambda: blocks.step(params, state, b), ValueError)
     torch.distributed.barrier()  # every rank got here: no hang
     return msgs
 
@@ -152,8 +261,17 @@ def bad_input_worker():
 def test_zero_bad_input_raises_on_every_rank():
     res = run(bad_input_worker, 2)
     for msgs in res:
-        assert "stage must be 0, 1, 2 or 3" in msgs[0]
-        assert "axis='tp' is not an axis" in msgs[1]
+        assert "stage must be 0, 1, 2 or 3" in msgs["stage"]
+        assert "axis='tp' is not an axis" in msgs["axis"]
+        assert "repeats an axis" in msgs["repeat"]
+        assert "gather must be 'boundary' or 'blocks'" in msgs["gather"]
+        assert "gather='blocks' needs stage 2 or 3" in msgs["blocks_stage"]
+        assert "has 3 positions but the world size is 2" in msgs["mesh"]
+        assert "init_fn returned torch.float32 (2,) for params leaf ['b1']" in msgs["init_fn"]
+        assert "params leaf ['b1'] has local shape (5,)" in msgs["full"]
+        assert "before gathering any params" in msgs["no_gather_crash"]
+        assert "gathered no params" in msgs["no_gather"]
+        assert "unknown axis 'tp'" in msgs["gather_axis"]
 
 
 def test_zero_local_mesh_is_train_step():
@@ -166,3 +284,37 @@ def test_zero_local_mesh_is_train_step():
         params, state, _ = step.step(params, state, b)
     for k in ref_params:
         torch.testing.assert_close(params[k], ref_params[k], rtol=0, atol=0)
+
+
+@given(
+    shapes=st.lists(
+        st.lists(st.integers(0, 5), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4
+    ),
+    world=st.integers(1, 4),
+    bucket_bytes=st.sampled_from([16, 2**20]),
+)
+def test_layout_round_trips_like_the_collectives(shapes, world, bucket_bytes):
+    """The bucket packing, with the collectives simulated in one process: gathering every
+    rank's rows gives the full tensors; reduce-scattering full tensors gives each rank its
+    rows of the sum (uneven dims, empty trailing ranks, several buckets)."""
+    from fsharding.transforms import zero_layout as L
+
+    g = torch.Generator().manual_seed(len(shapes) * 10 + world)
+    fulls = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    lays = [L.LeafLayout(i, s, torch.float64, world) for i, s in enumerate(shapes)]
+    for b in L.make_buckets(lays, bucket_bytes):
+        mine = [fulls[lay.index] for lay in b.layouts]
+        segs = [
+            b.gather_input([L.shard_rows(t, lay, r) for t, lay in zip(mine, b.layouts)], "cpu")
+            for r in range(world)
+        ]
+        for t, got in zip(mine, b.unpack_gathered(torch.cat(segs))):
+            assert torch.equal(got, t)
+        total = sum(b.scatter_input([t * (r + 1) for t in mine], "cpu") for r in range(world))
+        for r in range(world):
+            seg = total.view(world, b.numel)[r]
+            for t, lay, got in zip(mine, b.layouts, b.unpack_scattered(seg, r)):
+                lo, hi = lay.rows(r)
+                want = (t * sum(range(1, world + 1)))[lo:hi]
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                assert got.shape == lay.local_shape(r)

@@ -1,0 +1,410 @@
+"""``fs.gather``: ZeRO-3 one block at a time (FSDP's unit, the functional way).
+
+Under ``fs.zero(..., stage=3, gather="blocks")`` the gradient function receives the
+rank-local dim-0 shards of the params (plain tensors) and ``fs.zero`` binds a
+:class:`Sharding` that says, per shard storage, where its rows live. Then
+``gather(block)(block_params, *args)``:
+
+* forward: all-gathers the sharded leaves of ``block_params`` (one autograd op, one
+  bucketed all-gather per dtype) and calls ``block`` on full tensors;
+* backward: reduce-scatters (sums) the full grads back to this rank's rows, so the grads
+  of ``grad_fn`` come out already sharded, block by block, during backward (fs.zero then
+  divides by the data-parallel size).
+
+At stage 2 (``gather="blocks"``) the full params are held on every rank: the forward reads
+them without communicating and the backward reduce-scatters as above (no full-size
+gradient). Leaves that are not shards (replicated scalars, buffers, activations) pass
+through, and outside such a step ``gather`` calls ``block`` unchanged (a local mesh,
+``fs.train_step``, ``fs.zero`` with ``gather="boundary"``).
+
+``remat(gather(block))`` runs the all-gather inside the remat region: the gathered params
+are consumed there and not saved, and backward recomputes the region, all-gather
+included, so full params exist for one block at a time (SimpleFSDP). ``gather(block)``
+without remat keeps its full params alive until backward (they are saved for it). The
+policies of ``fs.policies`` never save the collective's outputs (they save matmuls or named
+values), so each recomputes it; ``everything_saveable`` does not checkpoint at all.
+
+Under ``fs.amp`` outside the block, a cast of a shard is recognised (its autograd graph
+leads to the shard): the shard is all-gathered in the compute dtype and its grads are
+reduce-scattered in the param dtype (FSDP2's ``param_dtype`` / ``reduce_dtype``).
+
+``fs.functional(model, wrap={Block: lambda f: fs.remat(fs.gather(f))})`` marks those blocks
+as gather-owned (the ``_fs_gathers`` attribute, kept by ``functools.wraps`` through remat,
+amp and offload); its ``apply`` gathers the other params (embeddings, head, final norm)
+once on entry, with the same autograd all-gather, and keeps them until backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, overload
+
+import optree
+import torch
+from torch.autograd.function import once_differentiable
+
+from fsharding.transforms import zero_layout as _lay
+
+__all__ = ["gather"]
+
+Axis = str | tuple[str, ...]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SHARDING: contextvars.ContextVar[Sharding | None] = contextvars.ContextVar(
+    "fsharding_sharding", default=None
+)
+_TRACKER: contextvars.ContextVar[LiveBytes | None] = contextvars.ContextVar(
+    "fsharding_gathered_tracker", default=None
+)
+_CASTS = frozenset({"ToCopyBackward0", "AliasBackward0"})  # what fs.amp does to a param
+
+
+@overload
+def gather(block_fn: F, /, *, axis: Axis = "dp") -> F: ...
+
+
+@overload
+def gather(block_fn: None = None, /, *, axis: Axis = "dp") -> Callable[[F], F]: ...
+
+
+def gather(block_fn: Callable[..., Any] | None = None, /, *, axis: Axis = "dp") -> Any:
+    """All-gathers a block's params on entry; reduce-scatters their grads in backward.
+
+    Args:
+        block_fn: ``block_fn(block_params, *args, **kwargs)``; ``block_params`` (the first
+            positional argument) is any pytree. Omit it to get a transform
+            (``fs.gather(axis="shard")``).
+        axis: the mesh axis the params are sharded over: ``fs.zero``'s ``axis`` (for a tuple
+            ``axis=("replicate", "shard")``, its last entry or the same tuple).
+
+    Returns:
+        A function with ``block_fn``'s signature. Inside ``fs.zero(..., stage=3,
+        gather="blocks")`` it gathers (at stage 2 it reads the held full params and
+        reduce-scatters their grads); elsewhere it is ``block_fn``.
+
+    Raises:
+        ValueError: (when called in a sharded step) ``axis`` is not an axis of the mesh, or
+            not the axis ``fs.zero`` shards over.
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> block = lambda p, x: torch.tanh(x @ p["w"])
+        >>> f = fs.remat(fs.gather(block))  # outside fs.zero: block itself
+        >>> f({"w": torch.eye(2)}, torch.ones(1, 2)).shape
+        torch.Size([1, 2])
+    """
+    _check_axis_arg(axis)
+    if block_fn is None:
+        transform = functools.partial(gather, axis=axis)
+        transform._fs_gathers = True  # type: ignore[attr-defined]
+        return transform
+    if not callable(block_fn):
+        raise TypeError(
+            f"fs.gather: block_fn must be callable, got {type(block_fn).__name__}; use "
+            "fs.gather(block) or fs.gather(axis=...)(block)."
+        )
+
+    @functools.wraps(block_fn)
+    def gathered(block_params: Any, *args: Any, **kwargs: Any) -> Any:
+        sharding = _SHARDING.get()
+        if sharding is not None:
+            sharding.check_axis(axis, "fs.gather")
+            block_params = gather_tree(sharding, block_params)
+        return block_fn(block_params, *args, **kwargs)
+
+    gathered._fs_gathers = True  # type: ignore[attr-defined]  # kept by functools.wraps
+    return gathered
+
+
+gather._fs_gathers = True  # type: ignore[attr-defined]  # wrap={Block: fs.gather}
+
+
+def _check_axis_arg(axis: Any) -> None:
+    ok = isinstance(axis, str) or (
+        isinstance(axis, tuple) and axis and all(isinstance(a, str) for a in axis)
+    )
+    if not ok:
+        raise TypeError(
+            f"fs.gather: axis must be a mesh axis name (str) or a tuple of them, got {axis!r}."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# what fs.zero binds while grad_fn runs
+# --------------------------------------------------------------------------------------
+
+
+class LiveBytes:
+    """Bytes of gathered full params alive now, and the peak (storages checked when a
+    gather allocates, which is when the peak can grow)."""
+
+    def __init__(self) -> None:
+        self._live: dict[tuple[str, int], tuple[Any, int]] = {}
+        self.peak = 0
+        self.gathered_bytes = 0  # total ever gathered
+
+    def add(self, tensors: list[torch.Tensor]) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._live = {k: v for k, v in self._live.items() if not v[0].expired()}
+        for t in tensors:
+            st = t.untyped_storage()
+            if st.nbytes():
+                self._live[_key(t)] = (StorageWeakRef(st), st.nbytes())
+                self.gathered_bytes += st.nbytes()
+        self.peak = max(self.peak, self.current)
+
+    @property
+    def current(self) -> int:
+        return sum(n for ref, n in self._live.values() if not ref.expired())
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in a gathered storage that is still alive."""
+        v = self._live.get(_key(t))
+        return v is not None and not v[0].expired()
+
+
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+@contextlib.contextmanager
+def track_gathered() -> Iterator[LiveBytes]:
+    """Records the gathered full params of the steps run inside (``fs.memory_report``)."""
+    tracker = LiveBytes()
+    token = _TRACKER.set(tracker)
+    try:
+        yield tracker
+    finally:
+        _TRACKER.reset(token)
+
+
+def current_tracker() -> LiveBytes | None:
+    return _TRACKER.get()
+
+
+@dataclasses.dataclass(eq=False)
+class Sharding:
+    """Where the rank-local shards passed to ``grad_fn`` belong (bound by ``fs.zero``).
+
+    Attributes:
+        axis: the mesh axis the params are sharded over.
+        axes: all data-parallel axes of the step (``axis`` last).
+        mesh_axes: every axis of the mesh (for error messages).
+        group: the process group of ``axis``.
+        layouts: storage id of a local shard (``untyped_storage()._cdata``: shared by the
+            detached aliases ``value_and_grad`` makes, distinct even for empty shards) ->
+            its :class:`~fsharding.transforms.zero_layout.LeafLayout`.
+        rank: this rank's index in ``group``.
+        fulls: at stage 2 (params stored full), storage id of a shard -> its full tensor:
+            the forward "gather" reads it without communicating; backward reduce-scatters.
+    """
+
+    axis: str
+    axes: tuple[str, ...]
+    mesh_axes: tuple[str, ...]
+    group: Any
+    layouts: dict[int, _lay.LeafLayout]
+    rank: int
+    tracker: LiveBytes | None = None
+    gathers: int = 0
+    fulls: dict[int, torch.Tensor] | None = None  # stage 2: the full params, held locally
+
+    def check_axis(self, axis: Axis, api: str) -> None:
+        names = (axis,) if isinstance(axis, str) else axis
+        for a in names:
+            if a not in self.mesh_axes:
+                raise ValueError(
+                    f"{api}: unknown axis {a!r}; the mesh has axes {self.mesh_axes}. Pass the "
+                    f"axis fs.zero shards over: axis={self.axis!r}."
+                )
+        if axis != self.axis and tuple(names) != self.axes:
+            raise ValueError(
+                f"{api}: axis={axis!r}, but fs.zero shards params over {self.axis!r}; pass "
+                f"axis={self.axis!r}."
+            )
+
+    def find(self, t: Any) -> tuple[torch.Tensor, _lay.LeafLayout] | None:
+        """``(shard, layout)`` if ``t`` is a shard, or a cast of one (fs.amp), else None."""
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):  # (not DTensor, not a leaf)
+            return None
+        src = t
+        lay = self._layout(t)
+        if lay is None:
+            node, hops = t.grad_fn, 0
+            while node is not None and node.name() in _CASTS and hops < 8:
+                nxt = [f for f, _ in node.next_functions if f is not None]
+                if len(nxt) != 1:
+                    return None
+                node, hops = nxt[0], hops + 1
+            src = getattr(node, "variable", None)
+            if src is None or hops == 0 or src.shape != t.shape:
+                return None
+            lay = self._layout(src)
+        return None if lay is None else (src, lay)
+
+    def _layout(self, t: torch.Tensor) -> _lay.LeafLayout | None:
+        lay = self.layouts.get(t.untyped_storage()._cdata)
+        if lay is None or tuple(t.shape) != lay.local_shape(self.rank):
+            return None
+        return lay if t.storage_offset() == 0 and t.is_contiguous() else None
+
+
+@contextlib.contextmanager
+def sharding(s: Sharding) -> Iterator[Sharding]:
+    """Binds ``s`` while ``grad_fn`` runs (remat recomputation re-enters it by itself)."""
+    token = _SHARDING.set(s)
+    try:
+        yield s
+    finally:
+        _SHARDING.reset(token)
+
+
+_HOW = (
+    "With gather='blocks' grad_fn gets rank-local shards: run the model through "
+    "fs.functional(model, wrap={Block: lambda f: fs.remat(fs.gather(f))}) or wrap every use "
+    "of params in fs.gather, or use gather='boundary'."
+)
+
+
+def call_sharded(s: Sharding, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with ``s`` bound (``fs.zero``'s ``gather="blocks"``); a
+    function that never gathers raises (its grads would be those of the shards)."""
+    with sharding(s):
+        try:
+            out = fn(*args, **kwargs)
+        except (RuntimeError, IndexError) as e:  # what shape mismatches raise
+            if s.gathers or not s.layouts:
+                raise
+            raise RuntimeError(
+                f"fs.zero(gather='blocks'): grad_fn raised {type(e).__name__}: {e} before "
+                f"gathering any params. {_HOW}"
+            ) from e
+    if s.layouts and not s.gathers:
+        raise ValueError(f"fs.zero(gather='blocks'): grad_fn gathered no params. {_HOW}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the autograd all-gather
+# --------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """One gather: buckets in the compute dtypes (forward) and the param dtypes (backward)."""
+
+    def __init__(self, s: Sharding, found: list[tuple[torch.Tensor, _lay.LeafLayout]], dtypes):
+        layouts = [lay for _, lay in found]
+        self.group, self.rank, self.tracker = s.group, s.rank, s.tracker
+        self.dtypes = dtypes
+        self.param_dtypes = [lay.dtype for lay in layouts]
+        self.fulls = None
+        if s.fulls is not None:
+            self.fulls = [s.fulls[src.untyped_storage()._cdata] for src, _ in found]
+        fwd = [
+            dataclasses.replace(x, index=i, dtype=d)
+            for i, (x, d) in enumerate(zip(layouts, dtypes))
+        ]
+        bwd = [dataclasses.replace(x, index=i) for i, x in enumerate(layouts)]
+        self.gather_buckets = _lay.make_buckets(fwd)
+        self.scatter_buckets = _lay.make_buckets(bwd)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: every rank's rows -> full tensors. Backward: reduce-scatter (sum) -> rows."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: _Plan, *shards: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.plan = plan
+        if plan.fulls is not None:  # stage 2: full params are here already
+            return tuple(f.detach().to(d) for f, d in zip(plan.fulls, plan.dtypes))
+        device = shards[0].device
+        cast = [s.to(d) for s, d in zip(shards, plan.dtypes)]
+        fulls = _lay.all_gather_buckets(plan.gather_buckets, cast, plan.group, device)
+        if plan.tracker is not None:
+            plan.tracker.add(fulls)
+        return tuple(fulls)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        plan = ctx.plan
+        g = [x.to(d) for x, d in zip(grads, plan.param_dtypes)]
+        device = g[0].device
+        return (None, *_lay.reduce_scatter_buckets(plan.scatter_buckets, g, plan.group, device))
+
+
+def gather_list(s: Sharding, leaves: list[Any]) -> list[Any]:
+    """``leaves`` with every shard (or cast of one) replaced by its full tensor."""
+    found = [(i, *hit) for i, x in enumerate(leaves) if (hit := s.find(x)) is not None]
+    if not found:
+        return list(leaves)
+    plan = _Plan(s, [(src, lay) for _, src, lay in found], [leaves[i].dtype for i, _, _ in found])
+    fulls = _GatherRows.apply(plan, *[src for _, src, _ in found])
+    s.gathers += 1
+    out = list(leaves)
+    for (i, _, _), full in zip(found, fulls):
+        out[i] = full
+    return out
+
+
+def gather_tree(s: Sharding, tree: Any) -> Any:
+    leaves, treedef = optree.tree_flatten(tree)
+    return optree.tree_unflatten(treedef, gather_list(s, leaves))
+
+
+# --------------------------------------------------------------------------------------
+# fs.functional: params no gather-marked block owns are gathered on entry
+# --------------------------------------------------------------------------------------
+
+_OWNED: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def gather_unowned(runner: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For ``fs.functional``'s apply: gathers the entries of ``tensors`` (params by name)
+    that no gather-marked wrapped block owns. Identity outside a sharded step."""
+    s = _SHARDING.get()
+    if s is None:
+        return tensors
+    owned = _OWNED.get(runner)
+    if owned is None:
+        owned = _OWNED[runner] = _owned_names(runner)
+    names = [k for k in tensors if k not in owned]
+    out = dict(tensors)
+    out.update(zip(names, gather_list(s, [tensors[k] for k in names])))
+    return out
+
+
+def _owned_names(runner: Any) -> frozenset[str]:
+    """Param names used only inside wrapped blocks whose transform gathers."""
+    prefixes = tuple(name + "." for name, (_, t) in runner.wrapped.items() if marks_gather(t))
+    if not prefixes:
+        return frozenset()
+    aliases: dict[int, list[str]] = {}
+    for n, p in runner.module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    owned = [ns for ns in aliases.values() if all(n.startswith(prefixes) for n in ns)]
+    return frozenset(n for ns in owned for n in ns)
+
+
+def _probe(block_params: Any, *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def marks_gather(transform: Callable[..., Any]) -> bool:
+    """Whether ``transform(block)`` gathers (``_fs_gathers``, kept by functools.wraps
+    through remat, amp and offload). A transform that fails on a probe does not."""
+    if getattr(transform, "_fs_gathers", False):
+        return True
+    try:
+        return bool(getattr(transform(_probe), "_fs_gathers", False))
+    except Exception:
+        return False
+
+
+gather._fs_transform = True  # type: ignore[attr-defined]  # fs.remat(fs.gather) composes
