@@ -126,6 +126,14 @@ def map_updates(updates: PyTree, api: str, fn: Callable[[Leaves, bool], Leaves])
 def first(name: str, donate: bool, tensors: Leaves, *args: Any, **kwargs: Any) -> Leaves:
     """``torch._foreach_<name>_`` on ``tensors`` (donated) or ``_foreach_<name>`` (new)."""
     if donate:
+        if tensors and tensors[0].dtype in (torch.bfloat16, torch.float16):
+            # The in-place foreach rounds a Python scalar to the tensors' dtype first (the
+            # out-of-place one does not): pass it as a 0-dim tensor to round once, as the
+            # non-donated path does.
+            args = tuple(
+                torch.tensor(a, device=tensors[0].device) if isinstance(a, float) else a
+                for a in args
+            )
         getattr(torch, f"_foreach_{name}_")(tensors, *args, **kwargs)
         return tensors
     return list(getattr(torch, f"_foreach_{name}")(tensors, *args, **kwargs))

@@ -57,3 +57,17 @@ def test_trace_formula(nesterov):
         t = x + 0.7 * t
         torch.testing.assert_close(u["w"], x + 0.7 * t if nesterov else t, rtol=1e-14, atol=0)
     torch.testing.assert_close(state.trace["w"], t, rtol=1e-14, atol=0)
+
+
+def test_donated_bf16_momentum_equals_non_donated():
+    """In-place foreach ops must round like the out-of-place ones (scalar not pre-rounded)."""
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(257, generator=g).to(torch.bfloat16)}
+    grads = [{"w": torch.randn(257, generator=g).to(torch.bfloat16)} for _ in range(4)]
+    tx = optim.sgd(0.1, momentum=0.9)
+    s_plain, s_don = tx.init(p), tx.init(p)
+    for gr in grads:
+        u1, s_plain = tx.update(gr, s_plain, p)
+        with optim.donation():
+            u2, s_don = tx.update({"w": gr["w"].clone()}, s_don, p)
+        assert torch.equal(u1["w"], u2["w"])
