@@ -1,0 +1,297 @@
+"""The main job: train the small GPT on the standard library's sources, the fsharding way.
+
+    python -m fsharding.train                  # tiny preset, under two minutes on 2 CPU cores
+    python -m fsharding.train --preset small   # ANCHORS.md's GPT "small" workload
+
+Every piece is a plain function of ``args``: ``build_model``, ``build_apply`` (per-block
+transforms go here, through ``fs.functional(model, wrap=...)``), ``build_grad_fn`` (wraps
+``fs.value_and_grad(loss_fn)`` in further transforms), ``build_optimizer`` and
+``build_step``; ``main`` only wires them into the loop. Adding a feature flag means adding
+an argument and one line in the builder it concerns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import fsharding as fs
+from fsharding import data, optim
+from fsharding.models import GPT, GPTConfig, decay_mask, generate
+
+# Per-preset defaults for the flags left unset on the command line.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"steps": 300, "batch_size": 32},
+    "small": {"steps": 300, "batch_size": 8},
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (``sys.argv[1:]`` when ``argv`` is None) and fills defaults.
+
+    Example:
+        >>> parse_args(["--steps", "5"]).batch_size
+        32
+    """
+    p = argparse.ArgumentParser(
+        prog="python -m fsharding.train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--preset", choices=sorted(DEFAULTS), default="tiny", help="model size")
+    p.add_argument("--steps", type=int, help="optimizer steps (preset default)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (preset default)")
+    p.add_argument("--seed", type=int, default=0, help="seeds init, batches and the sample")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="warmup steps (default: steps // 10)")
+    p.add_argument("--eval-batches", type=int, default=8, help="fixed val batches to average")
+    p.add_argument("--data-bytes", type=int, default=data.DEFAULT_MAX_BYTES, help="corpus cap")
+    p.add_argument("--sample-len", type=int, default=200, help="bytes to generate at the end")
+    p.add_argument("--json", metavar="PATH", help="write the final metrics as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup is None:
+        args.warmup = max(1, args.steps // 10)
+    for name in ("steps", "batch_size", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.warmup <= args.steps:
+        p.error(f"--warmup must be in [0, steps={args.steps}], got {args.warmup}")
+    return args
+
+
+def build_model(args: argparse.Namespace) -> GPT:
+    """The GPT of ``--preset``, initialised from ``--seed``.
+
+    Example:
+        >>> build_model(parse_args(["--preset", "small"])).config.d_model
+        384
+    """
+    return GPT(GPTConfig.preset(args.preset), seed=args.seed)
+
+
+def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any], dict]:
+    """``fs.functional(model)``; per-block transforms (``wrap={Block: ...}``) go here.
+
+    Example:
+        >>> args = parse_args([])
+        >>> apply, params = build_apply(args, build_model(args))
+        >>> apply(params, torch.zeros(1, 3, dtype=torch.long)).shape
+        torch.Size([1, 3, 256])
+    """
+    return fs.functional(model)
+
+
+def make_loss_fn(apply: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+    """Mean next-byte cross-entropy: ``loss_fn(params, batch)`` with ``batch = {"x", "y"}``.
+
+    Example:
+        >>> loss_fn = make_loss_fn(lambda params, x: params["logits"].expand(*x.shape, 4))
+        >>> batch = {"x": torch.zeros(2, 3, dtype=torch.long), "y": torch.ones(2, 3).long()}
+        >>> round(float(loss_fn({"logits": torch.zeros(4)}, batch)), 4)  # ln(4)
+        1.3863
+    """
+
+    def loss_fn(params: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = apply(params, batch["x"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+
+    return loss_fn
+
+
+def build_grad_fn(args: argparse.Namespace, apply: Callable[..., Any]) -> Callable[..., Any]:
+    """``grad_fn(params, batch) -> (loss, grads)``; remat/amp/accumulate wrap it here.
+
+    Example:
+        >>> args = parse_args([])
+        >>> apply, params = build_apply(args, build_model(args))
+        >>> batch = {"x": torch.zeros(2, 4, dtype=torch.long), "y": torch.ones(2, 4).long()}
+        >>> loss, grads = build_grad_fn(args, apply)(params, batch)
+        >>> grads.keys() == params.keys()
+        True
+    """
+    return fs.value_and_grad(make_loss_fn(apply))
+
+
+def build_optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
+    """Global-norm clipping at 1.0, then AdamW on a warmup-cosine schedule (to ``lr / 10``).
+
+    Weight decay 0.1 applies to matrix weights only (:func:`fsharding.models.decay_mask`).
+
+    Example:
+        >>> opt = build_optimizer(parse_args([]))
+        >>> len(opt.init({"w": torch.zeros(2, 2)}))  # (clip state, adamw state)
+        2
+    """
+    schedule = optim.warmup_cosine_decay_schedule(
+        0.0, args.lr, args.warmup, args.steps, end_value=args.lr / 10
+    )
+    return optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask),
+    )
+
+
+def build_step(
+    args: argparse.Namespace, grad_fn: Callable[..., Any], opt: optim.GradientTransformation
+) -> fs.Step:
+    """The training step; ``fs.zero`` / offloaded optimizers replace ``train_step`` here.
+
+    Example:
+        >>> args = parse_args([])
+        >>> apply, params = build_apply(args, build_model(args))
+        >>> step = build_step(args, build_grad_fn(args, apply), build_optimizer(args))
+        >>> params, opt_state = step.init(params)
+    """
+    return fs.train_step(grad_fn, opt)
+
+
+@torch.no_grad()
+def evaluate(loss_fn: Callable[..., torch.Tensor], params: dict, batches: Iterable[dict]) -> float:
+    """Mean of ``loss_fn(params, batch)`` over ``batches``.
+
+    Example:
+        >>> evaluate(lambda p, b: b * p, torch.tensor(2.0), [torch.tensor(1.0), torch.tensor(2.0)])
+        3.0
+    """
+    losses = [float(loss_fn(params, b)) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _train_loop(
+    args: argparse.Namespace, step: fs.Step, params: Any, opt_state: Any, batches: Iterator[dict]
+) -> tuple[Any, Any, list[float], float]:
+    """Runs ``args.steps`` steps with a progress bar; returns ``(params, opt_state, losses,
+    tokens_per_s)``, tokens/s counted from the second step on (the first one warms up)."""
+    losses: list[float] = []
+    bar = tqdm(range(args.steps), desc=f"train {args.preset}", disable=args.no_progress)
+    tokens = 0
+    for i in bar:
+        batch = next(batches)
+        # donate=True: the old params and opt_state are updated in place (one copy in memory)
+        params, opt_state, metrics = step.step(params, opt_state, batch, donate=True)
+        losses.append(float(metrics["loss"]))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"fsharding.train: loss is {losses[-1]} at step {i}.")
+        if i == 0:
+            t0 = time.perf_counter()
+        else:
+            tokens += batch["x"].numel()
+            bar.set_postfix(
+                loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}"
+            )
+    tokens_per_s = tokens / (time.perf_counter() - t0) if tokens else float("nan")
+    return params, opt_state, losses, tokens_per_s
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the job; prints a summary and returns the final metrics (also ``--json``).
+
+    Metrics: ``initial_val_loss``, ``train_loss`` (mean of the last 10 steps), ``val_loss``
+    (the same fixed val batches), ``unigram_baseline`` (nats/byte), ``tokens_per_s`` (from
+    the second step on), ``peak_rss_mib``, ``params_bytes``, ``opt_state_bytes``, the
+    per-step ``losses``, a generated ``sample`` and timings.
+
+    Example:
+        >>> argv = ["--steps", "2", "--batch-size", "2", "--eval-batches", "1", "--no-progress"]
+        >>> metrics = main(argv + ["--sample-len", "8"])  # doctest: +ELLIPSIS
+        <BLANKLINE>
+        tiny: ...
+        >>> len(metrics["losses"])
+        2
+    """
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    corpus = data.load(args.data_bytes)
+    model = build_model(args)
+    seq_len = model.config.seq_len
+    apply, params = build_apply(args, model)
+    loss_fn = make_loss_fn(apply)
+    step = build_step(args, build_grad_fn(args, apply), build_optimizer(args))
+    # params share storage with `model`, which is only used through `apply` from here on
+    # (donation updates them in place).
+    params, opt_state = step.init(params)
+
+    val_stream = corpus.batches(
+        "val", args.batch_size, seq_len, torch.Generator().manual_seed(10_000 + args.seed)
+    )
+    val_batches = [next(val_stream) for _ in range(args.eval_batches)]
+    initial_val = evaluate(loss_fn, step.gather(params), val_batches)
+    train_stream = corpus.batches(
+        "train", args.batch_size, seq_len, torch.Generator().manual_seed(args.seed)
+    )
+    t_train = time.perf_counter()
+    params, opt_state, losses, tokens_per_s = _train_loop(
+        args, step, params, opt_state, train_stream
+    )
+    train_s = time.perf_counter() - t_train
+
+    full = step.gather(params)
+    sample_ids = generate(
+        apply,
+        full,
+        data.encode("def "),
+        args.sample_len,
+        0.8,
+        torch.Generator().manual_seed(args.seed),
+    )
+    result = {
+        "preset": args.preset,
+        "params": sum(p.numel() for p in full.values()),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": seq_len,
+        "initial_val_loss": initial_val,
+        "train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "val_loss": evaluate(loss_fn, full, val_batches),
+        "unigram_baseline": corpus.unigram_baseline(),
+        "tokens_per_s": tokens_per_s,
+        "train_s": train_s,
+        "peak_rss_mib": _peak_rss_mib(),
+        "params_bytes": fs.tree.nbytes(params),
+        "opt_state_bytes": fs.tree.nbytes(opt_state),
+        "losses": losses,
+        "sample": data.decode(sample_ids),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    print(_summary(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _summary(r: dict[str, Any]) -> str:
+    mib = 2**20
+    return (
+        f"\n{r['preset']}: {r['params']:,} params, {r['steps']} steps x {r['batch_size']} x "
+        f"{r['seq_len']} tokens\n"
+        f"loss    train {r['train_loss']:.3f}  val {r['val_loss']:.3f}  (unigram baseline "
+        f"{r['unigram_baseline']:.3f}, val at init {r['initial_val_loss']:.3f}; nats/byte)\n"
+        f"speed   {r['tokens_per_s']:,.0f} tokens/s  ({r['train_s']:.1f} s training, "
+        f"{r['wall_s']:.1f} s in main)\n"
+        f"memory  peak RSS {r['peak_rss_mib']:.0f} MiB; params {r['params_bytes'] / mib:.1f} "
+        f"MiB, optimizer state {r['opt_state_bytes'] / mib:.1f} MiB\n"
+        f"sample  (temperature 0.8)\n{r['sample']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
