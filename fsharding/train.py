@@ -13,8 +13,10 @@ an argument and one line in the builder it concerns.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -27,7 +29,14 @@ from tqdm import tqdm
 
 import fsharding as fs
 from fsharding import data, optim
-from fsharding.models import GPT, GPTConfig, decay_mask, generate
+from fsharding.models import GPT, Block, GPTConfig, decay_mask, generate
+
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
 
 # Per-preset defaults for the flags left unset on the command line.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -56,6 +65,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-bytes", type=int, default=data.DEFAULT_MAX_BYTES, help="corpus cap")
     p.add_argument("--sample-len", type=int, default=200, help="bytes to generate at the end")
     p.add_argument("--json", metavar="PATH", help="write the final metrics as JSON")
+    p.add_argument(
+        "--remat",
+        metavar="POLICY",
+        choices=REMAT_POLICIES,
+        help=f"per-block activation checkpointing: {', '.join(REMAT_POLICIES)}",
+    )
+    p.add_argument("--amp", metavar="POLICY", help="mixed precision: bf16, fp16, pure_bf16, ...")
+    p.add_argument("--accumulate", type=int, default=1, metavar="K", help="microbatches/step")
+    p.add_argument(
+        "--offload",
+        metavar="cpu|DIR",
+        help="optimizer state on CPU or in a directory (streamed in chunks)",
+    )
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="with --offload: also keep each block's saved inputs there (needs --remat)",
+    )
+    p.add_argument(
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        metavar="STAGE",
+        help="data parallel with ZeRO stage 0-3 (run under torchrun --nproc-per-node N)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.preset].items():
@@ -68,6 +102,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.warmup <= args.steps:
         p.error(f"--warmup must be in [0, steps={args.steps}], got {args.warmup}")
+    if args.accumulate < 1 or args.batch_size % args.accumulate:
+        p.error(f"--accumulate must be >= 1 and divide --batch-size={args.batch_size}")
+    if args.offload_activations and not (args.offload and args.remat):
+        p.error("--offload-activations needs --offload TARGET and --remat POLICY")
+    if args.amp is not None:
+        try:
+            args.amp = fs.Policy.parse(args.amp)
+        except ValueError as e:
+            p.error(f"--amp: {e}")
     return args
 
 
@@ -82,7 +125,9 @@ def build_model(args: argparse.Namespace) -> GPT:
 
 
 def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any], dict]:
-    """``fs.functional(model)``; per-block transforms (``wrap={Block: ...}``) go here.
+    """``fs.functional(model)`` with per-block transforms (``wrap={Block: ...}``):
+    ``--remat`` (``fs.remat``), ``--offload-activations`` (``fs.offload(fs.remat(...))``)
+    and, under ``--zero 3``, ``fs.gather`` inside the remat region (ZeRO-3 per block).
 
     Example:
         >>> args = parse_args([])
@@ -90,7 +135,22 @@ def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any
         >>> apply(params, torch.zeros(1, 3, dtype=torch.long)).shape
         torch.Size([1, 3, 256])
     """
-    return fs.functional(model)
+    transforms: list[Callable] = []
+    if args.zero == 3:
+        transforms.append(fs.gather)  # innermost: re-gathered when remat recomputes
+    if args.remat:
+        transforms.append(fs.remat(policy=getattr(fs.policies, args.remat)))
+    if args.offload_activations:
+        transforms.append(fs.offload(to=args.offload))
+    if not transforms:
+        return fs.functional(model)
+
+    def per_block(block_apply: Callable[..., Any]) -> Callable[..., Any]:
+        for t in transforms:
+            block_apply = t(block_apply)
+        return block_apply
+
+    return fs.functional(model, wrap={Block: per_block})
 
 
 def make_loss_fn(apply: Callable[..., Any]) -> Callable[..., torch.Tensor]:
@@ -111,7 +171,7 @@ def make_loss_fn(apply: Callable[..., Any]) -> Callable[..., torch.Tensor]:
 
 
 def build_grad_fn(args: argparse.Namespace, apply: Callable[..., Any]) -> Callable[..., Any]:
-    """``grad_fn(params, batch) -> (loss, grads)``; remat/amp/accumulate wrap it here.
+    """``grad_fn(params, batch) -> (loss, grads)``: ``accumulate(value_and_grad(amp(loss)))``.
 
     Example:
         >>> args = parse_args([])
@@ -121,7 +181,13 @@ def build_grad_fn(args: argparse.Namespace, apply: Callable[..., Any]) -> Callab
         >>> grads.keys() == params.keys()
         True
     """
-    return fs.value_and_grad(make_loss_fn(apply))
+    loss_fn = make_loss_fn(apply)
+    if args.amp is not None:
+        loss_fn = fs.amp(loss_fn, policy=args.amp)
+    grad_fn = fs.value_and_grad(loss_fn)
+    if args.accumulate > 1:
+        grad_fn = fs.accumulate(grad_fn, steps=args.accumulate)
+    return grad_fn
 
 
 def build_optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
@@ -137,16 +203,18 @@ def build_optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
     schedule = optim.warmup_cosine_decay_schedule(
         0.0, args.lr, args.warmup, args.steps, end_value=args.lr / 10
     )
-    return optim.chain(
-        optim.clip_by_global_norm(1.0),
-        optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask),
-    )
+    adamw = optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask)
+    if args.amp is not None and args.amp.param_dtype != torch.float32:
+        adamw = fs.amp(adamw, policy=args.amp)  # fp32 master weights
+    if args.offload:
+        adamw = fs.offload(adamw, to=args.offload)  # element-wise part; clipping stays here
+    return optim.chain(optim.clip_by_global_norm(1.0), adamw)
 
 
 def build_step(
     args: argparse.Namespace, grad_fn: Callable[..., Any], opt: optim.GradientTransformation
 ) -> fs.Step:
-    """The training step; ``fs.zero`` / offloaded optimizers replace ``train_step`` here.
+    """``fs.train_step``, or ``fs.zero`` over all ranks with ``--zero`` (fp16: a loss scale).
 
     Example:
         >>> args = parse_args([])
@@ -154,7 +222,16 @@ def build_step(
         >>> step = build_step(args, build_grad_fn(args, apply), build_optimizer(args))
         >>> params, opt_state = step.init(params)
     """
-    return fs.train_step(grad_fn, opt)
+    scale = (
+        fs.DynamicLossScale()
+        if args.amp is not None and args.amp.compute_dtype == torch.float16
+        else None
+    )
+    if args.zero is None:
+        return fs.train_step(grad_fn, opt, loss_scale=scale)
+    mesh = fs.Mesh(dp=int(os.environ.get("WORLD_SIZE", "1")))
+    gather = "blocks" if args.zero == 3 else "boundary"
+    return fs.zero(grad_fn, opt, mesh=mesh, stage=args.zero, loss_scale=scale, gather=gather)
 
 
 @torch.no_grad()
@@ -219,12 +296,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0")) if args.zero is not None else 0
     corpus = data.load(args.data_bytes)
     model = build_model(args)
     seq_len = model.config.seq_len
     apply, params = build_apply(args, model)
     loss_fn = make_loss_fn(apply)
     step = build_step(args, build_grad_fn(args, apply), build_optimizer(args))
+    if args.amp is not None:
+        params = args.amp.cast_to_param(params)
     # params share storage with `model`, which is only used through `apply` from here on
     # (donation updates them in place).
     params, opt_state = step.init(params)
@@ -234,12 +314,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     val_batches = [next(val_stream) for _ in range(args.eval_batches)]
     initial_val = evaluate(loss_fn, step.gather(params), val_batches)
+    # Under --zero every rank draws its own batches (its share of the global batch).
     train_stream = corpus.batches(
-        "train", args.batch_size, seq_len, torch.Generator().manual_seed(args.seed)
+        "train", args.batch_size, seq_len, torch.Generator().manual_seed(args.seed + 7919 * rank)
     )
+    first = next(train_stream)
+    report = fs.memory_report(step, params, opt_state, first)
+    reports = [report]
+    if args.zero is not None:
+        reports = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(reports, report)
+    args.no_progress = args.no_progress or rank != 0
     t_train = time.perf_counter()
     params, opt_state, losses, tokens_per_s = _train_loop(
-        args, step, params, opt_state, train_stream
+        args, step, params, opt_state, itertools.chain([first], train_stream)
     )
     train_s = time.perf_counter() - t_train
 
@@ -267,10 +355,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "peak_rss_mib": _peak_rss_mib(),
         "params_bytes": fs.tree.nbytes(params),
         "opt_state_bytes": fs.tree.nbytes(opt_state),
+        "saved_activations_bytes": report.saved_activations,
+        "memory_reports": [str(r) for r in reports],
         "losses": losses,
         "sample": data.decode(sample_ids),
         "wall_s": time.perf_counter() - t_start,
     }
+    if rank != 0:
+        return result
     print(_summary(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -288,8 +380,10 @@ def _summary(r: dict[str, Any]) -> str:
         f"speed   {r['tokens_per_s']:,.0f} tokens/s  ({r['train_s']:.1f} s training, "
         f"{r['wall_s']:.1f} s in main)\n"
         f"memory  peak RSS {r['peak_rss_mib']:.0f} MiB; params {r['params_bytes'] / mib:.1f} "
-        f"MiB, optimizer state {r['opt_state_bytes'] / mib:.1f} MiB\n"
-        f"sample  (temperature 0.8)\n{r['sample']}"
+        f"MiB, optimizer state {r['opt_state_bytes'] / mib:.1f} MiB, saved activations "
+        f"{r['saved_activations_bytes'] / mib:.1f} MiB per step\n"
+        + "".join(f"rank {i}: {rep}\n" for i, rep in enumerate(r["memory_reports"]))
+        + f"sample  (temperature 0.8)\n{r['sample']}"
     )
 
 

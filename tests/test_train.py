@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +91,32 @@ def test_runs_as_a_module(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "unigram baseline" in proc.stdout and json.loads(path.read_text())["steps"] == 2
+
+
+def test_memory_flags_compose_and_report(tmp_path):
+    """--remat/--amp/--accumulate/--offload run together and their memory shows up."""
+    common = ["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--sample-len", "4"]
+    common += ["--no-progress"]
+    plain = train.main(common)
+    flags = ["--remat", "nothing_saveable", "--amp", "bf16", "--accumulate", "2"]
+    flags += ["--offload", str(tmp_path), "--offload-activations"]
+    m = train.main(common + flags)
+    assert all(math.isfinite(x) for x in m["losses"])
+    # remat keeps only block inputs, accumulate halves the live microbatch, and the
+    # offloaded activations and optimizer state are no longer in process memory
+    assert m["saved_activations_bytes"] < 0.25 * plain["saved_activations_bytes"]
+    assert m["opt_state_bytes"] < 0.01 * plain["opt_state_bytes"]
+    assert "memory_report" in m["memory_reports"][0]
+
+
+@pytest.mark.timeout(240)
+def test_zero_flag_under_torchrun():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
+    cmd += ["fsharding.train", "--zero", "3", "--remat", "nothing_saveable", "--steps", "2"]
+    cmd += ["--batch-size", "2", "--eval-batches", "1", "--sample-len", "4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0: memory_report: rank 0 of 2" in out.stdout
+    assert "rank 1: memory_report: rank 1 of 2" in out.stdout
+    assert "reduce_scatter" in out.stdout
