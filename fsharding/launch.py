@@ -294,7 +294,26 @@ def _read_failures(
         how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         summary = f"rank {r} exited with {how} before fn returned (no exception recorded)"
         records[r] = {"rank": r, "time": t, "summary": summary, "traceback": summary}
-    return sorted(records.values(), key=lambda rec: (rec["time"], rec["rank"]))
+    # A silent exit is only seen when the parent polls, so under load a victim's "peer
+    # closed the connection" may carry an earlier time: such errors rank after other causes.
+    return sorted(
+        records.values(), key=lambda rec: (_is_lost_peer(rec), rec["time"], rec["rank"])
+    )
+
+
+_LOST_PEER = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "remote worker crashing",
+    "socket closed",
+)
+
+
+def _is_lost_peer(rec: dict[str, Any]) -> bool:
+    """True for an error that a lost peer causes (a victim, not a cause)."""
+    text = rec["summary"].lower()
+    return any(p in text for p in _LOST_PEER)
 
 
 def _launch_error(failures: list[dict[str, Any]]) -> LaunchError:
