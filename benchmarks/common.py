@@ -195,3 +195,140 @@ def rss_mib() -> tuple[float, float]:
             elif line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 1024
     return cur, peak
+
+
+# ----------------------------------------------------------------------------- saved tensors
+
+
+def _is_param_like(t: torch.Tensor) -> bool:
+    """An autograd leaf that requires grad (a parameter), or a view of one."""
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
+
+
+class SavedTensorsProbe:
+    """Saved-for-backward bytes through ``saved_tensors_hooks`` (ANCHORS.md's method).
+
+    ``total``: bytes of the storages packed while the probe was active, each counted once
+    while autograd holds it, parameters excluded (over one forward: "saved activations").
+    ``peak``: the most bytes autograd held at once (a storage counts while any saved tensor
+    packed from it is alive: over a whole step, e.g. accumulation's microbatch loop).
+    Tensors packed by an inner hook (checkpoint, offload) or cached by selective
+    checkpointing are not seen: use it on regions that install no hooks of their own, or
+    add the caches separately.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, list[int]] = {}  # storage address -> [holders, nbytes]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if t.device.type == "meta" or _is_param_like(t):
+            return t
+        st = t.untyped_storage()
+        key = st.data_ptr() if st.nbytes() else -id(st)
+        entry = self._live.get(key)
+        if entry is None or entry[0] == 0:  # a storage not held yet (an address may recur)
+            entry = self._live[key] = [0, st.nbytes()]
+            self.total += entry[1]
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        # Detached: a holder of ``t`` itself would make a reference cycle through autograd
+        # for saved outputs (tensor -> grad_fn -> saved variable -> holder), which gc
+        # cannot break: the graph of a forward that is never differentiated would leak.
+        holder = _SavedHolder(t.detach())
+        weakref.finalize(holder, self._release, entry)
+        return holder
+
+    def _release(self, entry: list[int]) -> None:
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+
+    @staticmethod
+    def _unpack(x: Any) -> torch.Tensor:
+        return x.t if isinstance(x, _SavedHolder) else x
+
+    def __enter__(self) -> SavedTensorsProbe:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _SavedHolder:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+def saved_tensors_mib(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Runs ``fn`` under a :class:`SavedTensorsProbe`; returns (total MiB, peak MiB)."""
+    gc.collect()
+    with SavedTensorsProbe() as probe:
+        out = fn()
+        del out
+        gc.collect()
+    return probe.total / 2**20, probe.peak / 2**20
+
+
+# ----------------------------------------------------------------------------- quiet rounds
+
+
+def run_side_by_side_quiet(
+    variants: list[Variant],
+    *,
+    warmup: int = 3,
+    steps: int = 10,
+    max_rounds: int = 40,
+    threshold: float = 0.10,
+) -> tuple[list[Result], float, list[float]]:
+    """:func:`run_side_by_side` for a shared machine: keeps only uncontended rounds.
+
+    A round is one step of every variant, in turn. Contention (other processes' share of
+    the CPU, as in :func:`run_side_by_side`) is measured per round; rounds run until
+    ``steps`` of them had contention <= ``threshold`` or ``max_rounds`` ran. Each result's
+    ``times`` are its steps in the quiet rounds (all rounds if fewer than ``steps`` were
+    quiet), so every variant is timed under the same conditions.
+
+    Returns:
+        (results, contention over all timed rounds, contention of each round).
+    """
+    steppers = [v.setup() for v in variants]
+    for _ in range(warmup):
+        for s in steppers:
+            s()
+    hz, ncpu = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+    rounds: list[tuple[float, list[float]]] = []
+    busy_all = own_all = wall_all = 0.0
+    quiet = 0
+    while quiet < steps and len(rounds) < max_rounds:
+        busy0, own0, wall0 = _cpu_busy_jiffies(), _own_jiffies(), time.perf_counter()
+        ts = []
+        for s in steppers:
+            gc.collect()
+            t0 = time.perf_counter()
+            s()
+            ts.append(time.perf_counter() - t0)
+        busy, own = _cpu_busy_jiffies() - busy0, _own_jiffies() - own0
+        wall = time.perf_counter() - wall0
+        c = max(0.0, (busy - own) / hz) / (wall * ncpu)
+        busy_all, own_all, wall_all = busy_all + busy, own_all + own, wall_all + wall
+        rounds.append((c, ts))
+        quiet += c <= threshold
+    keep = [ts for c, ts in rounds if c <= threshold]
+    if len(keep) < steps:
+        keep = [ts for _, ts in rounds]
+    contention = max(0.0, (busy_all - own_all) / hz) / (wall_all * ncpu)
+    results = []
+    for i, v in enumerate(variants):
+        extra = v.memory() if v.memory is not None else {}
+        results.append(Result(v.name, [ts[i] for ts in keep], extra))
+    del steppers
+    return results, contention, [c for c, _ in rounds]
