@@ -171,9 +171,9 @@ class Mesh:
                 return  # a local mesh
             else:
                 raise RuntimeError(
-                    f"fs.Mesh: {self!r} has {size} positions but this process has no process "
-                    f"group. Run under torchrun or fs.launch(fn, nprocs={size}), or use axes "
-                    f"of size 1 for a local mesh."
+                    f"fs.Mesh: the mesh {dict(shape)} has {size} positions but this process "
+                    f"has no process group. Run under torchrun or fs.launch(fn, nprocs={size}), "
+                    "or use axes of size 1 for a local mesh."
                 )
         world = dist.get_world_size()
         if size != world:
