@@ -288,14 +288,16 @@ def run_side_by_side_quiet(
     steps: int = 10,
     max_rounds: int = 40,
     threshold: float = 0.10,
+    min_quiet: int | None = None,
 ) -> tuple[list[Result], float, list[float]]:
     """:func:`run_side_by_side` for a shared machine: keeps only uncontended rounds.
 
     A round is one step of every variant, in turn. Contention (other processes' share of
     the CPU, as in :func:`run_side_by_side`) is measured per round; rounds run until
     ``steps`` of them had contention <= ``threshold`` or ``max_rounds`` ran. Each result's
-    ``times`` are its steps in the quiet rounds (all rounds if fewer than ``steps`` were
-    quiet), so every variant is timed under the same conditions.
+    ``times`` are its steps in the quiet rounds, in round order (all rounds if fewer than
+    ``min_quiet``, default ``steps``, were quiet), so every variant is timed under the same
+    conditions and ``a.times[i] / b.times[i]`` is a paired ratio.
 
     Returns:
         (results, contention over all timed rounds, contention of each round).
@@ -323,7 +325,7 @@ def run_side_by_side_quiet(
         rounds.append((c, ts))
         quiet += c <= threshold
     keep = [ts for c, ts in rounds if c <= threshold]
-    if len(keep) < steps:
+    if len(keep) < (steps if min_quiet is None else min_quiet):
         keep = [ts for _, ts in rounds]
     contention = max(0.0, (busy_all - own_all) / hz) / (wall_all * ncpu)
     results = []

@@ -466,7 +466,10 @@ class _ZeRO:
         return total + (torch.stack(rep).sum().to(total.dtype) if rep else 0.0)
 
     def _sharded_norm(self, g: list) -> torch.Tensor:
-        sq = [_tree.local_tensor(x).double().square().sum() for x in g]
+        local = [_tree.local_tensor(x) for x in g]
+        # one fused pass per dtype (a per-leaf .double().square().sum() cost ~35 ms/step on
+        # GPT small); squared in float64 so the cross-rank sum stays exact enough
+        sq = [n.double().square() for n in torch._foreach_norm(local, 2)] if local else []
         return (
             self._sq_reduce(sq)
             .sqrt()
