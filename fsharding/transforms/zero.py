@@ -385,7 +385,11 @@ class _ZeRO:
         else:
             full = [g[i] for i in idx]
             shards = _lay.reduce_scatter_buckets(self.buckets, full, self.group, self.device)
-        shards = _lay.all_reduce_mean(shards, self.rep_groups, self.dp)
+        if self.rep_groups:
+            shards = _lay.all_reduce_mean(shards, self.rep_groups, self.dp)
+        else:  # nothing to reduce across replicas: divide in place, no flattening copy
+            for x in shards:
+                x.div_(self.dp)
         rep = [i for i, lay in enumerate(self.layouts) if lay is None]
         reps = _lay.all_reduce_mean([g[i] for i in rep], self.dp_groups, self.dp) if rep else []
         out = list(g)
