@@ -296,9 +296,7 @@ def _read_failures(
         records[r] = {"rank": r, "time": t, "summary": summary, "traceback": summary}
     # A silent exit is only seen when the parent polls, so under load a victim's "peer
     # closed the connection" may carry an earlier time: such errors rank after other causes.
-    return sorted(
-        records.values(), key=lambda rec: (_is_lost_peer(rec), rec["time"], rec["rank"])
-    )
+    return sorted(records.values(), key=lambda rec: (_is_lost_peer(rec), rec["time"], rec["rank"]))
 
 
 _LOST_PEER = (
