@@ -491,6 +491,9 @@ def write_results(sections: dict[str, str], command: str) -> None:
     body = ["# Memory transforms, one process (benchmarks/bench_memory.py)", "", intro, ""]
     for s, text in blocks.items():
         body += [f"<!-- section {s} -->", text + f"<!-- /section {s} -->", ""]
+    notes = re.search(r"<!-- notes -->\n.*?<!-- /notes -->\n", old, re.S)  # hand-written
+    if notes:
+        body.append(notes.group(0))
     with open(RESULTS, "w") as f:
         f.write("\n".join(body))
 
