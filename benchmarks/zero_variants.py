@@ -74,7 +74,8 @@ def fs_zero(
     ``wrap`` goes to ``fs.functional`` (per-block transforms)."""
     _instrument()
     ph = zc.Phases()
-    apply, params = fs.functional(zc.model(), wrap=wrap)
+    model = zc.model()
+    apply, params = fs.functional(model, wrap=wrap)
 
     def loss_fn(p: dict, batch: tuple) -> torch.Tensor:
         x, y = batch
@@ -86,6 +87,8 @@ def fs_zero(
     step = fs.zero(grad_fn, tx, mesh=_mesh(), stage=stage, **zero_kw)
     box = dict(zip(("p", "s"), step.init(params)))
     del params
+    if stage == 3:  # apply passes every param explicitly: the module's own full copy can go
+        model.to("meta")  # (FSDP2's fully_shard frees it too)
     world = dist.get_world_size()
 
     def one(i: int) -> tuple[float, float]:
@@ -128,7 +131,7 @@ def save_compute(op: Any, *_: Any, **__: Any) -> bool:
     return getattr(op, "overloadpacket", None) in _COMPUTE
 
 
-def _blocks(remat: Any) -> dict:
+def _blocks(remat: Any, reshard: bool = False) -> dict:
     """``wrap=`` for fs.functional: every GPT Block gathered per block, maybe under remat
     (``nothing_saveable``: full remat; ``dots_saveable``: recompute all but the matmuls —
     the all-gather included, like FSDP2's re-gather in backward)."""
@@ -136,7 +139,7 @@ def _blocks(remat: Any) -> dict:
     from fsharding.transforms.gather import gather  # (fs.gather once exported)
 
     if remat is None:
-        return {Block: gather}
+        return {Block: gather(reshard_after_forward=reshard)}
     policy = getattr(fs.policies, remat) if isinstance(remat, str) else remat
     return {Block: lambda f: fs.remat(gather(f), policy=policy)}
 
@@ -166,6 +169,10 @@ BUILDERS: dict[str, tuple[str, Callable[[dict], zc.Stepper]]] = {
     "zero3-blocks": (
         "fs.zero stage 3, gather='blocks', wrap gather",
         lambda d: fs_zero(d, 3, gather="blocks", wrap=_blocks(remat=None)),
+    ),
+    "zero3-blocks-reshard": (
+        "fs.zero stage 3, gather='blocks', wrap gather(reshard_after_forward=True)",
+        lambda d: fs_zero(d, 3, gather="blocks", wrap=_blocks(remat=None, reshard=True)),
     ),
     "zero3-blocks-sac": (
         "fs.zero stage 3, gather='blocks', wrap remat(gather, dots_saveable)",

@@ -136,8 +136,8 @@ def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any
         torch.Size([1, 3, 256])
     """
     transforms: list[Callable] = []
-    if args.zero == 3:
-        transforms.append(fs.gather)  # innermost: re-gathered when remat recomputes
+    if args.zero == 3:  # innermost: re-gathered in backward (or when remat recomputes)
+        transforms.append(fs.gather(reshard_after_forward=True))
     if args.remat:
         transforms.append(fs.remat(policy=getattr(fs.policies, args.remat)))
     if args.offload_activations:
@@ -308,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # params share storage with `model`, which is only used through `apply` from here on
     # (donation updates them in place).
     params, opt_state = step.init(params)
+    if args.zero == 3:  # apply passes every param explicitly: drop the module's full replica
+        model.to("meta")
 
     val_stream = corpus.batches(
         "val", args.batch_size, seq_len, torch.Generator().manual_seed(10_000 + args.seed)

@@ -20,7 +20,11 @@ through, and outside such a step ``gather`` calls ``block`` unchanged (a local m
 ``remat(gather(block))`` runs the all-gather inside the remat region: the gathered params
 are consumed there and not saved, and backward recomputes the region, all-gather
 included, so full params exist for one block at a time (SimpleFSDP). ``gather(block)``
-without remat keeps its full params alive until backward (they are saved for it). The
+without remat keeps its full params alive until backward (they are saved for it), unless
+``gather(block, reshard_after_forward=True)`` (FSDP2's default): then saved-tensor hooks keep
+references to the full params instead, the block's full params are freed when it returns,
+and backward all-gathers them again (once per block, when it first needs them): one block's
+full params at a time without recomputing the block, for a third collective per block. The
 policies of ``fs.policies`` never save the collective's outputs (they save matmuls or named
 values), so each recomputes it; ``everything_saveable`` does not checkpoint at all.
 
@@ -65,14 +69,22 @@ _CASTS = frozenset({"ToCopyBackward0", "AliasBackward0"})  # what fs.amp does to
 
 
 @overload
-def gather(block_fn: F, /, *, axis: Axis = "dp") -> F: ...
+def gather(block_fn: F, /, *, axis: Axis = "dp", reshard_after_forward: bool = False) -> F: ...
 
 
 @overload
-def gather(block_fn: None = None, /, *, axis: Axis = "dp") -> Callable[[F], F]: ...
+def gather(
+    block_fn: None = None, /, *, axis: Axis = "dp", reshard_after_forward: bool = False
+) -> Callable[[F], F]: ...
 
 
-def gather(block_fn: Callable[..., Any] | None = None, /, *, axis: Axis = "dp") -> Any:
+def gather(
+    block_fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    axis: Axis = "dp",
+    reshard_after_forward: bool = False,
+) -> Any:
     """All-gathers a block's params on entry; reduce-scatters their grads in backward.
 
     Args:
@@ -81,6 +93,12 @@ def gather(block_fn: Callable[..., Any] | None = None, /, *, axis: Axis = "dp") 
             (``fs.gather(axis="shard")``).
         axis: the mesh axis the params are sharded over: ``fs.zero``'s ``axis`` (for a tuple
             ``axis=("replicate", "shard")``, its last entry or the same tuple).
+        reshard_after_forward: free the full params when the block returns and all-gather
+            them again when backward first needs them (FSDP2's default), instead of keeping
+            them saved for backward. Full params then exist for one block at a time without
+            recomputing the block (``remat(gather(block))`` recomputes it). Costs one more
+            all-gather per block per step (ZeRO-3's 3Ψ). No effect inside a remat region
+            (nothing is saved there) or at stage 2 (full params are held anyway).
 
     Returns:
         A function with ``block_fn``'s signature. Inside ``fs.zero(..., stage=3,
@@ -97,10 +115,18 @@ def gather(block_fn: Callable[..., Any] | None = None, /, *, axis: Axis = "dp") 
         >>> f = fs.remat(fs.gather(block))  # outside fs.zero: block itself
         >>> f({"w": torch.eye(2)}, torch.ones(1, 2)).shape
         torch.Size([1, 2])
+        >>> g = fs.gather(block, reshard_after_forward=True)  # FSDP2's memory, no recompute
     """
     _check_axis_arg(axis)
+    if not isinstance(reshard_after_forward, bool):
+        raise TypeError(
+            "fs.gather: reshard_after_forward must be True or False, got "
+            f"{reshard_after_forward!r}."
+        )
     if block_fn is None:
-        transform = functools.partial(gather, axis=axis)
+        transform = functools.partial(
+            gather, axis=axis, reshard_after_forward=reshard_after_forward
+        )
         transform._fs_gathers = True  # type: ignore[attr-defined]
         return transform
     if not callable(block_fn):
@@ -112,10 +138,17 @@ def gather(block_fn: Callable[..., Any] | None = None, /, *, axis: Axis = "dp") 
     @functools.wraps(block_fn)
     def gathered(block_params: Any, *args: Any, **kwargs: Any) -> Any:
         sharding = _SHARDING.get()
-        if sharding is not None:
-            sharding.check_axis(axis, "fs.gather")
-            block_params = gather_tree(sharding, block_params)
-        return block_fn(block_params, *args, **kwargs)
+        if sharding is None:
+            return block_fn(block_params, *args, **kwargs)
+        sharding.check_axis(axis, "fs.gather")
+        reshard = _Reshard.wanted(sharding) if reshard_after_forward else None
+        leaves, treedef = optree.tree_flatten(block_params)
+        block_params = optree.tree_unflatten(treedef, gather_list(sharding, leaves, reshard))
+        del leaves
+        if reshard is None or not reshard.index:
+            return block_fn(block_params, *args, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(reshard.pack, reshard.unpack):
+            return block_fn(block_params, *args, **kwargs)
 
     gathered._fs_gathers = True  # type: ignore[attr-defined]  # kept by functools.wraps
     return gathered
@@ -339,14 +372,17 @@ class _GatherRows(torch.autograd.Function):
         return (None, *_lay.reduce_scatter_buckets(plan.scatter_buckets, g, plan.group, device))
 
 
-def gather_list(s: Sharding, leaves: list[Any]) -> list[Any]:
-    """``leaves`` with every shard (or cast of one) replaced by its full tensor."""
+def gather_list(s: Sharding, leaves: list[Any], reshard: _Reshard | None = None) -> list[Any]:
+    """``leaves`` with every shard (or cast of one) replaced by its full tensor; with
+    ``reshard``, it learns the full tensors (to pack them for backward as references)."""
     found = [(i, *hit) for i, x in enumerate(leaves) if (hit := s.find(x)) is not None]
     if not found:
         return list(leaves)
     plan = _Plan(s, [(src, lay) for _, src, lay in found], [leaves[i].dtype for i, _, _ in found])
     fulls = _GatherRows.apply(plan, *[src for _, src, _ in found])
     s.gathers += 1
+    if reshard is not None:
+        reshard.learn(plan, [src for _, src, _ in found], fulls)
     out = list(leaves)
     for (i, _, _), full in zip(found, fulls):
         out[i] = full
@@ -356,6 +392,106 @@ def gather_list(s: Sharding, leaves: list[Any]) -> list[Any]:
 def gather_tree(s: Sharding, tree: Any) -> Any:
     leaves, treedef = optree.tree_flatten(tree)
     return optree.tree_unflatten(treedef, gather_list(s, leaves))
+
+
+class _Saved:
+    """A saved view of a gathered full param, kept as a reference (no data)."""
+
+    __slots__ = ("index", "size", "stride", "offset")
+
+    def __init__(self, index: int, t: torch.Tensor):
+        self.index, self.size, self.stride, self.offset = (
+            index,
+            t.size(),
+            t.stride(),
+            t.storage_offset(),
+        )
+
+
+class _Outer:
+    """A saved tensor packed by the saved-tensor hook that was in force outside the block."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class _Reshard:
+    """``gather(reshard_after_forward=True)``: saved-tensor hooks that keep views of the
+    block's gathered full params as references and all-gather them again (once, for all of
+    the block's params) when backward first unpacks one; the copy is dropped when backward
+    has unpacked every reference. Other saved tensors go to the hook in force outside
+    (``fs.offload``, ``fs.memory_report``), or are kept as usual."""
+
+    def __init__(self, outer: tuple[Callable, Callable] | None):
+        self.outer = outer
+        self.index: dict[tuple[str, int], tuple[int, torch.dtype]] = {}
+        self.plan: _Plan | None = None
+        self.shards: list[torch.Tensor] = []
+        self.cache: list[torch.Tensor] | None = None
+        self.packed = 0
+        self.left = 0
+
+    @staticmethod
+    def wanted(s: Sharding) -> _Reshard | None:
+        """A reshard for this call, or None where it has no effect (stage 2, no grad, or
+        inside a checkpoint region, whose hook must stay innermost)."""
+        if s.fulls is not None or not torch.is_grad_enabled():
+            return None
+        from fsharding.transforms import remat as _remat
+
+        if _remat._in_remat():
+            return None
+        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        name = getattr(top[0], "__qualname__", "") if top is not None else ""
+        if name.startswith(("_checkpoint_hook.", "_recomputation_hook.")):
+            return None
+        return _Reshard(top)
+
+    def learn(self, plan: _Plan, shards: list[torch.Tensor], fulls: tuple) -> None:
+        if plan.fulls is not None or self.plan is not None:
+            return
+        self.plan, self.shards = plan, [t.detach() for t in shards]
+        self.index = {_key(f): (i, f.dtype) for i, f in enumerate(fulls)}
+
+    def pack(self, t: torch.Tensor) -> Any:
+        try:
+            hit = self.index.get(_key(t))
+        except (RuntimeError, NotImplementedError):  # no storage (tensor subclasses)
+            hit = None
+        if hit is not None and hit[1] == t.dtype:
+            self.packed += 1
+            self.left += 1
+            return _Saved(hit[0], t)
+        if self.outer is not None:
+            return _Outer(self.outer[0](t))
+        return t
+
+    def unpack(self, x: Any) -> torch.Tensor:
+        if isinstance(x, _Outer):
+            return self.outer[1](x.value)  # type: ignore[index]
+        if not isinstance(x, _Saved):
+            return x
+        fulls = self.cache
+        if fulls is None:
+            fulls = self.cache = self._regather()
+        self.left -= 1
+        if self.left <= 0:  # every reference unpacked: drop ours (a second backward regathers)
+            self.cache, self.left = None, self.packed
+        return fulls[x.index].as_strided(x.size, x.stride, x.offset)
+
+    def _regather(self) -> list[torch.Tensor]:
+        plan = self.plan
+        assert plan is not None
+        with torch.no_grad():
+            cast = [s.to(d) for s, d in zip(self.shards, plan.dtypes)]
+            fulls = _lay.all_gather_buckets(
+                plan.gather_buckets, cast, plan.group, self.shards[0].device
+            )
+        if plan.tracker is not None:
+            plan.tracker.add(fulls)
+        return fulls
 
 
 # --------------------------------------------------------------------------------------

@@ -111,11 +111,15 @@ def zero(
             and the other params on entry of ``apply``; grads come back as shards,
             reduce-scattered block by block during backward, so at stage 3 full params exist
             for one block at a time and at stages 2/3 no full-size gradient exists.
+            ``fs.gather(reshard_after_forward=True)`` gives the same memory without
+            recomputing the block (FSDP2's default: backward all-gathers it again).
 
     Returns:
         ``Step(init, step, gather)``. ``init(params, *, init_fn=None)`` takes full params
         (identical on every rank) or meta-device params with ``init_fn(path, meta) -> full
-        leaf`` (called one leaf at a time, so stage 3 never holds a full replica); it
+        leaf`` (called one leaf at a time, so stage 3 never holds a full replica; with
+        params from ``fs.functional(model)``, ``model.to("meta")`` after ``init`` frees the
+        module's own copy, which ``apply`` never reads); it
         returns params and opt_state with exactly ``fs.train_step(...).init``'s pytree
         structure, sharded leaves being ``DTensor``s on ``mesh[shard axis]`` with placement
         ``Shard(0)`` and the leaf's global shape. ``step`` returns the global-batch mean

@@ -199,6 +199,24 @@ def check_random_trees(rank, world, group):
             assert gl.shape == want.shape, (case, i)
             torch.testing.assert_close(gl, want, rtol=1e-10, atol=1e-12)
         assert s.gathers == 2  # forward and the remat recomputation
+        # reshard_after_forward: the same grads, also from a second backward of the graph
+        params = [t.detach().requires_grad_(t.dim() > 0) for t in local]
+        with G.sharding(s):
+            y = gather(f, reshard_after_forward=True)(
+                fs.tree.unflatten(treedef, params), xs[rank], outside
+            )
+        wrt = [t for t in params if t.requires_grad]
+        g1 = torch.autograd.grad(y, wrt, retain_graph=True, allow_unused=True)
+        g2 = torch.autograd.grad(y, wrt, allow_unused=True)
+        want = [
+            sum(fs.tree.leaves(r)[i] for r in per_rank)[slice(*shard[i].rows(rank))]
+            for i in sorted(shard)
+        ]
+        for a, b, w in zip(g1, g2, want):
+            a = torch.zeros_like(w) if a is None else a
+            b = torch.zeros_like(w) if b is None else b
+            torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(b, w, rtol=1e-10, atol=1e-12)
     return True
 
 
@@ -230,6 +248,7 @@ def gather_worker():
         "remat": lambda f: fs.remat(gather(f)),
         "remat_dots": lambda f: fs.remat(gather(f), policy=fs.policies.dots_saveable),
         "no_remat": gather,
+        "reshard": gather(reshard_after_forward=True),
         "boundary": lambda f: fs.remat(gather(f)),
     }
     for name, transform in variants.items():
@@ -247,6 +266,7 @@ def gather_worker():
             "reduce_scatter": comm(rep, "reduce_scatter"),
             "backward_grads": rep.backward_grads,
             "params": rep.params,
+            "saved": rep.saved_activations,
         }
 
     # accumulate inside zero: each microbatch reduce-scatters its grads per block (stage 3
@@ -276,15 +296,20 @@ def gather_worker():
     assert s2.loss_scale.loss_scale == scale.loss_scale / 2
 
     # amp outside: blocks gather in bf16 and reduce in float32; same result as boundary
+    # (also when the blocks reshard after forward: the re-gather is in bf16 too)
     res = {}
-    for mode in ("boundary", "blocks"):
-        grad_fn = fs.value_and_grad(fs.amp(loss_of(apply), policy="bf16"))
+    reshard_apply, _ = fs.functional(model, wrap={Block: gather(reshard_after_forward=True)})
+    for name in ("boundary", "blocks", "reshard"):
+        f = loss_of(reshard_apply if name == "reshard" else apply)
+        grad_fn = fs.value_and_grad(fs.amp(f, policy="bf16"))
+        mode = "boundary" if name == "boundary" else "blocks"
         step = fs.zero(grad_fn, make_opt(), mesh=mesh, stage=3, gather=mode)
         q, s, losses, norms, local = run_zero(step, params, batches, rank)
-        res[mode] = (step.gather(q), losses, memory_report(step, q, s, local))
-    for k, v in res["boundary"][0].items():
-        torch.testing.assert_close(res["blocks"][0][k], v, rtol=1e-5, atol=1e-6, msg=k)
-    torch.testing.assert_close(res["blocks"][1], res["boundary"][1], rtol=1e-5, atol=1e-6)
+        res[name] = (step.gather(q), losses, memory_report(step, q, s, local))
+    for name in ("blocks", "reshard"):
+        for k, v in res["boundary"][0].items():
+            torch.testing.assert_close(res[name][0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(res[name][1], res["boundary"][1], rtol=1e-5, atol=1e-6)
     out["amp"] = {
         m: (comm(r[2], "all_gather"), comm(r[2], "reduce_scatter")) for m, r in res.items()
     }
@@ -310,6 +335,13 @@ def test_gather_blocks_on_2_ranks():
         assert r["remat_dots"]["all_gather"][0] == 1 + 2 * n_layers
         assert r["no_remat"]["all_gather"][0] == 1 + n_layers
         assert r["boundary"]["all_gather"][0] == 1
+        # reshard_after_forward: one block's full params at a time without recomputing;
+        # backward all-gathers each block again (3 collectives per block, as in ZeRO-3)
+        assert r["reshard"]["peak"] == outside + largest
+        assert r["reshard"]["all_gather"][0] == 1 + 2 * n_layers
+        assert r["reshard"]["reduce_scatter"] == r["no_remat"]["reduce_scatter"]
+        # activations still reach the saved-tensor hook in force outside (memory_report's)
+        assert r["reshard"]["saved"] == r["no_remat"]["saved"] > r["remat"]["saved"]
         # grads come out of backward sharded (reduce-scattered per block), not full-size
         assert r["remat"]["reduce_scatter"][0] == 1 + n_layers
         assert r["remat"]["backward_grads"] == r["remat"]["params"] < 0.6 * total
@@ -328,3 +360,5 @@ def test_gather_blocks_on_2_ranks():
         per_gather_fp32 = r["remat"]["all_gather"][1] / r["remat"]["all_gather"][0]
         assert ag_bytes / ag_calls < 0.6 * per_gather_fp32
         assert rs_bytes == rs_boundary  # float32 reduce-scatter of the same grads
+        (rs_ag_calls, rs_ag_bytes), _ = r["amp"]["reshard"]
+        assert rs_ag_bytes / rs_ag_calls < 0.6 * per_gather_fp32  # re-gathered in bf16
