@@ -247,6 +247,7 @@ class Sharding:
     tracker: LiveBytes | None = None
     gathers: int = 0
     fulls: dict[int, torch.Tensor] | None = None  # stage 2: the full params, held locally
+    last_reshard: Any = None  # weakref to the latest gather(reshard_after_forward=True) call
 
     def check_axis(self, axis: Axis, api: str) -> None:
         names = (axis,) if isinstance(axis, str) else axis
@@ -422,14 +423,22 @@ class _Reshard:
     block's gathered full params as references and all-gather them again (once, for all of
     the block's params) when backward first unpacks one; the copy is dropped when backward
     has unpacked every reference. Other saved tensors go to the hook in force outside
-    (``fs.offload``, ``fs.memory_report``), or are kept as usual."""
+    (``fs.offload``, ``fs.memory_report``), or are kept as usual.
 
-    def __init__(self, outer: tuple[Callable, Callable] | None):
+    Backward prefetch (FSDP2's): when a block re-gathers, the all-gather of the block that
+    ran before it in forward (next in backward) is launched without waiting, so it overlaps
+    this block's backward; at most two blocks' full params exist at once. Every rank runs
+    the same graph, so every rank launches the same collectives in the same order.
+    """
+
+    def __init__(self, outer: tuple[Callable, Callable] | None, prev: Any):
         self.outer = outer
+        self.prev = prev  # weakref to the reshard of the block before, or None
         self.index: dict[tuple[str, int], tuple[int, torch.dtype]] = {}
         self.plan: _Plan | None = None
         self.shards: list[torch.Tensor] = []
         self.cache: list[torch.Tensor] | None = None
+        self.pending: list | None = None  # a launched (prefetched) all-gather
         self.packed = 0
         self.left = 0
 
@@ -447,7 +456,9 @@ class _Reshard:
         name = getattr(top[0], "__qualname__", "") if top is not None else ""
         if name.startswith(("_checkpoint_hook.", "_recomputation_hook.")):
             return None
-        return _Reshard(top)
+        r = _Reshard(top, s.last_reshard)
+        s.last_reshard = weakref.ref(r)
+        return r
 
     def learn(self, plan: _Plan, shards: list[torch.Tensor], fulls: tuple) -> None:
         if plan.fulls is not None or self.plan is not None:
@@ -481,17 +492,41 @@ class _Reshard:
             self.cache, self.left = None, self.packed
         return fulls[x.index].as_strided(x.size, x.stride, x.offset)
 
-    def _regather(self) -> list[torch.Tensor]:
+    def _launch(self) -> None:
         plan = self.plan
         assert plan is not None
         with torch.no_grad():
             cast = [s.to(d) for s, d in zip(self.shards, plan.dtypes)]
-            fulls = _lay.all_gather_buckets(
+            self.pending = _lay.start_all_gather(
                 plan.gather_buckets, cast, plan.group, self.shards[0].device
             )
-        if plan.tracker is not None:
-            plan.tracker.add(fulls)
+        if plan.tracker is not None:  # the buffers being gathered into count from now
+            plan.tracker.add([out for _, out in self.pending])
+
+    def _regather(self) -> list[torch.Tensor]:
+        if self.pending is None:
+            self._launch()
+        pending, self.pending = self.pending, None
+        fulls = _lay.finish_all_gather(pending, len(self.shards))  # type: ignore[arg-type]
+        if self.plan.tracker is not None:  # type: ignore[union-attr]
+            self.plan.tracker.add(fulls)  # type: ignore[union-attr]
+        prev = self.prev() if self.prev is not None else None
+        if (  # prefetch the next block of backward, if its backward has not started
+            prev is not None
+            and prev.packed
+            and prev.cache is None
+            and prev.pending is None
+            and prev.left == prev.packed
+        ):
+            prev._launch()
         return fulls
+
+    def __del__(self) -> None:
+        pending = getattr(self, "pending", None)
+        if pending:  # prefetched but never needed (e.g. backward stopped early): finish it
+            with contextlib.suppress(Exception):
+                for _, out in pending:
+                    _lay._C.wait_tensor(out)
 
 
 # --------------------------------------------------------------------------------------

@@ -68,6 +68,10 @@ __all__ = ["zero"]
 PyTree = Any
 
 
+def _is_dtensor(x: Any) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
+
+
 def _dtensor_api():
     from torch.distributed.tensor import DTensor, Shard
 
@@ -234,7 +238,9 @@ class _ZeRO:
         )
 
     def _local(self, x: Any) -> Any:
-        return _tree.local_tensor(x) if isinstance(x, torch.Tensor) else x
+        # the DTensor's own local tensor (not to_local()'s autograd view): a donated step
+        # updates it in place and _dtensors then returns the same DTensor
+        return x._local_tensor if _is_dtensor(x) else x
 
     def _shard_leaves(self, leaves: list) -> list:
         return [
@@ -242,10 +248,27 @@ class _ZeRO:
             for x, lay in zip(leaves, self.layouts)
         ]
 
-    def _dtensors(self, local: list) -> list:
-        return [self._to_dtensor(x, lay) if lay else x for x, lay in zip(local, self.layouts)]
+    def _dtensors(self, local: list, reuse: dict[int, Any] | None = None) -> list:
+        """DTensors of rank-local shards; ``reuse`` (id of a local tensor -> the DTensor
+        that wraps it) returns the same DTensor where a donated step updated the shard in
+        place (``DTensor.from_local`` costs ~0.2 ms a leaf)."""
+        out = []
+        for x, lay in zip(local, self.layouts):
+            old = reuse.get(id(x)) if reuse and lay else None
+            if old is not None and old._local_tensor is x:
+                out.append(old)
+            else:
+                out.append(self._to_dtensor(x, lay) if lay else x)
+        return out
 
-    def _wrap_state(self, state: Any, local_params: list) -> Any:
+    @staticmethod
+    def _wrappers(tree: Any) -> dict[int, Any]:
+        """id of each DTensor leaf's local tensor -> the DTensor (see ``_dtensors``)."""
+        return {
+            id(x._local_tensor): x for x in optree.tree_leaves(tree) if _is_dtensor(x)
+        }
+
+    def _wrap_state(self, state: Any, local_params: list, reuse: dict | None = None) -> Any:
         """DTensor-wrap the param-shaped subtrees of an optimizer state built on shards."""
 
         def is_param_tree(node: Any) -> bool:
@@ -257,7 +280,7 @@ class _ZeRO:
             )
 
         def wrap(node: Any) -> Any:
-            return self._tree(self._dtensors(optree.tree_leaves(node)))
+            return self._tree(self._dtensors(optree.tree_leaves(node), reuse))
 
         return optree.tree_map(
             lambda n: wrap(n) if is_param_tree(n) else n, state, is_leaf=is_param_tree
@@ -441,11 +464,11 @@ class _ZeRO:
         if self.stage == 0:
             params_out = self._tree(new_p)
         elif self.stage == 3:
-            params_out = self._tree(self._dtensors(new_p))
+            params_out = self._tree(self._dtensors(new_p, self._wrappers(params)))
         else:
             params_out = self._tree(self._gather_full(new_p))
         if self.stage >= 1:
-            new_opt = self._wrap_state(new_opt, new_p)
+            new_opt = self._wrap_state(new_opt, new_p, self._wrappers(opt))
         if scale is not None:
             return params_out, TrainState(opt=new_opt, loss_scale=new_scale), metrics
         return params_out, new_opt, metrics

@@ -28,6 +28,8 @@ __all__ = [
     "make_buckets",
     "shard_rows",
     "all_gather_buckets",
+    "start_all_gather",
+    "finish_all_gather",
     "reduce_scatter_buckets",
     "all_reduce_mean",
     "dp_axes",
@@ -83,8 +85,9 @@ class Bucket:
     numel: int  # per-rank segment size S
 
     def gather_input(self, shards: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """This rank's padded segment ``[S]`` from its local shards (one per layout)."""
-        buf = torch.zeros(self.numel, dtype=self.dtype, device=device)
+        """This rank's padded segment ``[S]`` from its local shards (one per layout).
+        Padding is left uninitialised: it is never read back (see ``unpack_gathered``)."""
+        buf = torch.empty(self.numel, dtype=self.dtype, device=device)
         for off, s in zip(self.offsets, shards):
             buf[off : off + s.numel()].copy_(s.reshape(-1))
         return buf
@@ -108,19 +111,20 @@ class Bucket:
         return full
 
     def scatter_input(self, fulls: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """The rank-major ``[N*S]`` buffer of padded full tensors (for a reduce-scatter)."""
+        """The rank-major ``[N*S]`` buffer of padded full tensors (for a reduce-scatter).
+        Padding is left uninitialised: its sums are never read (see ``unpack_scattered``)."""
         world = self.layouts[0].world if self.layouts else 1
-        buf = torch.zeros(world, self.numel, dtype=self.dtype, device=device)
+        buf = torch.empty(world, self.numel, dtype=self.dtype, device=device)
         for lay, off, g in zip(self.layouts, self.offsets, fulls):
-            n = lay.shape[0]
+            n, c = lay.shape[0], lay.chunk_rows
             if n == 0:
                 continue
-            blocks = buf[:, off : off + lay.padded_numel].view(world, lay.chunk_rows, -1)
+            blocks = buf[:, off : off + lay.padded_numel].view(world, c, -1)
             rows = g.reshape(n, -1)
-            for r in range(world):
-                lo, hi = lay.rows(r)
-                if hi > lo:
-                    blocks[r, : hi - lo].copy_(rows[lo:hi])
+            k = n // c  # ranks whose chunk is complete: one copy for all of them
+            blocks[:k].copy_(rows[: k * c].reshape(k, c, -1))
+            if n > k * c:
+                blocks[k, : n - k * c].copy_(rows[k * c :])
         return buf.view(-1)
 
     def unpack_scattered(self, out: torch.Tensor, rank: int) -> list[torch.Tensor]:
@@ -187,15 +191,34 @@ def all_gather_buckets(
 
     All buckets' collectives are launched first, then awaited.
     """
+    return finish_all_gather(start_all_gather(buckets, shards, group, device), len(shards))
+
+
+def start_all_gather(
+    buckets: Sequence[Bucket],
+    shards: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    device: torch.device,
+) -> list[tuple[Bucket, torch.Tensor]]:
+    """Launches :func:`all_gather_buckets`' collectives; :func:`finish_all_gather` waits."""
     world = dist.get_world_size(group)
     pending = []
     for b in buckets:
         inp = b.gather_input([shards[lay.index] for lay in b.layouts], device)
         pending.append((b, _C.all_gather_into_tensor(inp, world, group.group_name)))
-    full: list[torch.Tensor | None] = [None] * len(shards)
-    for b, out in pending:
+    return pending
+
+
+def finish_all_gather(pending: list[tuple[Bucket, torch.Tensor]], n: int) -> list[torch.Tensor]:
+    """The ``n`` full tensors of a :func:`start_all_gather` (waits for its collectives).
+    Empties ``pending``: each gathered buffer is freed once unpacked."""
+    full: list[torch.Tensor | None] = [None] * n
+    pending.reverse()
+    while pending:
+        b, out = pending.pop()
         for lay, t in zip(b.layouts, b.unpack_gathered(_C.wait_tensor(out))):
             full[lay.index] = t
+        del out
     return full  # type: ignore[return-value]
 
 

@@ -10,6 +10,8 @@ its composition with ``accumulate`` and ``amp``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -269,6 +271,17 @@ def gather_worker():
             "saved": rep.saved_activations,
         }
 
+    # a deeper model: reshard_after_forward holds two blocks' full params at most
+    deep = GPT(dataclasses.replace(CFG, n_layers=4), seed=0)
+    out["sizes4"] = block_sizes(deep)
+    apply4, params4 = fs.functional(deep, wrap={Block: gather(reshard_after_forward=True)})
+    step = fs.zero(
+        fs.value_and_grad(loss_of(apply4)), make_opt(), mesh=mesh, stage=3, gather="blocks"
+    )
+    q, s = step.init(params4)
+    out["reshard4"] = memory_report(step, q, s, {k: v[:ROWS] for k, v in batches[0].items()})
+    out["reshard4"] = out["reshard4"].gathered_params
+
     # accumulate inside zero: each microbatch reduce-scatters its grads per block (stage 3
     # gathers per microbatch too; stage 2 holds full params and only reduce-scatters)
     apply, params = fs.functional(model, wrap={Block: lambda f: fs.remat(gather(f))})
@@ -335,9 +348,12 @@ def test_gather_blocks_on_2_ranks():
         assert r["remat_dots"]["all_gather"][0] == 1 + 2 * n_layers
         assert r["no_remat"]["all_gather"][0] == 1 + n_layers
         assert r["boundary"]["all_gather"][0] == 1
-        # reshard_after_forward: one block's full params at a time without recomputing;
-        # backward all-gathers each block again (3 collectives per block, as in ZeRO-3)
-        assert r["reshard"]["peak"] == outside + largest
+        # reshard_after_forward: one block's full params at a time without recomputing
+        # (two in backward: the next block's all-gather is prefetched); backward all-gathers
+        # each block again (3 collectives per block, as in ZeRO-3)
+        assert r["reshard"]["peak"] == outside + 2 * largest
+        total4, largest4, outside4 = r["sizes4"]  # 4 blocks: 2 at a time, not all 4
+        assert r["reshard4"] == outside4 + 2 * largest4 < outside4 + 4 * largest4
         assert r["reshard"]["all_gather"][0] == 1 + 2 * n_layers
         assert r["reshard"]["reduce_scatter"] == r["no_remat"]["reduce_scatter"]
         # activations still reach the saved-tensor hook in force outside (memory_report's)

@@ -106,7 +106,19 @@ def worker(stages, rows_per_rank):
             for i, b in enumerate(batches):
                 lo = rank * rows_per_rank
                 local = {k: v[lo : lo + rows_per_rank] for k, v in b.items()}
+                before = fs.tree.leaves((params, state))
                 params, state, m = step.step(params, state, local, donate=(i % 2 == 1))
+                if stage == 3 and i % 2 == 1 and name == "plain":
+                    # donated: shards updated in place keep their DTensor objects; else new
+                    after = fs.tree.leaves((params, state))
+                    dts = [(a, b) for a, b in zip(before, after) if isinstance(a, DTensor)]
+                    assert dts and all(a is b for a, b in dts)
+                elif stage == 3 and name == "plain":
+                    assert not any(
+                        a is b
+                        for a, b in zip(before, fs.tree.leaves((params, state)))
+                        if isinstance(a, DTensor)
+                    )
                 torch.testing.assert_close(m["loss"], ref_losses[i], rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(m["grad_norm"], ref_norms[i], rtol=1e-6, atol=1e-7)
                 assert m["lr"] == pytest.approx(optim.linear_schedule(3e-2, 1e-2, STEPS)(i))
