@@ -264,9 +264,7 @@ class _ZeRO:
     @staticmethod
     def _wrappers(tree: Any) -> dict[int, Any]:
         """id of each DTensor leaf's local tensor -> the DTensor (see ``_dtensors``)."""
-        return {
-            id(x._local_tensor): x for x in optree.tree_leaves(tree) if _is_dtensor(x)
-        }
+        return {id(x._local_tensor): x for x in optree.tree_leaves(tree) if _is_dtensor(x)}
 
     def _wrap_state(self, state: Any, local_params: list, reuse: dict | None = None) -> Any:
         """DTensor-wrap the param-shaped subtrees of an optimizer state built on shards."""
