@@ -151,14 +151,25 @@ _SHARDED_NORM: contextvars.ContextVar[Callable[[list[torch.Tensor]], torch.Tenso
 )
 
 
+_SHARDED_LEAF_NORMS: contextvars.ContextVar[
+    Callable[[list[int], torch.Tensor], torch.Tensor] | None
+] = contextvars.ContextVar("fs_sharded_leaf_norms", default=None)
+
+
 @contextlib.contextmanager
-def sharded_norm(reduce: Callable[[list[torch.Tensor]], torch.Tensor]) -> Iterator[None]:
+def sharded_norm(
+    reduce: Callable[[list[torch.Tensor]], torch.Tensor],
+    reduce_leaves: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[None]:
     """Within this block, :func:`global_norm` sees sharded leaves (used by ``fs.zero``).
 
     ``reduce(per_leaf_squared_norms) -> total`` turns the local squared norm of each leaf
     (in leaf order) into the global sum of squares, e.g. with an all-reduce over the ranks
     that hold the shards. So ``clip_by_global_norm`` inside a sharded optimizer clips by
-    the norm of the whole, unsharded gradient.
+    the norm of the whole, unsharded gradient. ``reduce_leaves(positions, squared)`` does
+    the same leaf by leaf (``squared[i]`` is the local squared norm of the leaf at
+    ``positions[i]`` in the tree's leaf order) for per-leaf norms such as
+    :func:`scale_by_trust_ratio`'s (LAMB).
 
     Example:
         >>> with sharded_norm(lambda sq: 2 * sum(sq)):  # as if a second rank held the same
@@ -166,10 +177,17 @@ def sharded_norm(reduce: Callable[[list[torch.Tensor]], torch.Tensor]) -> Iterat
         7.071067810058594
     """
     token = _SHARDED_NORM.set(reduce)
+    token_leaves = _SHARDED_LEAF_NORMS.set(reduce_leaves)
     try:
         yield
     finally:
+        _SHARDED_LEAF_NORMS.reset(token_leaves)
         _SHARDED_NORM.reset(token)
+
+
+def sharded_leaf_norms() -> Callable[[list[int], torch.Tensor], torch.Tensor] | None:
+    """The per-leaf reducer of the enclosing :func:`sharded_norm` block, if any."""
+    return _SHARDED_LEAF_NORMS.get()
 
 
 def _sum_sq(xs: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:

@@ -23,7 +23,7 @@ import optree
 import torch
 
 from fsharding.optim import _util as _u
-from fsharding.optim.base import EmptyState, GradientTransformation, donating
+from fsharding.optim.base import EmptyState, GradientTransformation, donating, sharded_leaf_norms
 
 __all__ = [
     "ScaleByScheduleState",
@@ -251,13 +251,18 @@ def scale_by_trust_ratio(
     def init(params: PyTree) -> ScaleByTrustRatioState:
         return ScaleByTrustRatioState()
 
-    def norms(full: list[torch.Tensor], loc: list[torch.Tensor], dt: bool) -> torch.Tensor:
+    def norms(
+        full: list[torch.Tensor], loc: list[torch.Tensor], dt: bool, idx: list[int]
+    ) -> torch.Tensor:
         if dt:  # per-leaf norms of sharded leaves need the whole leaf
             ns = [torch.linalg.vector_norm(x) for x in full]
             ns = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in ns]
-        else:
-            ns = torch._foreach_norm(loc, 2)
-        return torch.stack(list(ns)).clamp_min(min_norm)
+            return torch.stack(list(ns)).clamp_min(min_norm)
+        ns = torch.stack(list(torch._foreach_norm(loc, 2)))
+        reduce = sharded_leaf_norms()
+        if reduce is not None:  # local shards (fs.zero): sum the squares over the ranks
+            ns = reduce(idx, ns.double().square()).sqrt().to(ns.dtype)
+        return ns.clamp_min(min_norm)
 
     @torch.no_grad()
     def update(updates: PyTree, state: ScaleByTrustRatioState, params: PyTree = None):
@@ -271,8 +276,8 @@ def scale_by_trust_ratio(
         out = list(g_loc)
         for idx in _u.groups(g_loc, p_loc):
             g = _u.pick(g_loc, idx)
-            pn = norms(_u.pick(pl, idx), _u.pick(p_loc, idx), dt).to(g[0].dtype)
-            un = norms(_u.pick(gl, idx), g, dt)
+            pn = norms(_u.pick(pl, idx), _u.pick(p_loc, idx), dt, idx).to(g[0].dtype)
+            un = norms(_u.pick(gl, idx), g, dt, idx)
             ratio = coeff * pn / (un + eps)
             ratio = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
             _u.put(out, idx, _u.first("mul", donate, g, list(ratio.unbind())))

@@ -474,7 +474,9 @@ class _ZeRO:
     def _update(self, g: list, opt: Any, p: list, donate: bool) -> tuple[Any, list]:
         ptree, gtree = self._tree(p), self._tree(g)
         reducer = (
-            _optim.sharded_norm(self._sq_reduce) if self.stage >= 1 else contextlib.nullcontext()
+            _optim.sharded_norm(self._sq_reduce, self._leaf_sq_reduce)
+            if self.stage >= 1
+            else contextlib.nullcontext()
         )
         donating = _optim.donation() if donate else contextlib.nullcontext()
         with reducer, donating:
@@ -493,6 +495,19 @@ class _ZeRO:
         total = torch.stack(shard).sum() if shard else torch.zeros(())
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return total + (torch.stack(rep).sum().to(total.dtype) if rep else 0.0)
+
+    def _leaf_sq_reduce(self, positions: list[int], sq: torch.Tensor) -> torch.Tensor:
+        """Per-leaf global squared norms (LAMB's trust ratio) from local ones: the leaves
+        at ``positions`` (in params order) that are sharded are summed over the shard axis."""
+        if not positions or max(positions) >= len(self.layouts):
+            raise ValueError(
+                "fs.zero: a per-leaf norm of the optimizer got a tree that is not "
+                "params-shaped; per-leaf norms under fs.zero need params-shaped trees."
+            )
+        sharded = torch.tensor([self.layouts[i] is not None for i in positions], device=sq.device)
+        part = torch.where(sharded, sq, torch.zeros_like(sq))
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=self.group)
+        return torch.where(sharded, part, sq)
 
     def _sharded_norm(self, g: list) -> torch.Tensor:
         local = [_tree.local_tensor(x) for x in g]

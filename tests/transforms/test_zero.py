@@ -127,6 +127,22 @@ def worker(stages, rows_per_rank):
                 assert type(full[k]) is torch.Tensor
                 torch.testing.assert_close(full[k], ref_params[k], rtol=1e-5, atol=1e-6)
             out[(stage, name)] = sizes
+    # LAMB: per-leaf norms (trust ratio) of sharded leaves are the norms of whole leaves
+    lamb = lambda: optim.lamb(1e-1, weight_decay=0.1)  # noqa: E731
+    ref = fs.train_step(fs.value_and_grad(loss_fn), lamb())
+    ref_p, ref_s = ref.init(make_params())
+    for b in batches:
+        ref_p, ref_s, _ = ref.step(ref_p, ref_s, b)
+    for stage in (s for s in stages if s >= 1):
+        step = fs.zero(fs.value_and_grad(loss_fn), lamb(), mesh=mesh, stage=stage)
+        params, state = step.init(make_params())
+        for i, b in enumerate(batches):
+            lo = rank * rows_per_rank
+            local = {k: v[lo : lo + rows_per_rank] for k, v in b.items()}
+            params, state, _ = step.step(params, state, local, donate=(i % 2 == 1))
+        full = step.gather(params)
+        for k in ref_p:
+            torch.testing.assert_close(full[k], ref_p[k], rtol=1e-5, atol=1e-6, msg=k)
     return out
 
 
