@@ -26,11 +26,15 @@ Variants (``--variants``, keys of ``zero_variants.BUILDERS``): ``ddp`` (baseline
 AdamW foreach), ``ddp-fused`` (torch AdamW fused: the kernel fsharding's adamw runs),
 ``zero0``-``zero3`` (fs.zero; stage 3 gathers at the grad_fn boundary), ``zero3-blocks``
 (``gather="blocks"``, every Block wrapped in ``fs.gather``: full block params live from
-forward to backward), ``zero3-blocks-sac`` (``fs.remat(fs.gather(block),
+forward to backward), ``zero3-blocks-reshard`` (``fs.gather(block,
+reshard_after_forward=True)``: freed after forward, re-gathered in backward with prefetch,
+FSDP2's default), ``zero3-blocks-sac`` (``fs.remat(fs.gather(block),
 policy=dots_saveable)``: re-gathered in backward, ZeRO-3 memory), ``zero3-blocks-remat``
-(full remat), ``zero3-blocks-savecompute`` (a policy saving every compute op: FSDP2's
-semantics), ``fsdp2``, ``fsdp2-nr`` (reshard_after_forward=False). ``--ds-variants``:
-``ds-ddp``, ``ds0``-``ds3`` and any fs key (run inside the DeepSpeed launch).
+(full remat), ``zero3-blocks-savecompute`` (a policy saving every compute op), ``fsdp2``,
+``fsdp2-nr`` (reshard_after_forward=False). At stage 3 the fs variants drop the module's
+own full copy of the params after ``init`` (``model.to("meta")``: ``apply`` passes every
+param explicitly), as ``fully_shard`` does. ``--ds-variants``: ``ds-ddp``, ``ds0``-``ds3``
+and any fs key (run inside the DeepSpeed launch).
 
 Run: ``python benchmarks/bench_zero.py [--steps 10 --warmup 3 --variants ddp,zero0,...
 --ds-variants ds-ddp,ds3,... --memory --write]`` (about 4 minutes without ``--memory``, 9
@@ -61,7 +65,9 @@ from common import Result, machine, markdown_table  # noqa: E402
 
 import fsharding as fs  # noqa: E402
 
-DEFAULT = "ddp,ddp-fused,zero0,fsdp2,zero3,zero3-blocks,zero3-blocks-sac,zero1,zero2"
+DEFAULT = (
+    "ddp,ddp-fused,zero0,fsdp2,zero3,zero3-blocks,zero3-blocks-reshard,zero3-blocks-sac,zero1,zero2"
+)
 DS_LABELS = {
     "ds-ddp": "torch DDP (DeepSpeed launch)",
     "ds0": "DeepSpeed ZeRO-0",
@@ -167,7 +173,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default=DEFAULT, help=f"of {','.join(zv.BUILDERS)}")
     ap.add_argument(
-        "--ds-variants", default="ds-ddp,ds3,ds1,ds2,zero3-blocks", help="'' skips DeepSpeed"
+        "--ds-variants",
+        default="ds-ddp,ds3,ds1,ds2,zero3-blocks,zero3-blocks-reshard",
+        help="'' skips DeepSpeed",
     )
     ap.add_argument("--ds-python", default="/work/dsvenv/bin/python")
     ap.add_argument("--retries", type=int, default=1, help="reruns of a contended launch")
