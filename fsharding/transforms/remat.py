@@ -19,18 +19,19 @@ What fsharding adds around torch's checkpoint:
   stats, ``num_batches_tracked``, caches, workspaces): the first write to such a storage
   makes a private copy of it, and the rest of the recomputation reads and writes the copy.
   State is updated once, by the forward (a dispatch mode during recomputation; a write it
-  cannot see, inside compiled code, is not redirected);
+  cannot see, by compiled code or inside an op's kernel, is not redirected). Selective
+  policies leave the mode out after a forward that wrote nothing in place (see
+  ``_Frame.guards_recompute``);
 * the forward's context variables and ``fs.amp`` op rule are in force again during
   recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
 * :func:`_in_remat` tells other transforms that they run inside a region (``fs.offload``
   inside ``remat`` steps aside: checkpoint's saved-tensor hook must stay innermost).
 
 torch.compile: ``torch.compile(remat(f))`` works; ``remat(torch.compile(f))`` runs torch's
-checkpoint and selective checkpointing alone (fsharding's dispatch mode would make the
-compiled code fall back to eager in recomputation only), so offloading and state protection
-do not apply inside it. Compile the region's function itself or code around ``remat``:
-a compiled function called deeper inside a region is compiled in the forward but not in
-the recomputation, and checkpoint then reports different saved tensors.
+checkpoint and selective checkpointing alone (under fsharding's dispatch mode compiled code
+falls back to eager), so offloading and state protection do not apply inside it. A compiled
+function called deeper inside a region is compiled in the forward only, and checkpoint then
+reports different saved tensors: compile the region's function itself or code around it.
 
 Composition: ``offload(remat(f))`` keeps only the region's inputs, on the offload target;
 ``remat(gather(block))`` re-gathers params in backward; ``remat(amp(f))`` and
@@ -175,9 +176,8 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
 
         return plain
 
-    # A torch.compile'd fn would run eagerly under fsharding's dispatch mode in recompute
-    # only, and save different tensors than in its compiled forward: give it torch's
-    # checkpoint (and selective checkpointing) alone.
+    # A torch.compile'd fn would run eagerly under fsharding's dispatch mode in recompute only
+    # and save other tensors than its compiled forward: it gets torch's checkpoint alone.
     compiled = hasattr(fn, "_torchdynamo_orig_callable")
 
     @functools.wraps(fn)
@@ -216,6 +216,7 @@ class _Frame:
         self.policy = policy
         self.compiled = compiled
         self.name_blind = any(policy is p for p in _policies._NAME_BLIND)
+        self.memo = _MEMO.setdefault(policy, {}) if policy in _BY_OP else None
         self.sac = policy is not _policies.nothing_saveable
         self.may_offload = not self.name_blind and not isinstance(
             policy, (_policies.SaveOnlyTheseNames, _policies.SaveAnyNamesButThese)
@@ -225,6 +226,7 @@ class _Frame:
         self.amp_modes = _amp_modes()
         self.calls = 0
         self.offloaded: dict[Any, list[Any]] = {}
+        self.wrote = False  # the forward ran an op that may write in place
 
     def contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """checkpoint's ``context_fn``: (forward context, recompute context)."""
@@ -239,6 +241,14 @@ class _Frame:
             fwd.append(f)  # entered last: the caching mode sees each op before ours
             rec.append(r)
         return _Entered(fwd), _Entered(rec)
+
+    def guards_recompute(self) -> bool:
+        """Whether recomputation runs under the state guard (``_RegionMode``): always without
+        selective checkpointing; with it, only if the forward offloaded, measured or ran an
+        op that writes in place. Each op of a recomputation passes torch's selective-
+        checkpoint mode first, which refuses (before running it) any op the forward did not
+        run: after a forward without writes, the guard would have nothing to redirect."""
+        return not self.sac or self.wrote or bool(self.offloaded) or self.recorder is not None
 
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.calls += 1
@@ -273,10 +283,25 @@ class _Frame:
         return decision
 
     def sac_policy(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-        """The policy in torch's selective-checkpoint vocabulary (offloading is ours)."""
-        if self.decide(op, args, kwargs) is True:
-            return _ckpt.CheckpointPolicy.MUST_SAVE
-        return _ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+        """The policy in torch's selective-checkpoint vocabulary (offloading is ours). It
+        sees every op of the forward, and notes one that may write."""
+        memo = self.memo
+        hit = memo.get(op) if memo is not None else None
+        if hit is None:
+            save = self.decide(op, args, kwargs) is True
+            info = _OP_INFO.get(op) or _op_info(op)
+            hit = (_SAVE if save else _RECOMPUTE, info is _PASS or bool(info[0]))
+            if memo is not None:
+                memo[op] = hit
+        if hit[1]:
+            self.wrote = True
+        return hit[0]
+
+
+_SAVE, _RECOMPUTE = _ckpt.CheckpointPolicy.MUST_SAVE, _ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+# Built-in policies that decide by the op alone: (decision, may write) remembered per op.
+_BY_OP = (_policies.dots_saveable, _policies.dots_with_no_batch_dims_saveable)
+_MEMO: dict[Any, dict[Any, tuple[Any, bool]]] = {}
 
 
 def _policy_name(policy: Any) -> str:
@@ -297,21 +322,17 @@ def _amp_modes() -> list[Any]:
     return [ctx]
 
 
-class _Entered:
+class _Entered(contextlib.ExitStack):
     """Enters several context managers in order, exits them in reverse (re-enterable)."""
 
     def __init__(self, managers: list[Any]):
+        super().__init__()
         self.managers = managers
-        self.stack: contextlib.ExitStack | None = None
 
-    def __enter__(self) -> None:
-        self.stack = contextlib.ExitStack()
+    def __enter__(self) -> _Entered:
         for m in self.managers:
-            self.stack.enter_context(m)
-
-    def __exit__(self, *exc: Any) -> bool:
-        stack, self.stack = self.stack, None
-        return bool(stack is not None and stack.__exit__(*exc))
+            self.enter_context(m)
+        return self
 
 
 # --------------------------------------------------------------------------------------
@@ -323,57 +344,71 @@ class _RegionMode(TorchDispatchMode):
     """Below the selective-checkpoint mode: it sees the ops that really run.
 
     Forward: copies the outputs the policy offloads to host memory; reports cached and
-    offloaded outputs to a recorder. Recompute: returns the offloaded copies instead of
-    computing them again, and redirects in-place writes to tensors made outside the
-    region (state) to scratch copies.
+    offloaded outputs to a recorder. Recompute (entered only if ``frame.guards_recompute()``
+    once the forward has run): returns the offloaded copies instead of computing them again,
+    and redirects in-place writes to tensors made outside the region (state) to copies.
     """
 
     def __init__(self, frame: _Frame, *, forward: bool):
         super().__init__()
         self.frame = frame
         self.forward = forward
+        self.on = self.replay = False
         self.created: set[int] = set()
         self.scratch: dict[int, torch.Tensor] = {}  # outside storage -> private copy
         self.taken: dict[Any, int] = {}
 
     def __enter__(self) -> _RegionMode:
-        self.created.clear()
-        self.scratch.clear()
-        self.taken.clear()
+        self.on = self.forward or self.frame.guards_recompute()
+        if not self.on:
+            return self
+        self.replay = bool(self.frame.offloaded)
+        for memo in (self.created, self.scratch, self.taken):
+            memo.clear()
         return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.on:
+            self.on = False
+            super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         kwargs = kwargs or {}
-        if func in _IGNORED or not isinstance(func, torch._ops.OpOverload):
+        info = _OP_INFO.get(func) or _op_info(func)
+        if info is _PASS:
             return func(*args, **kwargs)  # e.g. a compiled region run as one operator
         frame = self.frame
-        check = frame.may_offload or (self.forward and frame.recorder is not None)
-        decision = frame.decide(func, args, kwargs) if check else False
         if self.forward:
+            decision = frame.decide(func, args, kwargs)
             out = func(*args, **kwargs)
             if isinstance(decision, Offloadable):
-                host = optree.tree_map(_to_host, out)
-                frame.offloaded.setdefault(func, []).append(host)
+                leaves, spec = optree.tree_flatten(out)
+                host = [_to_host(x) for x in leaves]
+                frame.offloaded.setdefault(func, []).append((spec, host))
                 if frame.recorder is not None:
                     frame.recorder.offloaded(func, out, host)
             elif decision is True and frame.recorder is not None:
                 frame.recorder.cached(func, out)
             return out
-        if isinstance(decision, Offloadable):
+        if self.replay and isinstance(frame.decide(func, args, kwargs), Offloadable):
             i = self.taken.get(func, 0)
             self.taken[func] = i + 1
-            return optree.tree_map(_from_host, frame.offloaded[func][i])
-        writes, fresh = _op_info(func)
+            spec, host = frame.offloaded[func][i]
+            return optree.tree_unflatten(spec, [_from_host(*h) for h in host])
+        writes, fresh = info
         if self.scratch:  # reads and writes of outside storage written earlier: the copy
             args, kwargs = tree_map_only(torch.Tensor, self._reroute, (args, kwargs))
         if writes:
             args, kwargs = self._protect_state(writes, args, kwargs)
         out = func(*args, **kwargs)
         if fresh:  # new storages: the region's own, free to write
+            add = self.created.add
             for t in out if isinstance(out, (tuple, list)) else (out,):
-                key = _storage_key(t)
-                if key is not None:
-                    self.created.add(key)
+                if isinstance(t, torch.Tensor):
+                    try:
+                        add(t.data_ptr() - t.storage_offset() * t.element_size())
+                    except (RuntimeError, NotImplementedError):  # no storage (subclasses)
+                        pass
         return out
 
     def _protect_state(self, writes: tuple, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -416,21 +451,23 @@ _UNDECLARED_WRITES = {
     for n in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
 }
 _OP_INFO: dict[Any, tuple[tuple, bool]] = {}
+_PASS = ((), False)  # ops the mode passes through: SAC's ignored ops, non-OpOverloads
 
 
 def _op_info(func: Any) -> tuple[tuple, bool]:
     """``(position or None, name)`` of each argument ``func`` writes in place, and whether
-    its outputs are fresh storages (no output aliases an input)."""
-    info = _OP_INFO.get(func)
-    if info is None:
+    its outputs are fresh storages (no output aliases an input); ``_PASS`` for the rest."""
+    if func in _IGNORED or not isinstance(func, torch._ops.OpOverload):
+        info = _PASS
+    else:
         schema = func._schema
         writes = tuple(
             (None if a.kwarg_only else i, a.name)
             for i, a in enumerate(schema.arguments)
             if a.alias_info is not None and a.alias_info.is_write
         ) + _UNDECLARED_WRITES.get(schema.name, ())
-        fresh = all(r.alias_info is None for r in schema.returns)
-        info = _OP_INFO[func] = (writes, fresh)
+        info = (writes, all(r.alias_info is None for r in schema.returns))
+    _OP_INFO[func] = info
     return info
 
 
@@ -444,28 +481,17 @@ def _storage_key(t: Any) -> int | None:
         return None
 
 
-class _Host:
-    """An offloaded tensor: its host copy and the device it returns to (a pytree leaf)."""
-
-    __slots__ = ("tensor", "device")
-
-    def __init__(self, tensor: torch.Tensor, device: torch.device):
-        self.tensor, self.device = tensor, device
-
-
-def _to_host(x: Any) -> Any:
+def _to_host(x: Any) -> tuple[Any, torch.device | None]:
+    """An offloaded value: its host copy, and the device it returns to (None: it stays)."""
     if not isinstance(x, torch.Tensor):
-        return x
+        return x, None
     if x.device.type == "cpu":  # nothing to offload to: a distinct copy keeps it observable
-        return _Host(x.detach().clone(), x.device)
+        return x.detach().clone(), None
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=torch.cuda.is_available())
-    host.copy_(x.detach(), non_blocking=True)
-    return _Host(host, x.device)
+    return host.copy_(x.detach(), non_blocking=True), x.device
 
 
-def _from_host(x: Any) -> Any:
-    if not isinstance(x, _Host):
-        return x
-    if x.device.type == "cpu":
-        return x.tensor.clone()  # never hand out the stored copy itself
-    return x.tensor.to(x.device, non_blocking=True)
+def _from_host(x: Any, device: torch.device | None) -> Any:
+    if device is not None:
+        return x.to(device, non_blocking=True)
+    return x.clone() if isinstance(x, torch.Tensor) else x  # never the stored copy itself

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import fsharding as fs
@@ -273,59 +272,6 @@ def test_region_inputs_are_saved_through_saved_tensor_hooks():
 # ----------------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.lin(x)))
-
-
-class Net(nn.Module):
-    def __init__(self, d=6):
-        super().__init__()
-        self.b1, self.b2, self.head = Block(d), Block(d), nn.Linear(d, 1)
-
-    def forward(self, x):
-        return self.head(self.b2(self.b1(x)))
-
-
-@pytest.mark.parametrize("policy", [None, P.dots_saveable])
-def test_batchnorm_state_updates_once_through_functional_wrap(policy):
-    torch.manual_seed(0)
-    net = Net()
-    apply, params, state = fs.functional(net, buffers="state", wrap={Block: remat(policy=policy)})
-    apply0, _, _ = fs.functional(net, buffers="state")
-    params = {k: v + 0.1 for k, v in params.items()}  # differ from the module's own
-    x = torch.randn(8, 6)
-
-    def loss(apply):
-        def inner(p, s, x):
-            out, new_state = apply(p, s, x)
-            return out.square().mean(), new_state
-
-        return inner
-
-    (value, new_state), grads = fs.value_and_grad(loss(apply), has_aux=True)(params, state, x)
-    (value0, new_state0), grads0 = fs.value_and_grad(loss(apply0), has_aux=True)(params, state, x)
-    assert new_state["b1.bn.num_batches_tracked"].item() == 1
-    assert_bitwise((value, new_state, grads), (value0, new_state0, grads0))
-
-
-def test_recompute_never_writes_outside_state():
-    counter, cache = torch.zeros(()), torch.zeros(3)
-
-    def f(x):
-        counter.add_(1)
-        cache.copy_(x.detach())
-        return x.tanh().sum()
-
-    x = torch.randn(3, requires_grad=True)
-    remat(f)(x).backward()
-    assert counter.item() == 1 and torch.equal(cache, x.detach())
-
-
 @pytest.mark.parametrize("order", ["remat(amp)", "amp(remat)"])
 def test_amp_recomputes_in_the_forward_precision(order):
     from fsharding.transforms.amp import amp
@@ -445,30 +391,8 @@ def test_saved_value_mutated_in_place_raises_rather_than_wrong_grads():
     remat(f)(w, x).backward()  # nothing saved: fine
 
 
-def test_workspace_shared_by_regions_is_copied_on_write():
-    # Two regions write and read one outside buffer. Recomputing the first must read its own
-    # write, not what the second region left there.
-    buf = torch.zeros(4)
-
-    def region(x):
-        buf.copy_(x.detach() * 3)
-        return torch.tanh(x + buf)
-
-    def f(x):
-        return (region(region(x) * 2) ** 2).sum()
-
-    x = torch.randn(4)
-    ref = fs.grad(f)(x)
-    buf.zero_()
-    g = fs.grad(lambda x: (remat(region)(remat(region)(x) * 2) ** 2).sum())(x)
-    assert torch.equal(g, ref)
-    assert torch.equal(buf, (torch.tanh(x + 3 * x) * 2).detach() * 3)  # the forward's write
-
-
 def test_remat_of_a_transform_composes():
     """fs.remat(t) for a transform t (e.g. fs.gather) means block -> remat(t(block))."""
-    import fsharding as fs
-
     calls = []
 
     def t(block):

@@ -1,0 +1,139 @@
+"""fs.remat and state: the recomputation never updates state a second time (BatchNorm
+running stats, counters, caches and workspaces made outside the region), whatever the
+policy, and the recompute-time guard is entered only where a write can happen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fsharding as fs
+from fsharding.transforms import policies as P
+from fsharding.transforms import remat as remat_module
+from fsharding.transforms.remat import remat
+from tests.transforms.test_remat import POLICIES, assert_bitwise, block, make, run
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.lin(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.b1, self.b2, self.head = Block(d), Block(d), nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(x)))
+
+
+@pytest.mark.parametrize("policy", [None, P.dots_saveable])
+def test_batchnorm_state_updates_once_through_functional_wrap(policy):
+    torch.manual_seed(0)
+    net = Net()
+    apply, params, state = fs.functional(net, buffers="state", wrap={Block: remat(policy=policy)})
+    apply0, _, _ = fs.functional(net, buffers="state")
+    params = {k: v + 0.1 for k, v in params.items()}  # differ from the module's own
+    x = torch.randn(8, 6)
+
+    def loss(apply):
+        def inner(p, s, x):
+            out, new_state = apply(p, s, x)
+            return out.square().mean(), new_state
+
+        return inner
+
+    (value, new_state), grads = fs.value_and_grad(loss(apply), has_aux=True)(params, state, x)
+    (value0, new_state0), grads0 = fs.value_and_grad(loss(apply0), has_aux=True)(params, state, x)
+    assert new_state["b1.bn.num_batches_tracked"].item() == 1
+    assert_bitwise((value, new_state, grads), (value0, new_state0, grads0))
+
+
+@pytest.mark.parametrize("name", ["nothing", "dots", "only_names"])
+def test_recompute_never_writes_outside_state(name):
+    # Closed-over state, made before the region or by its forward (a lazy module).
+    counter, cache, w = torch.zeros(()), torch.zeros(4, 3), torch.randn(3, 3)
+    bn, lazy = nn.BatchNorm1d(3), nn.LazyBatchNorm1d()
+
+    def f(x):
+        counter.add_(1)
+        cache.copy_(x.detach())
+        return (lazy(bn(x)) @ w).tanh().sum()
+
+    x = torch.randn(4, 3, requires_grad=True)
+    remat(f, policy=POLICIES[name])(x).backward()
+    assert counter.item() == 1 and torch.equal(cache, x.detach())
+    assert bn.num_batches_tracked.item() == lazy.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("name", ["nothing", "dots", "only_names"])
+def test_a_write_only_the_recompute_makes_never_reaches_state(name):
+    # The forward makes the value, only the recomputation writes it. Full remat redirects the
+    # write; selective policies refuse the op (unseen in the forward) before it runs.
+    state = {}
+
+    def f(x):
+        if "ema" in state:
+            state["ema"].mul_(0.5)
+        else:
+            state["ema"] = x.detach().sum(0)
+        return (x @ x.T).tanh().sum()
+
+    x = torch.randn(3, 3, requires_grad=True)
+    out = remat(f, policy=POLICIES[name])(x)
+    ema = state["ema"].clone()
+    if name == "nothing":
+        out.backward()
+        assert torch.equal(x.grad, fs.grad(lambda x: (x @ x.T).tanh().sum())(x.detach()))
+    else:
+        with pytest.raises(RuntimeError, match="not found in storage"):
+            out.backward()
+    assert torch.equal(state["ema"], ema)
+
+
+def test_selective_recompute_is_guarded_only_after_a_forward_that_writes(monkeypatch):
+    # The state guard (a dispatch mode) costs per op: under a selective policy it is left
+    # out after a forward that wrote nothing in place. Values stay bitwise.
+    seen, real = [], remat_module._RegionMode.__torch_dispatch__
+    spy = lambda self, *a, **k: seen.append(self.forward) or real(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(remat_module._RegionMode, "__torch_dispatch__", spy)
+    params, inputs = make(2, 3, 4)
+
+    def guarded(name, p_drop=0.0):
+        seen.clear()
+        out = run(remat(block, policy=POLICIES[name]), params, inputs, p_drop=p_drop)
+        assert_bitwise(out, run(block, params, inputs, p_drop=p_drop))
+        return False in seen
+
+    assert not any(guarded(n) for n in ("dots", "dots_no_batch", "only_names"))
+    assert guarded("nothing") and guarded("offload")  # no forward mode to tell; replays
+    assert guarded("dots", p_drop=0.5)  # dropout writes its mask in place
+
+
+@pytest.mark.parametrize("name", ["nothing", "dots"])
+def test_workspace_shared_by_regions_is_copied_on_write(name):
+    # Two regions write and read one outside buffer. Recomputing the first must read its own
+    # write, not what the second region left there.
+    buf = torch.zeros(4)
+
+    def region(x):
+        buf.copy_(x.detach() * 3)
+        return torch.tanh(x + buf)
+
+    def f(x):
+        return (region(region(x) * 2) ** 2).sum()
+
+    x = torch.randn(4)
+    ref = fs.grad(f)(x)
+    buf.zero_()
+    r = remat(region, policy=POLICIES[name])
+    g = fs.grad(lambda x: (r(r(x) * 2) ** 2).sum())(x)
+    assert torch.equal(g, ref)
+    assert torch.equal(buf, (torch.tanh(x + 3 * x) * 2).detach() * 3)  # the forward's write
