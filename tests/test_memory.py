@@ -155,6 +155,11 @@ def test_memory_report_on_2_ranks():
         dp = reports[0]["comm_bytes"]
         assert dp == {"all_reduce": 2 * (psi + 4) * f}
         assert abs(sum(dp.values()) / (psi * f) - 2) < 0.01
+        # ZeRO-1 (and 2): reduce-scatter the grads, all-gather the updated params: 2Ψ
+        for stage in (1, 2):
+            z = reports[stage]["comm_bytes"]
+            assert z["reduce_scatter"] == z["all_gather"] == psi_pad * f, stage
+            assert abs(sum(z.values()) / (psi * f) - 2) < 0.05, stage
         # ZeRO-3 per block with remat: gather forward and again in backward, reduce-scatter
         z3 = reports["blocks"]["comm_bytes"]
         pad_blocks = sum(padded_bytes(b, world) for b in blocks)

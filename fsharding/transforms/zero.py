@@ -12,7 +12,8 @@ rank, each figure times (N-1)/N, as ``fs.memory_report`` counts them):
 stage          communication                                 held per rank
 =============  ============================================  ================================
 0 (DDP)        all-reduce grads (2Ψ)                         params, grads, opt state
-1              all-reduce grads, all-gather params (3Ψ)      params, opt state / N
+1              reduce-scatter grads after ``grad_fn``,       params, (grads, opt state) / N;
+               all-gather params after the update (2Ψ)       full grads out of ``grad_fn``
 2, boundary    reduce-scatter grads after ``grad_fn``,       params, (grads, opt state) / N;
                all-gather params after the update (2Ψ)       full grads out of ``grad_fn``
 2, blocks      per ``fs.gather`` block: reduce-scatter in    params, (grads, opt state) / N
@@ -22,8 +23,9 @@ stage          communication                                 held per rank
                reduce-scatter grads after it (2Ψ)            full params and grads around
                                                              ``grad_fn``
 3, blocks      per ``fs.gather`` block: all-gather in        (params, grads, opt state) / N;
-               forward, again in backward under ``remat``,   full params of one block at a
-               reduce-scatter in backward (3Ψ)               time
+               forward, again in backward under ``remat``    full params of one block at a
+               or ``reshard_after_forward``, reduce-scatter  time (two with the backward
+               in backward (3Ψ)                              prefetch)
 =============  ============================================  ================================
 
 ``gather="blocks"``: ``grad_fn`` receives rank-local shards and every use of params goes
@@ -98,9 +100,10 @@ def zero(
         optimizer: an ``optim.GradientTransformation``. At stages 1-3 it runs on each rank's
             shards; ``optim.clip_by_global_norm`` still sees the global norm.
         mesh: an ``fs.Mesh``; a local mesh (no process group) gives ``fs.train_step``.
-        stage: 0 (grads all-reduced, DDP), 1 (+ optimizer state sharded), 2 (+ grads
-            reduce-scattered; no full-size gradient kept between steps), 3 (+ params stored
-            sharded).
+        stage: 0 (grads all-reduced, DDP), 1 (+ optimizer state sharded: grads
+            reduce-scattered after ``grad_fn``, each rank updates its rows), 2 (+ grads
+            sharded: with ``gather="blocks"`` reduce-scattered during backward, no full-size
+            gradient ever), 3 (+ params stored sharded).
         axis: the mesh axis to shard over; a tuple ``("replicate", "shard")`` is hybrid
             sharding: data parallel over all of them (grads, loss and counts reduced over
             each), state sharded over the last. Axes not named (e.g. ``"pp"``, ``"tp"``)
@@ -394,8 +397,10 @@ class _ZeRO:
         return loss, grads, shards
 
     def _reduce(self, g: list) -> list:
-        """Grads -> the data-parallel mean: full (stages 0/1) or this rank's shards."""
-        if self.stage <= 1:
+        """Grads -> the data-parallel mean: full (stage 0) or this rank's shards (stage 1+:
+        each rank updates only its rows, so a reduce-scatter is enough — 2Ψ per step with
+        the params' all-gather, as in the ZeRO paper, not an all-reduce's 3Ψ)."""
+        if self.stage == 0:
             return _lay.all_reduce_mean(g, self.dp_groups, self.dp)
         idx = [i for i, lay in enumerate(self.layouts) if lay is not None]
         if self.blocks:  # already reduce-scattered (summed) over the shard axis in backward
@@ -437,10 +442,8 @@ class _ZeRO:
         del grads
         _memory.observe_grads(g)
         g = self._reduce(g)
-        if self.stage <= 1:
+        if self.stage == 0:
             grad_norm = _optim.global_norm(g)
-            if self.stage == 1:
-                g = self._shard_leaves(g)
         else:
             grad_norm = self._sharded_norm(g)
         _memory.observe_grads(g, reduced=True)

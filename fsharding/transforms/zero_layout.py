@@ -128,13 +128,16 @@ class Bucket:
         return buf.view(-1)
 
     def unpack_scattered(self, out: torch.Tensor, rank: int) -> list[torch.Tensor]:
-        """This rank's (unpadded) shards from its reduced ``[S]`` segment."""
-        shards = []
-        for lay, off in zip(self.layouts, self.offsets):
-            shape = lay.local_shape(rank)
-            n = math.prod(shape)
-            shards.append(out[off : off + n].view(shape).clone())
-        return shards
+        """This rank's (unpadded) shards from its reduced ``[S]`` segment: views of it when
+        this rank's rows fill it (no copy; the shards share its storage), else copies (the
+        padding is not kept alive)."""
+        shapes = [lay.local_shape(rank) for lay in self.layouts]
+        sizes = [math.prod(shape) for shape in shapes]
+        exact = sum(sizes) == out.numel()
+        return [
+            out[off : off + n].view(shape) if exact else out[off : off + n].view(shape).clone()
+            for off, n, shape in zip(self.offsets, sizes, shapes)
+        ]
 
 
 def dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:

@@ -251,9 +251,11 @@ def gather_worker():
         "remat_dots": lambda f: fs.remat(gather(f), policy=fs.policies.dots_saveable),
         "no_remat": gather,
         "reshard": gather(reshard_after_forward=True),
+        "reshard_prefetch": gather(reshard_after_forward=True),  # (G.PREFETCH forced on)
         "boundary": lambda f: fs.remat(gather(f)),
     }
     for name, transform in variants.items():
+        G.PREFETCH = True if name == "reshard_prefetch" else None  # None: off on gloo
         apply, params = fs.functional(model, wrap={Block: transform})
         mode = "boundary" if name == "boundary" else "blocks"
         step = fs.zero(
@@ -270,8 +272,10 @@ def gather_worker():
             "params": rep.params,
             "saved": rep.saved_activations,
         }
+    G.PREFETCH = None
 
-    # a deeper model: reshard_after_forward holds two blocks' full params at most
+    # a deeper model: reshard_after_forward holds one block's full params (two with the
+    # backward prefetch), not all four
     deep = GPT(dataclasses.replace(CFG, n_layers=4), seed=0)
     out["sizes4"] = block_sizes(deep)
     apply4, params4 = fs.functional(deep, wrap={Block: gather(reshard_after_forward=True)})
@@ -279,8 +283,11 @@ def gather_worker():
         fs.value_and_grad(loss_of(apply4)), make_opt(), mesh=mesh, stage=3, gather="blocks"
     )
     q, s = step.init(params4)
-    out["reshard4"] = memory_report(step, q, s, {k: v[:ROWS] for k, v in batches[0].items()})
-    out["reshard4"] = out["reshard4"].gathered_params
+    for prefetch in (None, True):
+        G.PREFETCH = prefetch
+        rep = memory_report(step, q, s, {k: v[:ROWS] for k, v in batches[0].items()})
+        out[f"reshard4_{prefetch}"] = rep.gathered_params
+    G.PREFETCH = None
 
     # accumulate inside zero: each microbatch reduce-scatters its grads per block (stage 3
     # gathers per microbatch too; stage 2 holds full params and only reduce-scatters)
@@ -351,9 +358,12 @@ def test_gather_blocks_on_2_ranks():
         # reshard_after_forward: one block's full params at a time without recomputing
         # (two in backward: the next block's all-gather is prefetched); backward all-gathers
         # each block again (3 collectives per block, as in ZeRO-3)
-        assert r["reshard"]["peak"] == outside + 2 * largest
-        total4, largest4, outside4 = r["sizes4"]  # 4 blocks: 2 at a time, not all 4
-        assert r["reshard4"] == outside4 + 2 * largest4 < outside4 + 4 * largest4
+        assert r["reshard"]["peak"] == outside + largest  # gloo: no prefetch by default
+        assert r["reshard_prefetch"]["peak"] == outside + 2 * largest
+        total4, largest4, outside4 = r["sizes4"]
+        assert r["reshard4_None"] == outside4 + largest4
+        assert r["reshard4_True"] == outside4 + 2 * largest4 < outside4 + 4 * largest4
+        assert r["reshard"]["all_gather"] == r["reshard_prefetch"]["all_gather"]
         assert r["reshard"]["all_gather"][0] == 1 + 2 * n_layers
         assert r["reshard"]["reduce_scatter"] == r["no_remat"]["reduce_scatter"]
         # activations still reach the saved-tensor hook in force outside (memory_report's)
