@@ -70,16 +70,6 @@ __all__ = ["zero"]
 PyTree = Any
 
 
-def _is_dtensor(x: Any) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
-
-
-def _dtensor_api():
-    from torch.distributed.tensor import DTensor, Shard
-
-    return DTensor, Shard
-
-
 def zero(
     grad_fn: Callable[..., tuple[torch.Tensor, PyTree]],
     optimizer: _optim.GradientTransformation,
@@ -170,34 +160,10 @@ def zero(
         local = train_step(grad_fn, optimizer, loss_scale=loss_scale)
 
         def init_local(params: PyTree, *, init_fn: Callable | None = None) -> tuple:
-            return local.init(_materialize(params, init_fn))
+            return local.init(_lay.materialize(params, init_fn))
 
         return Step(init=init_local, step=local.step, gather=local.gather)
     return _ZeRO(grad_fn, optimizer, mesh, axes, stage, loss_scale, gather == "blocks").as_step()
-
-
-def _materialize(params: PyTree, init_fn: Callable | None) -> PyTree:
-    pairs = _tree.leaves_with_path(params)
-    return _tree.unflatten(_tree.structure(params), [_leaf(p, x, init_fn) for p, x in pairs])
-
-
-def _leaf(path: str, x: Any, init_fn: Callable | None) -> Any:
-    """``x``, or for a meta-device leaf ``init_fn(path, x)`` (checked against ``x``)."""
-    if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
-        return x
-    if init_fn is None:
-        raise ValueError(
-            f"fs.zero.init: params leaf {path} is on the meta device; pass "
-            "init_fn=lambda path, meta: <full tensor> to initialise it leaf by leaf."
-        )
-    t = init_fn(path, x)
-    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
-        raise ValueError(
-            f"fs.zero.init: init_fn returned {got} for params leaf {path}, whose meta tensor "
-            f"is {x.dtype} {tuple(x.shape)}; return a full tensor of that shape and dtype."
-        )
-    return t
 
 
 class _ZeRO:
@@ -234,7 +200,7 @@ class _ZeRO:
         self.device = leaves[0].device if leaves else torch.device("cpu")
 
     def _to_dtensor(self, local: torch.Tensor, lay: _lay.LeafLayout) -> torch.Tensor:
-        DTensor, Shard = _dtensor_api()
+        DTensor, Shard = _lay.dtensor_api()
         full = torch.empty(lay.shape, device="meta")
         return DTensor.from_local(
             local, self.dmesh, [Shard(0)], run_check=False, shape=lay.shape, stride=full.stride()
@@ -243,7 +209,7 @@ class _ZeRO:
     def _local(self, x: Any) -> Any:
         # the DTensor's own local tensor (not to_local()'s autograd view): a donated step
         # updates it in place and _dtensors then returns the same DTensor
-        return x._local_tensor if _is_dtensor(x) else x
+        return x._local_tensor if _lay.is_dtensor(x) else x
 
     def _shard_leaves(self, leaves: list) -> list:
         return [
@@ -267,7 +233,7 @@ class _ZeRO:
     @staticmethod
     def _wrappers(tree: Any) -> dict[int, Any]:
         """id of each DTensor leaf's local tensor -> the DTensor (see ``_dtensors``)."""
-        return {id(x._local_tensor): x for x in optree.tree_leaves(tree) if _is_dtensor(x)}
+        return {id(x._local_tensor): x for x in optree.tree_leaves(tree) if _lay.is_dtensor(x)}
 
     def _wrap_state(self, state: Any, local_params: list, reuse: dict | None = None) -> Any:
         """DTensor-wrap the param-shaped subtrees of an optimizer state built on shards."""
@@ -302,7 +268,7 @@ class _ZeRO:
                 )
         meta = [x.device.type == "meta" for _, x in pairs]
         if any(meta) and init_fn is None:
-            _leaf(pairs[meta.index(True)][0], pairs[meta.index(True)][1], None)  # raises
+            _lay.init_leaf(pairs[meta.index(True)][0], pairs[meta.index(True)][1], None)  # raises
         self._plan(params)
         if any(meta):
             self.device = next(
@@ -310,7 +276,7 @@ class _ZeRO:
             )
         local, full = [], []
         for (path, x), lay in zip(pairs, self.layouts):
-            t = _leaf(path, x, init_fn).detach()
+            t = _lay.init_leaf(path, x, init_fn).detach()
             if self.stage == 3 and lay is not None:
                 local.append(_lay.shard_rows(t, lay, self.rank))
                 full.append(None)

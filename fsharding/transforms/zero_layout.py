@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fsharding import tree as _tree
 
 __all__ = [
     "LeafLayout",
@@ -33,6 +35,10 @@ __all__ = [
     "reduce_scatter_buckets",
     "all_reduce_mean",
     "dp_axes",
+    "materialize",
+    "init_leaf",
+    "is_dtensor",
+    "dtensor_api",
 ]
 
 BUCKET_BYTES = 64 * 2**20
@@ -283,3 +289,42 @@ def all_reduce_mean(
             out[i] = flat[off : off + n].view_as(tensors[i])
             off += n
     return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- init, DTensor
+
+
+def materialize(params: Any, init_fn: Callable | None) -> Any:
+    """``params`` with every meta-device leaf replaced by ``init_fn(path, meta)``."""
+    pairs = _tree.leaves_with_path(params)
+    return _tree.unflatten(_tree.structure(params), [init_leaf(p, x, init_fn) for p, x in pairs])
+
+
+def init_leaf(path: str, x: Any, init_fn: Callable | None) -> Any:
+    """``x``, or for a meta-device leaf ``init_fn(path, x)`` (checked against ``x``)."""
+    if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
+        return x
+    if init_fn is None:
+        raise ValueError(
+            f"fs.zero.init: params leaf {path} is on the meta device; pass "
+            "init_fn=lambda path, meta: <full tensor> to initialise it leaf by leaf."
+        )
+    t = init_fn(path, x)
+    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+        raise ValueError(
+            f"fs.zero.init: init_fn returned {got} for params leaf {path}, whose meta tensor "
+            f"is {x.dtype} {tuple(x.shape)}; return a full tensor of that shape and dtype."
+        )
+    return t
+
+
+def is_dtensor(x: Any) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
+
+
+def dtensor_api() -> tuple[Any, Any]:
+    """``(DTensor, Shard)``, imported on first use."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor, Shard

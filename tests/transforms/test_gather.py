@@ -21,6 +21,7 @@ from fsharding import optim
 from fsharding.memory import memory_report
 from fsharding.models.gpt import GPT, Block, GPTConfig
 from fsharding.transforms import gather as G
+from fsharding.transforms import gather_reshard as R
 from fsharding.transforms import zero_layout as L
 from fsharding.transforms.gather import gather
 from tests.dist_utils import run
@@ -251,11 +252,11 @@ def gather_worker():
         "remat_dots": lambda f: fs.remat(gather(f), policy=fs.policies.dots_saveable),
         "no_remat": gather,
         "reshard": gather(reshard_after_forward=True),
-        "reshard_prefetch": gather(reshard_after_forward=True),  # (G.PREFETCH forced on)
+        "reshard_prefetch": gather(reshard_after_forward=True),  # (R.PREFETCH forced on)
         "boundary": lambda f: fs.remat(gather(f)),
     }
     for name, transform in variants.items():
-        G.PREFETCH = True if name == "reshard_prefetch" else None  # None: off on gloo
+        R.PREFETCH = True if name == "reshard_prefetch" else None  # None: off on gloo
         apply, params = fs.functional(model, wrap={Block: transform})
         mode = "boundary" if name == "boundary" else "blocks"
         step = fs.zero(
@@ -272,7 +273,7 @@ def gather_worker():
             "params": rep.params,
             "saved": rep.saved_activations,
         }
-    G.PREFETCH = None
+    R.PREFETCH = None
 
     # a deeper model: reshard_after_forward holds one block's full params (two with the
     # backward prefetch), not all four
@@ -284,10 +285,10 @@ def gather_worker():
     )
     q, s = step.init(params4)
     for prefetch in (None, True):
-        G.PREFETCH = prefetch
+        R.PREFETCH = prefetch
         rep = memory_report(step, q, s, {k: v[:ROWS] for k, v in batches[0].items()})
         out[f"reshard4_{prefetch}"] = rep.gathered_params
-    G.PREFETCH = None
+    R.PREFETCH = None
 
     # accumulate inside zero: each microbatch reduce-scatters its grads per block (stage 3
     # gathers per microbatch too; stage 2 holds full params and only reduce-scatters)
