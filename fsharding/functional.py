@@ -20,6 +20,7 @@ from torch.nn.utils import stateless
 
 from fsharding import tree as _tree
 from fsharding.transforms import gather as _gather
+from fsharding.transforms import region_state as _region_state
 
 __all__ = ["functional", "value_and_grad", "grad"]
 
@@ -224,7 +225,9 @@ class _Runner:
 
         def forward(*args: Any, **kw: Any) -> Any:
             block_params = {n: _get_attr(sub, n) for n in names}
-            return transformed(block_params, *args, **kw)
+            state = [*block_params.values(), *(b for _, b in sub.named_buffers())]
+            with _region_state.known_state(state):  # what remat must keep from writing twice
+                return transformed(block_params, *args, **kw)
 
         return forward
 

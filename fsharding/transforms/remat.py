@@ -19,19 +19,19 @@ What fsharding adds around torch's checkpoint:
   stats, ``num_batches_tracked``, caches, workspaces): the first write to such a storage
   makes a private copy of it, and the rest of the recomputation reads and writes the copy.
   State is updated once, by the forward (a dispatch mode during recomputation; a write it
-  cannot see, by compiled code or inside an op's kernel, is not redirected). Selective
-  policies leave the mode out after a forward that wrote nothing in place (see
-  ``_Frame.guards_recompute``);
+  cannot see, by compiled code or inside an op's kernel, is not redirected). The mode is
+  left out where it cannot matter (``_Frame.guards_recompute``; fs.functional's blocks:
+  :mod:`~fsharding.transforms.region_state`);
 * the forward's context variables and ``fs.amp`` op rule are in force again during
   recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
 * :func:`_in_remat` tells other transforms that they run inside a region (``fs.offload``
   inside ``remat`` steps aside: checkpoint's saved-tensor hook must stay innermost).
 
 torch.compile: ``torch.compile(remat(f))`` works; ``remat(torch.compile(f))`` runs torch's
-checkpoint and selective checkpointing alone (under fsharding's dispatch mode compiled code
-falls back to eager), so offloading and state protection do not apply inside it. A compiled
-function called deeper inside a region is compiled in the forward only, and checkpoint then
-reports different saved tensors: compile the region's function itself or code around it.
+checkpoint alone (fsharding's mode would make compiled code fall back to eager): offloading
+and state protection do not apply inside it. A compiled function deeper inside a region is
+compiled in the forward only (checkpoint then sees other saved tensors): compile the
+region's function itself or code around it.
 
 Composition: ``offload(remat(f))`` keeps only the region's inputs, on the offload target;
 ``remat(gather(block))`` re-gathers params in backward; ``remat(amp(f))`` and
@@ -55,7 +55,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from fsharding.transforms import policies as _policies
+from fsharding.transforms import region_state as _region_state
 from fsharding.transforms.policies import Offloadable
+from fsharding.transforms.region_state import _OP_INFO, _PASS, _op_info, _storage_key
 
 __all__ = ["remat", "checkpoint_name"]
 
@@ -69,7 +71,6 @@ _FRAMES: contextvars.ContextVar[tuple[_Frame, ...]] = contextvars.ContextVar(
 _RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fsharding_saved_recorder", default=None
 )
-_IGNORED = getattr(_ckpt, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
 
 
 def _in_remat() -> bool:
@@ -227,6 +228,8 @@ class _Frame:
         self.calls = 0
         self.offloaded: dict[Any, list[Any]] = {}
         self.wrote = False  # the forward ran an op that may write in place
+        self.state = _region_state.current()  # what the region may write, if known
+        self.state_wrote = True
 
     def contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """checkpoint's ``context_fn``: (forward context, recompute context)."""
@@ -243,17 +246,24 @@ class _Frame:
         return _Entered(fwd), _Entered(rec)
 
     def guards_recompute(self) -> bool:
-        """Whether recomputation runs under the state guard (``_RegionMode``): always without
-        selective checkpointing; with it, only if the forward offloaded, measured or ran an
-        op that writes in place. Each op of a recomputation passes torch's selective-
-        checkpoint mode first, which refuses (before running it) any op the forward did not
-        run: after a forward without writes, the guard would have nothing to redirect."""
-        return not self.sac or self.wrote or bool(self.offloaded) or self.recorder is not None
+        """Whether recomputation runs under the state guard (``_RegionMode``): if the forward
+        offloaded or was measured; else not if the caller's known state (``region_state``)
+        was not written; else always without selective checkpointing, and with it only if
+        the forward ran an op that writes in place (torch's SAC mode refuses any op the
+        forward did not run before it runs, so the guard would have nothing to redirect)."""
+        if self.offloaded or self.recorder is not None:
+            return True
+        if self.state is not None:
+            return self.state_wrote
+        return not self.sac or self.wrote
 
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.calls += 1
         if self.calls == 1:
-            return self._call(fn, args, kwargs, forward=True)
+            before = [t._version for t in self.state or ()]
+            out = self._call(fn, args, kwargs, forward=True)
+            self.state_wrote = [t._version for t in self.state or ()] != before
+            return out
         return self.context.run(self._call, fn, args, kwargs, forward=False)
 
     def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, *, forward: bool) -> Any:
@@ -443,42 +453,6 @@ class _RegionMode(TorchDispatchMode):
         if copy is None or copy.dtype != t.dtype:
             return t
         return copy.as_strided(t.size(), t.stride(), t.storage_offset())
-
-
-# Ops that write their running-stat arguments without saying so in their schema.
-_UNDECLARED_WRITES = {
-    f"aten::{n}": ((3, "running_mean"), (4, "running_var"))
-    for n in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
-}
-_OP_INFO: dict[Any, tuple[tuple, bool]] = {}
-_PASS = ((), False)  # ops the mode passes through: SAC's ignored ops, non-OpOverloads
-
-
-def _op_info(func: Any) -> tuple[tuple, bool]:
-    """``(position or None, name)`` of each argument ``func`` writes in place, and whether
-    its outputs are fresh storages (no output aliases an input); ``_PASS`` for the rest."""
-    if func in _IGNORED or not isinstance(func, torch._ops.OpOverload):
-        info = _PASS
-    else:
-        schema = func._schema
-        writes = tuple(
-            (None if a.kwarg_only else i, a.name)
-            for i, a in enumerate(schema.arguments)
-            if a.alias_info is not None and a.alias_info.is_write
-        ) + _UNDECLARED_WRITES.get(schema.name, ())
-        info = (writes, all(r.alias_info is None for r in schema.returns))
-    _OP_INFO[func] = info
-    return info
-
-
-def _storage_key(t: Any) -> int | None:
-    """The address of ``t``'s storage (without building a storage object), or None."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    try:
-        return t.data_ptr() - t.storage_offset() * t.element_size()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
-        return None
 
 
 def _to_host(x: Any) -> tuple[Any, torch.device | None]:

@@ -137,3 +137,31 @@ def test_workspace_shared_by_regions_is_copied_on_write(name):
     g = fs.grad(lambda x: (r(r(x) * 2) ** 2).sum())(x)
     assert torch.equal(g, ref)
     assert torch.equal(buf, (torch.tanh(x + 3 * x) * 2).detach() * 3)  # the forward's write
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("policy", [None, P.dots_saveable])
+def test_functional_blocks_guard_only_when_their_state_was_written(train, policy, monkeypatch):
+    # fs.functional knows a block's state (its buffers): full remat leaves the recompute
+    # guard out when the forward did not write them (BatchNorm in eval mode), keeps it when
+    # it did (training mode), and the state is updated exactly once either way.
+    seen, real = [], remat_module._RegionMode.__torch_dispatch__
+    spy = lambda self, *a, **k: seen.append(self.forward) or real(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(remat_module._RegionMode, "__torch_dispatch__", spy)
+    torch.manual_seed(0)
+    net = Net().train(train)
+    apply, params, state = fs.functional(net, buffers="state", wrap={Block: remat(policy=policy)})
+    apply0, _, _ = fs.functional(net, buffers="state")
+    x = torch.randn(8, 6)
+
+    def loss(apply):
+        def inner(p, s, x):
+            out, new_state = apply(p, s, x)
+            return out.square().mean(), new_state
+
+        return inner
+
+    got = fs.value_and_grad(loss(apply), has_aux=True)(params, state, x)
+    assert (False in seen) == train  # recompute-time ops seen only when state was written
+    assert_bitwise(got, fs.value_and_grad(loss(apply0), has_aux=True)(params, state, x))
+    assert got[0][1]["b1.bn.num_batches_tracked"].item() == int(train)

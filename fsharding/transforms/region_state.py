@@ -1,0 +1,82 @@
+"""The state a remat region may write, where its caller knows it.
+
+``fs.remat`` keeps a recomputation from updating state a second time (BatchNorm running
+stats, counters, caches) with a dispatch mode over the recomputed ops, which costs a Python
+call per op. For an arbitrary function the state is whatever it can reach, so full remat
+always pays it. ``fs.functional(model, wrap=...)`` knows better: a wrapped block's state is
+its buffers (and its params, never written by a forward). It runs the block under
+:func:`known_state`; ``remat`` then compares those tensors' version counters before and
+after the forward and leaves the guard out when none changed. A block that writes other
+outside tensors (a global cache, say) gets torch's checkpoint behaviour: those writes
+happen again in the recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils import checkpoint as _ckpt
+
+__all__ = ["known_state", "current"]
+
+_STATE: contextvars.ContextVar[tuple[torch.Tensor, ...] | None] = contextvars.ContextVar(
+    "fsharding_region_state", default=None
+)
+
+
+@contextlib.contextmanager
+def known_state(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within this block, the regions that start may write no outside tensor but ``tensors``."""
+    token = _STATE.set(tuple(tensors))
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+def current() -> tuple[torch.Tensor, ...] | None:
+    """The tensors of the innermost :func:`known_state`, or None (unknown: anything)."""
+    return _STATE.get()
+
+
+# What an op writes (for remat's recompute-time state guard)
+
+_IGNORED = getattr(_ckpt, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
+# Ops that write their running-stat arguments without saying so in their schema.
+_UNDECLARED_WRITES = {
+    f"aten::{n}": ((3, "running_mean"), (4, "running_var"))
+    for n in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
+}
+_OP_INFO: dict[Any, tuple[tuple, bool]] = {}
+_PASS = ((), False)  # ops the mode passes through: SAC's ignored ops, non-OpOverloads
+
+
+def _op_info(func: Any) -> tuple[tuple, bool]:
+    """``(position or None, name)`` of each argument ``func`` writes in place, and whether
+    its outputs are fresh storages (no output aliases an input); ``_PASS`` for the rest."""
+    if func in _IGNORED or not isinstance(func, torch._ops.OpOverload):
+        info = _PASS
+    else:
+        schema = func._schema
+        writes = tuple(
+            (None if a.kwarg_only else i, a.name)
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ) + _UNDECLARED_WRITES.get(schema.name, ())
+        info = (writes, all(r.alias_info is None for r in schema.returns))
+    _OP_INFO[func] = info
+    return info
+
+
+def _storage_key(t: Any) -> int | None:
+    """The address of ``t``'s storage (without building a storage object), or None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.data_ptr() - t.storage_offset() * t.element_size()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
+        return None
