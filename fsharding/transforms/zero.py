@@ -425,8 +425,11 @@ class _ZeRO:
             new_scale = scale.adjust(finite)
             if not finite:
                 return params, TrainState(opt=opt, loss_scale=new_scale), metrics
-        if p_local is None:
-            p_local = local_params if self.stage in (0, 3) else self._shard_leaves(local_params)
+        if p_local is None:  # stages 1/2: this rank's rows of the (donated) full params
+            lay, rank = self.layouts, self.rank
+            p_local = (
+                local_params if self.stage in (0, 3) else _lay.row_views(local_params, lay, rank)
+            )
         new_opt, new_p = self._update(g, opt_local, p_local, donate)
         if self.stage == 0:
             params_out = self._tree(new_p)

@@ -28,6 +28,7 @@ __all__ = [
     "LeafLayout",
     "Bucket",
     "make_buckets",
+    "row_views",
     "shard_rows",
     "all_gather_buckets",
     "start_all_gather",
@@ -84,6 +85,21 @@ def shard_rows(x: torch.Tensor, layout: LeafLayout, rank: int) -> torch.Tensor:
     """Rank ``rank``'s rows of a full tensor: a copy (never a view, so the full one can go)."""
     lo, hi = layout.rows(rank)
     return x[lo:hi].clone(memory_format=torch.contiguous_format)
+
+
+def row_views(leaves: Sequence[torch.Tensor], layouts: Sequence, rank: int) -> list:
+    """Rank ``rank``'s rows of each sharded leaf as a view (``layouts[i] is None``: the leaf).
+
+    For fs.zero stages 1/2, whose full params stay: an out-of-place update only reads the
+    views, a donated one updates them in place (writing into the donated full params).
+    """
+    out = []
+    for x, lay in zip(leaves, layouts):
+        if lay is not None:
+            lo, hi = lay.rows(rank)
+            x = x[lo:hi]
+        out.append(x)
+    return out
 
 
 @dataclasses.dataclass

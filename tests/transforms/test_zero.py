@@ -107,7 +107,13 @@ def worker(stages, rows_per_rank):
                 lo = rank * rows_per_rank
                 local = {k: v[lo : lo + rows_per_rank] for k, v in b.items()}
                 before = fs.tree.leaves((params, state))
+                kept = [fs.tree.local_tensor(x).clone() for x in before if torch.is_tensor(x)]
                 params, state, m = step.step(params, state, local, donate=(i % 2 == 1))
+                if i % 2 == 0:  # not donated: the inputs are left untouched
+                    assert all(
+                        torch.equal(fs.tree.local_tensor(x), k)
+                        for x, k in zip([x for x in before if torch.is_tensor(x)], kept)
+                    )
                 if stage == 3 and i % 2 == 1 and name == "plain":
                     # donated: shards updated in place keep their DTensor objects; else new
                     after = fs.tree.leaves((params, state))
