@@ -20,6 +20,7 @@ from torch.nn.utils import stateless
 
 from fsharding import tree as _tree
 from fsharding.transforms import gather as _gather
+from fsharding.transforms import grad_taps as _taps
 from fsharding.transforms import region_state as _region_state
 
 __all__ = ["functional", "value_and_grad", "grad"]
@@ -358,7 +359,7 @@ def _prepare(arg: PyTree, argnum: int, api: str) -> tuple[list[torch.Tensor], An
                 f"({what}); only floating-point tensors can be differentiated. Move it to "
                 "another argument or to the batch, or pass argnums= for the float ones."
             )
-        out.append(leaf.detach().requires_grad_(True))
+        out.append(_taps.tap(leaf, leaf.detach().requires_grad_(True)))
     return out, treedef
 
 

@@ -63,7 +63,9 @@ from fsharding import tree as _tree
 from fsharding.optim import base as _optim
 from fsharding.step import Step, TrainState, train_step
 from fsharding.transforms import gather as _gather
+from fsharding.transforms import grad_taps as _taps
 from fsharding.transforms import zero_layout as _lay
+from fsharding.transforms import zero_overlap as _overlap
 
 __all__ = ["zero"]
 
@@ -181,6 +183,7 @@ class _ZeRO:
         self.dp = math.prod(mesh.shape[a] for a in axes)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.treedef = None
+        self.overlap, self.tapped = None, None  # None: to be probed (see zero_overlap)
 
     # -- layout -----------------------------------------------------------------------
 
@@ -345,7 +348,11 @@ class _ZeRO:
         """``(loss, grads, shards)``; shards: the params passed as rank-local shards."""
         if not self.blocks:
             full = self._gather_full(local_params) if self.stage == 3 else local_params
-            loss, grads = self.grad_fn(self._tree(full), batch, **kw)
+            single = self.stage >= 1 or self.dp_groups == [self.group]  # stage 0: no HSDP
+            if self.overlap is not False and single and self.world > 1:
+                self.tapped = _overlap.Overlap(self, full, live=bool(self.overlap))
+            with _taps.tapping(self.tapped and self.tapped.taps):
+                loss, grads = self.grad_fn(self._tree(full), batch, **kw)
             return loss, grads, None
         shards = local_params if self.stage == 3 else self._shard_leaves(local_params)
         layouts = {x.untyped_storage()._cdata: lay for x, lay in zip(shards, self.layouts) if lay}
@@ -365,9 +372,14 @@ class _ZeRO:
     def _reduce(self, g: list) -> list:
         """Grads -> the data-parallel mean: full (stage 0) or this rank's shards (stage 1+:
         each rank updates only its rows, so a reduce-scatter is enough — 2Ψ per step with
-        the params' all-gather, as in the ZeRO paper, not an all-reduce's 3Ψ)."""
+        the params' all-gather, as in the ZeRO paper, not an all-reduce's 3Ψ). Started in
+        backward where the grad_fn allows (zero_overlap)."""
+        ov, self.tapped = self.tapped, None
+        pre = ov.finish(g) if ov is not None else None
+        if ov is not None:
+            self.overlap = ov.valid(g)
         if self.stage == 0:
-            return _lay.all_reduce_mean(g, self.dp_groups, self.dp)
+            return pre if pre is not None else _lay.all_reduce_mean(g, self.dp_groups, self.dp)
         idx = [i for i, lay in enumerate(self.layouts) if lay is not None]
         if self.blocks:  # already reduce-scattered (summed) over the shard axis in backward
             for i in idx:
@@ -380,7 +392,7 @@ class _ZeRO:
             shards = [g[i] for i in idx]
         else:
             full = [g[i] for i in idx]
-            shards = _lay.reduce_scatter_buckets(self.buckets, full, self.group, self.device)
+            shards = pre or _lay.reduce_scatter_buckets(self.buckets, full, self.group, self.device)
         if self.rep_groups:
             shards = _lay.all_reduce_mean(shards, self.rep_groups, self.dp)
         else:  # nothing to reduce across replicas: divide in place, no flattening copy
@@ -457,29 +469,10 @@ class _ZeRO:
         return new_opt, optree.tree_leaves(apply(ptree, updates))
 
     def _sq_reduce(self, sq_per_leaf: list[torch.Tensor]) -> torch.Tensor:
-        """Global sum of squares from per-leaf local sums: sharded leaves summed over the
-        shard axis (replicas along other data-parallel axes hold the same shards)."""
-        if len(sq_per_leaf) == len(self.layouts):
-            shard = [s for s, lay in zip(sq_per_leaf, self.layouts) if lay is not None]
-            rep = [s for s, lay in zip(sq_per_leaf, self.layouts) if lay is None]
-        else:
-            shard, rep = sq_per_leaf, []
-        total = torch.stack(shard).sum() if shard else torch.zeros(())
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return total + (torch.stack(rep).sum().to(total.dtype) if rep else 0.0)
+        return _lay.sq_reduce(sq_per_leaf, self.layouts, self.group)
 
     def _leaf_sq_reduce(self, positions: list[int], sq: torch.Tensor) -> torch.Tensor:
-        """Per-leaf global squared norms (LAMB's trust ratio) from local ones: the leaves
-        at ``positions`` (in params order) that are sharded are summed over the shard axis."""
-        if not positions or max(positions) >= len(self.layouts):
-            raise ValueError(
-                "fs.zero: a per-leaf norm of the optimizer got a tree that is not "
-                "params-shaped; per-leaf norms under fs.zero need params-shaped trees."
-            )
-        sharded = torch.tensor([self.layouts[i] is not None for i in positions], device=sq.device)
-        part = torch.where(sharded, sq, torch.zeros_like(sq))
-        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=self.group)
-        return torch.where(sharded, part, sq)
+        return _lay.leaf_sq_reduce(positions, sq, self.layouts, self.group)
 
     def _sharded_norm(self, g: list) -> torch.Tensor:
         local = [_tree.local_tensor(x) for x in g]

@@ -35,6 +35,11 @@ __all__ = [
     "finish_all_gather",
     "reduce_scatter_buckets",
     "all_reduce_mean",
+    "sq_reduce",
+    "leaf_sq_reduce",
+    "flat_buckets",
+    "finish_reduce_scatter",
+    "start_reduce_scatter",
     "dp_axes",
     "materialize",
     "init_leaf",
@@ -193,11 +198,12 @@ def dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
 _C = torch.ops._c10d_functional
 
 
-def make_buckets(layouts: Sequence[LeafLayout], bucket_bytes: int = BUCKET_BYTES) -> list[Bucket]:
+def make_buckets(layouts: Sequence[LeafLayout], bucket_bytes: int | None = None) -> list[Bucket]:
     """Groups layouts by dtype into buckets whose whole buffer (every rank's segment) holds
     at most ``bucket_bytes`` (a segment at least ``MIN_SEGMENT_BYTES``; a bigger leaf gets
     a bucket of its own)."""
     world = layouts[0].world if layouts else 1
+    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
     bucket_bytes = max(bucket_bytes // world, min(MIN_SEGMENT_BYTES, bucket_bytes))
     buckets: list[Bucket] = []
     open_: dict[torch.dtype, Bucket] = {}
@@ -263,29 +269,36 @@ def reduce_scatter_buckets(
     device: torch.device,
 ) -> list[torch.Tensor]:
     """Each rank's shard of the rank-**sum** of full tensors (indexed like ``fulls``)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    pending = []
-    for b in buckets:
-        inp = b.scatter_input([fulls[lay.index] for lay in b.layouts], device)
-        pending.append((b, _C.reduce_scatter_tensor(inp, "sum", world, group.group_name)))
+    rank = dist.get_rank(group)
+    pending = [
+        (b, start_reduce_scatter(b, [fulls[lay.index] for lay in b.layouts], group, device))
+        for b in buckets
+    ]
     shards: list[torch.Tensor | None] = [None] * len(fulls)
     for b, out in pending:
-        for lay, t in zip(b.layouts, b.unpack_scattered(_C.wait_tensor(out), rank)):
+        for lay, t in zip(b.layouts, finish_reduce_scatter(b, out, rank)):
             shards[lay.index] = t
     return shards  # type: ignore[return-value]
 
 
-def all_reduce_mean(
-    tensors: Sequence[torch.Tensor],
-    groups: Sequence[dist.ProcessGroup],
-    divisor: int,
-    bucket_bytes: int = BUCKET_BYTES,
-) -> list[torch.Tensor]:
-    """The sum of each tensor over every rank of ``groups`` (one axis after another, so
-    over their product), divided by ``divisor``; flattened into per-dtype buckets.
+def start_reduce_scatter(
+    bucket: Bucket, fulls: Sequence[torch.Tensor], group: dist.ProcessGroup, device: torch.device
+) -> torch.Tensor:
+    """Packs one bucket's full tensors (in its layouts' order) and launches the sum-reduce-
+    scatter; :func:`finish_reduce_scatter` waits."""
+    inp = bucket.scatter_input(fulls, device)
+    return _C.reduce_scatter_tensor(inp, "sum", dist.get_world_size(group), group.group_name)
 
-    With no groups it only divides. Returns new tensors (views of the buckets).
-    """
+
+def finish_reduce_scatter(bucket: Bucket, out: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """This rank's shards (in the bucket's layouts' order) of a started reduce-scatter."""
+    return bucket.unpack_scattered(_C.wait_tensor(out), rank)
+
+
+def flat_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int | None = None) -> list:
+    """Index lists of ``tensors`` flattened together for one all-reduce each: by dtype, in
+    order, at most ``bucket_bytes`` (a bigger tensor alone)."""
+    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
     by_dtype: dict[torch.dtype, list[list[int]]] = {}
     for i, t in enumerate(tensors):
         chunks = by_dtype.setdefault(t.dtype, [[]])
@@ -293,10 +306,23 @@ def all_reduce_mean(
         if cur and sum(tensors[j].numel() for j in cur) * t.element_size() > bucket_bytes:
             chunks.append(cur := [])
         cur.append(i)
+    return [idx for chunks in by_dtype.values() for idx in chunks if idx]
+
+
+def all_reduce_mean(
+    tensors: Sequence[torch.Tensor],
+    groups: Sequence[dist.ProcessGroup],
+    divisor: int,
+    bucket_bytes: int | None = None,
+) -> list[torch.Tensor]:
+    """The sum of each tensor over every rank of ``groups`` (one axis after another, so
+    over their product), divided by ``divisor``; flattened into per-dtype buckets.
+
+    With no groups it only divides. Returns new tensors (views of the buckets).
+    """
     flats = [
         (idx, torch.cat([tensors[i].reshape(-1) for i in idx]))
-        for chunks in by_dtype.values()
-        for idx in chunks
+        for idx in flat_buckets(tensors, bucket_bytes)
     ]
     for group in groups:
         works = [
@@ -314,6 +340,38 @@ def all_reduce_mean(
             out[i] = flat[off : off + n].view_as(tensors[i])
             off += n
     return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def sq_reduce(sq_per_leaf: list[torch.Tensor], layouts: Sequence, group: Any) -> torch.Tensor:
+    """Global sum of squares from per-leaf local sums: sharded leaves summed over the
+    shard axis (replicas along other data-parallel axes hold the same shards)."""
+    if len(sq_per_leaf) == len(layouts):
+        shard = [s for s, lay in zip(sq_per_leaf, layouts) if lay is not None]
+        rep = [s for s, lay in zip(sq_per_leaf, layouts) if lay is None]
+    else:
+        shard, rep = sq_per_leaf, []
+    total = torch.stack(shard).sum() if shard else torch.zeros(())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total + (torch.stack(rep).sum().to(total.dtype) if rep else 0.0)
+
+
+def leaf_sq_reduce(
+    positions: list[int], sq: torch.Tensor, layouts: Sequence, group: Any
+) -> torch.Tensor:
+    """Per-leaf global squared norms (LAMB's trust ratio) from local ones: the leaves
+    at ``positions`` (in params order) that are sharded are summed over the shard axis."""
+    if not positions or max(positions) >= len(layouts):
+        raise ValueError(
+            "fs.zero: a per-leaf norm of the optimizer got a tree that is not "
+            "params-shaped; per-leaf norms under fs.zero need params-shaped trees."
+        )
+    sharded = torch.tensor([layouts[i] is not None for i in positions], device=sq.device)
+    part = torch.where(sharded, sq, torch.zeros_like(sq))
+    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+    return torch.where(sharded, part, sq)
 
 
 # ----------------------------------------------------------------------------- init, DTensor

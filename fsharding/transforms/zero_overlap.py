@@ -1,0 +1,120 @@
+"""fs.zero's gradient reduction overlapped with backward (``gather="boundary"``, stages 0-3).
+
+While the grad function runs, :mod:`~fsharding.transforms.grad_taps` hands each param's
+gradient over as soon as autograd has it. When every gradient of a bucket has arrived the
+bucket is packed and its collective launched asynchronously (stage 0: all-reduce; stages
+1-3: reduce-scatter), while backward goes on with earlier layers: DDP's reducer, without
+hooks on a model. After the grad function returns, :meth:`Overlap.finish` waits and
+unpacks.
+
+That is only right if the grads the grad function returns *are* the tapped ones, unchanged:
+each tapped exactly once, the same tensor object, not modified in place since. Accumulation
+over microbatches (several backwards), loss-scale unscaling (new tensors) or any
+post-processing breaks it. So the first step of a ``fs.zero`` only *probes* (taps, checks,
+launches nothing); overlap is switched on from the second step if the probe held, and off
+for good the first time a step does not hold (that step waits for what it launched and
+falls back to reducing the returned grads after the grad function: correct either way).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fsharding.transforms import grad_taps as _taps
+from fsharding.transforms import zero_layout as _lay
+
+__all__ = ["Overlap"]
+
+
+class Overlap:
+    """One step's tapped reduction of the full grads of ``leaves`` (the grad_fn's params).
+
+    ``live=False``: probe only. ``reduce_scatter``: stages 1-3 (buckets of ``z.buckets``,
+    the shards summed over ``z.group``); else stage 0 (all-reduce over the only dp group).
+    """
+
+    def __init__(self, z: Any, leaves: list[torch.Tensor], live: bool) -> None:
+        self.z, self.live = z, live
+        self.n = len(leaves)
+        self.shapes = [x.shape for x in leaves]
+        self.tapped: dict[int, tuple[torch.Tensor, int]] = {}
+        self.ok = True
+        self.scatter = z.stage >= 1
+        if self.scatter:  # bucket members: leaf positions (not layout indices)
+            pos = {lay.index: i for i, lay in enumerate(z.layouts) if lay is not None}
+            self.members = [[pos[lay.index] for lay in b.layouts] for b in z.buckets]
+        else:
+            self.members = _lay.flat_buckets(leaves)
+        self.bucket_of = {i: b for b, m in enumerate(self.members) for i in m}
+        self.missing = [len(m) for m in self.members]
+        self.pending: dict[int, Any] = {}
+        self.taps = _taps.Taps(leaves, self._on_grad)
+
+    def _on_grad(self, i: int, g: torch.Tensor) -> None:
+        if i in self.tapped:  # a second backward through the same params
+            self.ok = False
+            return
+        self.tapped[i] = (g, g._version)
+        b = self.bucket_of.get(i)
+        if b is not None:
+            self.missing[b] -= 1
+            if self.missing[b] == 0 and self.live and self.ok:
+                self._launch(b, {j: self.tapped[j][0] for j in self.members[b]})
+
+    def _launch(self, b: int, grads: dict[int, torch.Tensor]) -> None:
+        z = self.z
+        ordered = [grads[j] for j in self.members[b]]
+        if self.scatter:
+            bucket = z.buckets[b]
+            self.pending[b] = _lay.start_reduce_scatter(bucket, ordered, z.group, z.device)
+        else:
+            flat = torch.cat([g.reshape(-1) for g in ordered])
+            self.pending[b] = (flat, dist.all_reduce(flat, group=z.group, async_op=True))
+
+    def valid(self, g: list[torch.Tensor]) -> bool:
+        """Whether the returned grads ``g`` are the tapped ones, untouched since."""
+        if not self.ok or len(g) != self.n:
+            return False
+        return all(g[i] is t and t._version == v for i, (t, v) in self.tapped.items())
+
+    def finish(self, g: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """What ``fs.zero``'s reduction would compute from the returned grads ``g``:
+        stage 0 the mean grads (every leaf), stages 1-3 this rank's shards of the sum over
+        the shard axis (indexed like the sharded leaves). None: not valid, or a probe; the
+        caller then reduces ``g`` itself."""
+        ok = self.valid(g)
+        if not (ok and self.live):
+            for b in list(self.pending):  # launched before the check failed: let them end
+                self._wait(b)
+            return None
+        for b, members in enumerate(self.members):  # leaves without a grad (zeros): now
+            if b not in self.pending:
+                self._launch(b, {j: g[j] for j in members})
+        if self.scatter:
+            shards: list[Any] = [None] * sum(lay is not None for lay in self.z.layouts)
+            for b in range(len(self.members)):
+                for lay, x in zip(self.z.buckets[b].layouts, self._wait(b)):
+                    shards[lay.index] = x
+            return shards
+        out = list(g)
+        for b in range(len(self.members)):
+            for j, x in zip(self.members[b], self._wait(b)):
+                out[j] = x
+        return out
+
+    def _wait(self, b: int) -> list[torch.Tensor]:
+        z, pending = self.z, self.pending.pop(b)
+        if self.scatter:
+            return _lay.finish_reduce_scatter(z.buckets[b], pending, z.rank)
+        flat, work = pending
+        work.wait()
+        flat.div_(z.dp)
+        out, off = [], 0
+        for j in self.members[b]:
+            n = self.shapes[j].numel()
+            out.append(flat[off : off + n].view(self.shapes[j]))
+            off += n
+        return out
