@@ -28,6 +28,10 @@ stage          communication                                 held per rank
                in backward (3Ψ)                              prefetch)
 =============  ============================================  ================================
 
+"After ``grad_fn``" is where the reduction ends: each bucket's collective starts inside
+backward as soon as its grads exist (``zero_overlap``), whenever the grads ``grad_fn``
+returns are exactly those backward produced (not under ``fs.accumulate`` or a loss scale).
+
 ``gather="blocks"``: ``grad_fn`` receives rank-local shards and every use of params goes
 through ``fs.gather`` (at stage 2 its forward reads the locally held full params, without
 communication). The params that no ``fs.gather`` block owns (embeddings, head) are gathered
