@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fsharding._compat import top_saved_tensors_hooks
 from fsharding.transforms import zero_layout as _lay
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class Reshard:
 
         if _remat._in_remat():
             return None
-        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        top = top_saved_tensors_hooks()
         name = getattr(top[0], "__qualname__", "") if top is not None else ""
         if name.startswith(("_checkpoint_hook.", "_recomputation_hook.")):
             return None

@@ -44,6 +44,7 @@ import optree
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fsharding._compat import top_saved_tensors_hooks
 from fsharding.optim.base import GradientTransformation
 from fsharding.transforms import remat as _remat
 
@@ -157,7 +158,7 @@ def _inside_remat() -> bool:
     directly, e.g. Hugging Face gradient checkpointing): offloading there would shadow it."""
     if _remat._in_remat():
         return True
-    top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    top = top_saved_tensors_hooks()
     return top is not None and getattr(top[0], "__qualname__", "").startswith(_CHECKPOINT_HOOKS)
 
 

@@ -304,6 +304,11 @@ class _Frame:
             if memo is not None:
                 memo[op] = hit
         if hit[1]:
+            if ctx.is_recompute and not self.wrote:
+                # torch <= 2.11 asks the policy again in recompute and runs an op the
+                # forward did not run; "save" makes it refuse this write (nothing cached) as
+                # torch 2.13 does, which guards_recompute() counts on.
+                return _SAVE
             self.wrote = True
         return hit[0]
 

@@ -258,7 +258,8 @@ def test_region_inputs_are_saved_through_saved_tensor_hooks():
     packed = []
 
     def pack(t):
-        packed.append(t.untyped_storage().data_ptr())
+        if t.numel():  # torch <= 2.11's checkpoint also saves an empty placeholder tensor
+            packed.append(t.untyped_storage().data_ptr())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
