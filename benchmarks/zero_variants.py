@@ -68,10 +68,18 @@ def _mesh() -> Any:
 
 
 def fs_zero(
-    data: dict, stage: int, *, donate: bool = True, wrap: Any = None, **zero_kw: Any
+    data: dict,
+    stage: int,
+    *,
+    donate: bool = True,
+    wrap: Any = None,
+    overlap: bool | None = None,
+    **zero_kw: Any,
 ) -> zc.Stepper:
     """``fs.zero(value_and_grad(loss), optim.adamw(...), stage=stage)`` on GPT small;
-    ``wrap`` goes to ``fs.functional`` (per-block transforms)."""
+    ``wrap`` goes to ``fs.functional`` (per-block transforms); ``overlap``: force the
+    reduction inside backward (``zero_overlap``) on or off (None: the library's choice,
+    off on gloo)."""
     _instrument()
     ph = zc.Phases()
     model = zc.model()
@@ -85,6 +93,8 @@ def fs_zero(
     tx = optim.GradientTransformation(tx.init, ph.timed("opt", tx.update))
     grad_fn = ph.timed("fwd+bwd", fs.value_and_grad(loss_fn))
     step = fs.zero(grad_fn, tx, mesh=_mesh(), stage=stage, **zero_kw)
+    if overlap is not None:  # the _ZeRO behind the Step: None = probe, then on; False = off
+        step.step.__self__.overlap = None if overlap else False
     box = dict(zip(("p", "s"), step.init(params)))
     del params
     if stage == 3:  # apply passes every param explicitly: the module's own full copy can go
@@ -192,6 +202,10 @@ BUILDERS: dict[str, tuple[str, Callable[[dict], zc.Stepper]]] = {
         "torch FSDP2 reshard_after_forward=False",
         lambda d: fsdp2(d, reshard_after_forward=False),
     ),
+    "zero0-overlap": ("fs.zero stage 0, overlap", lambda d: fs_zero(d, 0, overlap=True)),
+    "zero1-overlap": ("fs.zero stage 1, overlap", lambda d: fs_zero(d, 1, overlap=True)),
+    "zero2-overlap": ("fs.zero stage 2, overlap", lambda d: fs_zero(d, 2, overlap=True)),
+    "zero3-overlap": ("fs.zero stage 3, overlap", lambda d: fs_zero(d, 3, overlap=True)),
     "zero0-nodonate": ("fs.zero stage 0, donate=False", lambda d: fs_zero(d, 0, donate=False)),
     "zero3-nodonate": ("fs.zero stage 3, donate=False", lambda d: fs_zero(d, 3, donate=False)),
 }

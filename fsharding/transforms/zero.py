@@ -28,9 +28,10 @@ stage          communication                                 held per rank
                in backward (3Ψ)                              prefetch)
 =============  ============================================  ================================
 
-"After ``grad_fn``" is where the reduction ends: each bucket's collective starts inside
-backward as soon as its grads exist (``zero_overlap``), whenever the grads ``grad_fn``
-returns are exactly those backward produced (not under ``fs.accumulate`` or a loss scale).
+"After ``grad_fn``" is where the reduction ends. On NCCL (not gloo, where it bought no
+time) each bucket's collective starts inside backward as soon as its grads exist
+(``zero_overlap``), whenever the grads ``grad_fn`` returns are exactly those backward
+produced (not under ``fs.accumulate`` or a loss scale).
 
 ``gather="blocks"``: ``grad_fn`` receives rank-local shards and every use of params goes
 through ``fs.gather`` (at stage 2 its forward reads the locally held full params, without
@@ -187,7 +188,9 @@ class _ZeRO:
         self.dp = math.prod(mesh.shape[a] for a in axes)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.treedef = None
-        self.overlap, self.tapped = None, None  # None: to be probed (see zero_overlap)
+        # overlap of the reduction with backward: None to be probed, True on, False off
+        self.overlap = None if _overlap.enabled(self.group) else False
+        self.tapped = None
 
     # -- layout -----------------------------------------------------------------------
 

@@ -48,11 +48,15 @@ def _counting(grad_fn, log):
 
 
 def _worker(world: int) -> dict:
-    from fsharding.transforms import zero_layout
+    from fsharding.transforms import zero_layout, zero_overlap
 
+    assert not zero_overlap.enabled(torch.distributed.group.WORLD)  # gloo: off by default
+    zero_overlap.ENABLED = True  # (NCCL's default) tested here, on gloo
     zero_layout.BUCKET_BYTES = 64  # a bucket per leaf: several collectives to overlap
     rank = torch.distributed.get_rank()
-    mesh = fs.Mesh(dp=world)
+    # 4 ranks: hybrid sharding, reduce-scatter over "shard" in backward, then the replicas
+    mesh = fs.Mesh(dp=2) if world == 2 else fs.Mesh({"replicate": 2, "shard": 2})
+    axis = "dp" if world == 2 else ("replicate", "shard")
     batches = global_batches(4 * world)
     out = {}
     for name, grad_fn in _grad_fns().items():
@@ -64,7 +68,8 @@ def _worker(world: int) -> dict:
             refs.append({k: v.clone() for k, v in ref_params.items()})
         for stage in (0, 1, 2, 3):
             log: list[int] = []
-            step = fs.zero(_counting(grad_fn, log), optim.adam(1e-2), mesh=mesh, stage=stage)
+            gf = _counting(grad_fn, log)
+            step = fs.zero(gf, optim.adam(1e-2), mesh=mesh, stage=stage, axis=axis)
             params, state = step.init(make_params())
             for i, b in enumerate(batches[:STEPS]):
                 local = {k: v[rank * 4 : rank * 4 + 4] for k, v in b.items()}
@@ -77,7 +82,7 @@ def _worker(world: int) -> dict:
     # the buckets the step uses: every leaf flattened (stage 0), sharded leaves (1-3)
     leaves = fs.tree.leaves(make_params())
     lays = [
-        zero_layout.LeafLayout(i, tuple(x.shape), x.dtype, world)
+        zero_layout.LeafLayout(i, tuple(x.shape), x.dtype, 2)
         for i, x in enumerate(x for x in leaves if x.dim() >= 1)
     ]
     out["buckets"] = (len(zero_layout.flat_buckets(leaves)), len(zero_layout.make_buckets(lays)))
@@ -85,16 +90,17 @@ def _worker(world: int) -> dict:
 
 
 def test_zero_reduces_grads_during_backward_and_only_when_that_is_exact():
-    for world in (2,):
+    for world in (2, 4):
         logs = run(_worker, world, world)[0]
         flat, sharded = logs["buckets"]
         assert flat >= 2 and sharded >= 2  # several buckets, so some could come late
         for stage in (0, 1, 2, 3):
             per_step = logs[("plain", stage)]
-            expected = flat if stage == 0 else sharded
+            # stage 0 under hybrid sharding reduces over two groups: not overlapped
+            expected = (flat if world == 2 else 0) if stage == 0 else sharded
             # first step probes (nothing launched inside grad_fn), then every bucket's
             # collective is launched before grad_fn returns
-            assert per_step == [0] + [expected] * (STEPS - 1), (stage, per_step)
+            assert per_step == [0] + [expected] * (STEPS - 1), (world, stage, per_step)
             # not the tapped grads: overlap switched off after the probe, results still exact
-            assert logs[("accumulate", stage)] == [0] * STEPS, stage
-            assert logs[("doubled in place", stage)] == [0] * STEPS, stage
+            assert logs[("accumulate", stage)] == [0] * STEPS, (world, stage)
+            assert logs[("doubled in place", stage)] == [0] * STEPS, (world, stage)
