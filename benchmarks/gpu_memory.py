@@ -17,11 +17,11 @@ Issue 3's prepared GPU check: one run, a few minutes on one CUDA GPU. Workload: 
    ``fs.DynamicLossScale``, and ``torch.autocast("cuda", torch.bfloat16)`` on the
    ``nn.Module`` + ``torch.optim.AdamW``.
 3. **Correctness on the device** (each a PASS / FAIL line; exit status 1 on any FAIL): the
-   grads of every memory variant equal the untransformed grads (to 1e-5 relative; whether
-   they are bitwise equal is reported), ``offload(to="cpu")`` keeps its copies in pinned host
-   memory and frees the device copies, and under ``fs.amp("bf16")`` the matmuls run in
-   bfloat16, the loss comes out in float32 and the grads in the params' float32, within
-   bf16 tolerance of the fp32 grads.
+   grads of every memory variant equal the untransformed grads with dropout 0.1 (the same
+   seed: remat must replay the masks; to 1e-5 relative, whether bitwise is reported),
+   ``offload(to="cpu")`` keeps its copies in pinned host memory and frees the device
+   copies, and under ``fs.amp("bf16")`` the matmuls run in bfloat16, the loss comes out in
+   float32 and the grads in the params' float32, within bf16 tolerance of the fp32 grads.
 
 Run (GPU): ``python benchmarks/gpu_memory.py [--batch 32] [--steps 20] [--out gpu.md]``;
 paste the printed tables into BENCHMARKS.md with the card's name (printed first).
@@ -218,7 +218,8 @@ class Checks:
 
 
 def memory_section(args: argparse.Namespace, device: torch.device, checks: Checks) -> str:
-    cfg = GPTConfig.preset(args.preset)
+    # dropout on: remat must replay the same masks (the RNG state) when it recomputes
+    cfg = GPTConfig.preset(args.preset).with_(dropout=args.dropout)
     batch = make_batch(cfg, args.batch, device)
     rows, ref_grads = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,10 +257,19 @@ def memory_section(args: argparse.Namespace, device: torch.device, checks: Check
                 report = (report.saved_bytes, report.offloaded_bytes + sum(n for _, n, _ in log))
             held = held_after_forward(loss_fn, device)
             peak: dict = {}
+            torch.manual_seed(0)  # the same dropout masks in every variant
             with peak_above_start(device, peak):
                 grads = grad_step()
             if ref_grads is None:
                 ref_grads = {k: g.detach().clone() for k, g in grads.items()}
+                torch.manual_seed(1)
+                other = grad_step()
+                differ = any(not torch.equal(other[k], ref_grads[k]) for k in ref_grads)
+                checks(
+                    differ or args.dropout == 0,
+                    f"dropout {args.dropout} is active: grads with another seed differ",
+                )
+                del other
             else:
                 err = rel_err(grads, ref_grads)
                 bitwise = all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
@@ -401,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dropout", type=float, default=0.1, help="in the memory section")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the report to this file")
