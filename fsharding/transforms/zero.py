@@ -356,6 +356,7 @@ class _ZeRO:
         if not self.blocks:
             full = self._gather_full(local_params) if self.stage == 3 else local_params
             single = self.stage >= 1 or self.dp_groups == [self.group]  # stage 0: no HSDP
+            self.tapped = None  # (not one a failed step left behind)
             if self.overlap is not False and single and self.world > 1:
                 self.tapped = _overlap.Overlap(self, full, live=bool(self.overlap))
             with _taps.tapping(self.tapped and self.tapped.taps):
