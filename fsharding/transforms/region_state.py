@@ -80,3 +80,18 @@ def _storage_key(t: Any) -> int | None:
         return t.data_ptr() - t.storage_offset() * t.element_size()
     except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
         return None
+
+
+_SEEDED = torch.Tag.nondeterministic_seeded
+
+
+def consumes_rng(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` draws from the RNG here: seeded ops (dropout, ``rand_like``, ...);
+    attention kernels only with ``dropout_p > 0`` (on CUDA one fused op draws the masks)."""
+    if not isinstance(func, torch._ops.OpOverload) or _SEEDED not in func.tags:
+        return False
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == "dropout_p":
+            p = args[i] if i < len(args) else kwargs.get("dropout_p", a.default_value)
+            return bool(p)
+    return True

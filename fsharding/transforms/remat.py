@@ -57,7 +57,8 @@ from torch.utils._pytree import tree_map_only
 from fsharding.transforms import policies as _policies
 from fsharding.transforms import region_state as _region_state
 from fsharding.transforms.policies import Offloadable
-from fsharding.transforms.region_state import _OP_INFO, _PASS, _op_info, _storage_key
+from fsharding.transforms.region_state import _OP_INFO, _PASS, _SEEDED, _op_info, _storage_key
+from fsharding.transforms.region_state import consumes_rng as _consumes_rng
 
 __all__ = ["remat", "checkpoint_name"]
 
@@ -290,6 +291,10 @@ class _Frame:
                 f"{func}; a policy must return True (save), False (recompute) or "
                 "fs.policies.Offloadable(...)."
             )
+        if decision is not False and _consumes_rng(func, args, kwargs):
+            # recomputed from the replayed RNG state: a saved draw is skipped in recompute
+            # and every later draw would get other random numbers (other dropout masks)
+            return False
         return decision
 
     def sac_policy(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
@@ -301,7 +306,7 @@ class _Frame:
             save = self.decide(op, args, kwargs) is True
             info = _OP_INFO.get(op) or _op_info(op)
             hit = (_SAVE if save else _RECOMPUTE, info is _PASS or bool(info[0]))
-            if memo is not None:
+            if memo is not None and _SEEDED not in getattr(op, "tags", ()):  # seeded: by args
                 memo[op] = hit
         if hit[1]:
             if ctx.is_recompute and not self.wrote:

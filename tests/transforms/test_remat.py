@@ -411,3 +411,49 @@ def test_remat_of_a_transform_composes():
     loss0, g0 = fs.value_and_grad(lambda p, x: torch.tanh(x @ p).sum())(p, x)
     assert torch.equal(loss, loss0) and torch.equal(g, g0)
     assert callable(fs.remat(fs.gather)) and callable(fs.remat(fs.gather)(lambda p, x: x))
+
+
+@pytest.mark.parametrize("save", ["rand_like", "native_dropout"])
+def test_a_saved_random_draw_is_recomputed_so_later_draws_replay(save):
+    """A policy that saves an op drawing random numbers would skip it in recompute, and
+    every later draw (dropout) would get other numbers: such ops are recomputed from the
+    replayed RNG state whatever the policy says. (On CUDA one fused SDPA kernel draws its
+    own dropout mask and dots_saveable saves it: the same case.)"""
+    ops = {
+        "rand_like": torch.ops.aten.rand_like.default,
+        "native_dropout": torch.ops.aten.native_dropout.default,
+    }
+    saved = ops[save]
+    seeded = lambda op, *args, **kwargs: op is saved  # noqa: E731 (a policy saving the draw)
+
+    def f(w, x):
+        h = torch.tanh(x @ w)
+        if save == "rand_like":
+            h = h * (torch.rand_like(h) > 0.5)
+        else:
+            h = torch.ops.aten.native_dropout.default(h, 0.5, True)[0]
+        return (F.dropout(h @ w, 0.5) ** 2).sum()  # a later draw, recomputed
+
+    w, x = torch.randn(4, 4, requires_grad=True), torch.randn(3, 4)
+    torch.manual_seed(0)
+    (ref,) = torch.autograd.grad(f(w, x), w)
+    torch.manual_seed(0)
+    (got,) = torch.autograd.grad(remat(f, policy=seeded)(w, x), w)
+    assert torch.equal(got, ref), (got - ref).abs().max()
+
+
+def test_attention_kernels_count_as_random_draws_only_with_dropout():
+    """CUDA's fused attention kernels draw their dropout mask themselves (no CPU kernel
+    takes dropout_p > 0, so this checks the rule on the schemas)."""
+    from fsharding.transforms.region_state import consumes_rng
+
+    q = torch.empty(0)
+    eff = torch.ops.aten._scaled_dot_product_efficient_attention.default
+    flash = torch.ops.aten._scaled_dot_product_flash_attention.default
+    assert not consumes_rng(eff, (q, q, q, None, True), {})  # dropout_p defaults to 0
+    assert consumes_rng(eff, (q, q, q, None, True, 0.1), {})
+    assert consumes_rng(flash, (q, q, q), {"dropout_p": 0.1})
+    assert not consumes_rng(flash, (q, q, q, 0.0), {})
+    assert consumes_rng(torch.ops.aten.rand_like.default, (q,), {})
+    assert not consumes_rng(torch.ops.aten.mm.default, (q, q), {})
+    assert fs.policies.dots_saveable(eff)  # the policy alone would save it
