@@ -359,7 +359,7 @@ class _ZeRO:
             self.tapped = None  # (not one a failed step left behind)
             if self.overlap is not False and single and self.world > 1:
                 self.tapped = _overlap.Overlap(self, full, live=bool(self.overlap))
-            with _taps.tapping(self.tapped and self.tapped.taps):
+            with _taps.tapping(self.tapped.taps if self.tapped else None):
                 loss, grads = self.grad_fn(self._tree(full), batch, **kw)
             return loss, grads, None
         shards = local_params if self.stage == 3 else self._shard_leaves(local_params)
@@ -385,7 +385,7 @@ class _ZeRO:
         ov, self.tapped = self.tapped, None
         pre = ov.finish(g) if ov is not None else None
         if ov is not None:
-            self.overlap = ov.valid(g)
+            self.overlap = ov.agreed  # every rank's verdict: on (probe held) or off for good
         if self.stage == 0:
             return pre if pre is not None else _lay.all_reduce_mean(g, self.dp_groups, self.dp)
         idx = [i for i, lay in enumerate(self.layouts) if lay is not None]

@@ -19,6 +19,7 @@ On by default except on gloo (:data:`ENABLED`).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -46,8 +47,15 @@ def enabled(group: Any) -> bool:
 class Overlap:
     """One step's tapped reduction of the full grads of ``leaves`` (the grad_fn's params).
 
-    ``live=False``: probe only. ``reduce_scatter``: stages 1-3 (buckets of ``z.buckets``,
-    the shards summed over ``z.group``); else stage 0 (all-reduce over the only dp group).
+    ``live=False``: probe only. Stages 1-3 reduce-scatter ``z.buckets`` over ``z.group``;
+    stage 0 all-reduces flat buckets over the only data-parallel group.
+
+    Every rank issues the same collectives in the same order, whatever its graph: buckets
+    are launched strictly in one fixed sequence (last bucket first, backward's usual
+    order), a complete bucket waiting for those before it; a bucket with a leaf that got
+    no grad on this rank is launched by :meth:`finish`, in the same sequence. Whether the
+    overlapped result is used is agreed by all ranks (a MIN all-reduce after every bucket
+    was launched), so no rank falls back alone.
     """
 
     def __init__(self, z: Any, leaves: list[torch.Tensor], live: bool) -> None:
@@ -55,7 +63,7 @@ class Overlap:
         self.n = len(leaves)
         self.shapes = [x.shape for x in leaves]
         self.tapped: dict[int, tuple[torch.Tensor, int]] = {}
-        self.ok = True
+        self.ok, self.agreed = True, False
         self.scatter = z.stage >= 1
         if self.scatter:  # bucket members: leaf positions (not layout indices)
             pos = {lay.index: i for i, lay in enumerate(z.layouts) if lay is not None}
@@ -64,23 +72,31 @@ class Overlap:
             self.members = _lay.flat_buckets(leaves)
         self.bucket_of = {i: b for b, m in enumerate(self.members) for i in m}
         self.missing = [len(m) for m in self.members]
+        self.order = list(reversed(range(len(self.members))))
+        self.next = 0  # position in ``order`` of the next bucket to launch
         self.pending: dict[int, Any] = {}
-        self.taps = _taps.Taps(leaves, self._on_grad)
+        self.lock = threading.Lock()  # hooks of CUDA leaves run on autograd's device thread
+        self.taps: _taps.Taps | None = _taps.Taps(leaves, self._on_grad)
 
     def _on_grad(self, i: int, g: torch.Tensor) -> None:
-        if i in self.tapped:  # a second backward through the same params
-            self.ok = False
-            return
-        self.tapped[i] = (g, g._version)
-        b = self.bucket_of.get(i)
-        if b is not None:
+        with self.lock:
+            if i in self.tapped:  # a second backward through the same params
+                self.ok = False
+                return
+            self.tapped[i] = (g, g._version)
+            b = self.bucket_of.get(i)
+            if b is None:
+                return
             self.missing[b] -= 1
-            if self.missing[b] == 0 and self.live and self.ok:
-                self._launch(b, {j: self.tapped[j][0] for j in self.members[b]})
+            while self.live and self.ok and self.next < len(self.order):
+                nb = self.order[self.next]
+                if self.missing[nb]:
+                    break
+                self._launch(nb, [self.tapped[j][0] for j in self.members[nb]])
+                self.next += 1
 
-    def _launch(self, b: int, grads: dict[int, torch.Tensor]) -> None:
+    def _launch(self, b: int, ordered: list[torch.Tensor]) -> None:
         z = self.z
-        ordered = [grads[j] for j in self.members[b]]
         if self.scatter:
             bucket = z.buckets[b]
             self.pending[b] = _lay.start_reduce_scatter(bucket, ordered, z.group, z.device)
@@ -89,7 +105,8 @@ class Overlap:
             self.pending[b] = (flat, dist.all_reduce(flat, group=z.group, async_op=True))
 
     def valid(self, g: list[torch.Tensor]) -> bool:
-        """Whether the returned grads ``g`` are the tapped ones, untouched since."""
+        """Whether the returned grads ``g`` are the tapped ones, untouched since (this
+        rank's view; :attr:`agreed` is every rank's after :meth:`finish`)."""
         if not self.ok or len(g) != self.n:
             return False
         return all(g[i] is t and t._version == v for i, (t, v) in self.tapped.items())
@@ -97,16 +114,23 @@ class Overlap:
     def finish(self, g: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """What ``fs.zero``'s reduction would compute from the returned grads ``g``:
         stage 0 the mean grads (every leaf), stages 1-3 this rank's shards of the sum over
-        the shard axis (indexed like the sharded leaves). None: not valid, or a probe; the
-        caller then reduces ``g`` itself."""
+        the shard axis (indexed like the sharded leaves). None: not valid on some rank, or
+        a probe; the caller then reduces ``g`` itself, on every rank."""
+        self.taps = None  # the leaves (full params at stage 3) need not live longer
         ok = self.valid(g)
-        if not (ok and self.live):
-            for b in list(self.pending):  # launched before the check failed: let them end
+        with self.lock:
+            if self.live:  # the rest, in the same sequence on every rank (even if not ok)
+                for b in self.order[self.next :]:
+                    self._launch(b, [g[j] for j in self.members[b]])
+                self.next = len(self.order)
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.z.device)
+        for group in self.z.dp_groups:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        self.agreed = bool(flag.item())
+        if not (self.agreed and self.live):
+            for b in list(self.pending):  # launched, not to be used: let them end
                 self._wait(b)
             return None
-        for b, members in enumerate(self.members):  # leaves without a grad (zeros): now
-            if b not in self.pending:
-                self._launch(b, {j: g[j] for j in members})
         if self.scatter:
             shards: list[Any] = [None] * sum(lay is not None for lay in self.z.layouts)
             for b in range(len(self.members)):
