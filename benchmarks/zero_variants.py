@@ -93,9 +93,9 @@ def fs_zero(
     tx = optim.GradientTransformation(tx.init, ph.timed("opt", tx.update))
     grad_fn = ph.timed("fwd+bwd", fs.value_and_grad(loss_fn))
     step = fs.zero(grad_fn, tx, mesh=_mesh(), stage=stage, **zero_kw)
+    box = dict(zip(("p", "s"), step.init(params)))
     if overlap is not None:  # the _ZeRO behind the Step: None = probe, then on; False = off
         step.step.__self__.overlap = None if overlap else False
-    box = dict(zip(("p", "s"), step.init(params)))
     del params
     if stage == 3:  # apply passes every param explicitly: the module's own full copy can go
         model.to("meta")  # (FSDP2's fully_shard frees it too)

@@ -189,7 +189,7 @@ class _ZeRO:
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.treedef = None
         # overlap of the reduction with backward: None to be probed, True on, False off
-        self.overlap = None if _overlap.enabled(self.group) else False
+        self.overlap = None  # decided by _plan (it knows the params' device)
         self.tapped = None
 
     # -- layout -----------------------------------------------------------------------
@@ -208,6 +208,7 @@ class _ZeRO:
                 self.layouts.append(None)
         self.buckets = _lay.make_buckets([lay for lay in self.layouts if lay is not None])
         self.device = leaves[0].device if leaves else torch.device("cpu")
+        self.overlap = None if _overlap.enabled(self.group, self.device) else False
 
     def _to_dtensor(self, local: torch.Tensor, lay: _lay.LeafLayout) -> torch.Tensor:
         DTensor, Shard = _lay.dtensor_api()

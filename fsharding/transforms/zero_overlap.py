@@ -8,7 +8,8 @@ hooks on a model. After the grad function returns, :meth:`Overlap.finish` waits 
 unpacks.
 
 That is only right if the grads the grad function returns *are* the tapped ones, unchanged:
-each tapped exactly once, the same tensor object, not modified in place since. Accumulation
+each tapped exactly once, the same tensor object, not modified in place since (by the
+version counter: a write through ``.data`` or raw storage is not seen, so don't). Accumulation
 over microbatches (several backwards), loss-scale unscaling (new tensors) or any
 post-processing breaks it. So the first step of a ``fs.zero`` only *probes* (taps, checks,
 launches nothing); overlap is switched on from the second step if the probe held, and off
@@ -37,11 +38,12 @@ __all__ = ["Overlap", "enabled"]
 ENABLED: bool | None = None
 
 
-def enabled(group: Any) -> bool:
-    """Whether ``fs.zero`` overlaps its reduction with backward on ``group``."""
+def enabled(group: Any, device: torch.device | None = None) -> bool:
+    """Whether ``fs.zero`` overlaps its reduction with backward on ``group`` for params on
+    ``device`` (CPU tensors always go through gloo, even in a ``"cpu:gloo,cuda:nccl"`` group)."""
     if ENABLED is not None:
         return ENABLED
-    return dist.get_backend(group) != "gloo"
+    return dist.get_backend(group) != "gloo" and (device is None or device.type != "cpu")
 
 
 class Overlap:
