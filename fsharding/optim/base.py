@@ -35,6 +35,7 @@ __all__ = [
     "donating",
     "learning_rate",
     "global_norm",
+    "agree",
 ]
 
 PyTree = Any
@@ -156,20 +157,32 @@ _SHARDED_LEAF_NORMS: contextvars.ContextVar[
 ] = contextvars.ContextVar("fs_sharded_leaf_norms", default=None)
 
 
+_REDUCE_ALL: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = (
+    contextvars.ContextVar("fs_reduce_all", default=None)
+)
+
+
 @contextlib.contextmanager
 def sharded_norm(
     reduce: Callable[[list[torch.Tensor]], torch.Tensor],
     reduce_leaves: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+    *,
+    reduce_all: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """Within this block, :func:`global_norm` sees sharded leaves (used by ``fs.zero``).
+    """Within this block, the optimizer sees sharded leaves (used by ``fs.zero``): every
+    quantity or decision that depends on all the grads is made global.
 
     ``reduce(per_leaf_squared_norms) -> total`` turns the local squared norm of each leaf
     (in leaf order) into the global sum of squares, e.g. with an all-reduce over the ranks
-    that hold the shards. So ``clip_by_global_norm`` inside a sharded optimizer clips by
-    the norm of the whole, unsharded gradient. ``reduce_leaves(positions, squared)`` does
-    the same leaf by leaf (``squared[i]`` is the local squared norm of the leaf at
-    ``positions[i]`` in the tree's leaf order) for per-leaf norms such as
-    :func:`scale_by_trust_ratio`'s (LAMB).
+    that hold the shards. So :func:`global_norm` and ``clip_by_global_norm`` inside a
+    sharded optimizer use the norm of the whole, unsharded gradient. ``reduce_leaves(positions,
+    squared)`` does the same leaf by leaf (``squared[i]`` is the local squared norm of the
+    leaf at ``positions[i]`` in the tree's leaf order) for per-leaf norms such as
+    :func:`scale_by_trust_ratio`'s (LAMB), which refuses to run in this block without it.
+    ``reduce_all(flag) -> flag`` takes a 0-dim int32 tensor (1: true on this rank) and
+    returns the MIN over every rank holding shards; :func:`agree` uses it for yes/no
+    decisions such as ``apply_if_finite``'s, so all ranks skip or step together (without
+    it, such decisions under this block are refused: one rank alone would diverge or hang).
 
     Example:
         >>> with sharded_norm(lambda sq: 2 * sum(sq)):  # as if a second rank held the same
@@ -178,9 +191,11 @@ def sharded_norm(
     """
     token = _SHARDED_NORM.set(reduce)
     token_leaves = _SHARDED_LEAF_NORMS.set(reduce_leaves)
+    token_all = _REDUCE_ALL.set(reduce_all)
     try:
         yield
     finally:
+        _REDUCE_ALL.reset(token_all)
         _SHARDED_LEAF_NORMS.reset(token_leaves)
         _SHARDED_NORM.reset(token)
 
@@ -188,6 +203,76 @@ def sharded_norm(
 def sharded_leaf_norms() -> Callable[[list[int], torch.Tensor], torch.Tensor] | None:
     """The per-leaf reducer of the enclosing :func:`sharded_norm` block, if any."""
     return _SHARDED_LEAF_NORMS.get()
+
+
+def in_sharded_norm() -> bool:
+    """True inside a :func:`sharded_norm` block (the leaves are local shards)."""
+    return _SHARDED_NORM.get() is not None
+
+
+@torch.no_grad()
+def agree(flag: torch.Tensor | bool, leaves: list[Any] | None = None) -> bool:
+    """A yes/no decision that depends on all the grads, agreed by every rank (MIN: true
+    only when true everywhere) and returned as a python bool.
+
+    Every optimizer decision that reads the whole tree goes through here, so all ranks
+    take the same branch: inside ``sharded_norm(..., reduce_all=...)`` (``fs.zero``) the
+    given ``reduce_all``; else, when ``leaves`` holds DTensors, a MIN all-reduce over each
+    of their meshes (every mesh dim, in leaf order: the ranks that hold the shards, not the
+    default group); else the local value. Never true where the local flag is false.
+
+    Args:
+        flag: a 0-dim bool or integer tensor (or a bool): the decision on this rank.
+        leaves: the tree's leaves the decision was computed from (for their meshes).
+
+    Raises:
+        RuntimeError: inside a ``sharded_norm`` block that gives no ``reduce_all``.
+
+    Example:
+        >>> agree(torch.tensor(True))
+        True
+        >>> with sharded_norm(lambda sq: sum(sq), reduce_all=lambda f: f * 0):
+        ...     agree(torch.tensor(True))  # another rank said no
+        False
+    """
+    from fsharding.optim import _util  # (a cycle at import time)
+
+    local = flag if isinstance(flag, torch.Tensor) else torch.tensor(bool(flag))
+    local = local.reshape(()).to(torch.int32)
+    reduce_all = _REDUCE_ALL.get()
+    if reduce_all is not None:
+        out = reduce_all(local.clone())
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise TypeError(
+                "optim.base.agree: the reduce_all given to optim.base.sharded_norm returned "
+                f"{type(out).__name__}"
+                + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "")
+                + "; it must return a 0-dim tensor, the MIN of the flag over the ranks."
+            )
+        return bool(out.reshape(())) and bool(local)
+    if _SHARDED_NORM.get() is not None:
+        raise RuntimeError(
+            "optim.base.agree: a decision over all the grads (e.g. optim.apply_if_finite's) "
+            "inside optim.base.sharded_norm(reduce) with no reduce_all: each rank would "
+            "decide on its own shards and the ranks diverge or hang. Pass "
+            "sharded_norm(reduce, reduce_leaves, reduce_all=...) with a MIN all-reduce over "
+            "the ranks that hold the shards."
+        )
+    dt = _util._dtensor_type()
+    meshes: dict[int, tuple[Any, torch.device]] = {}
+    if dt is not None and leaves:
+        for x in leaves:
+            if isinstance(x, dt) and id(x.device_mesh) not in meshes:
+                meshes[id(x.device_mesh)] = (x.device_mesh, x.to_local().device)
+    if not meshes:
+        return bool(local)
+    import torch.distributed as dist
+
+    for mesh, device in meshes.values():
+        local = local.to(device)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(local, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+    return bool(local)
 
 
 def _sum_sq(xs: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:

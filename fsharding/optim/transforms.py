@@ -23,7 +23,13 @@ import optree
 import torch
 
 from fsharding.optim import _util as _u
-from fsharding.optim.base import EmptyState, GradientTransformation, donating, sharded_leaf_norms
+from fsharding.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    donating,
+    in_sharded_norm,
+    sharded_leaf_norms,
+)
 
 __all__ = [
     "ScaleByScheduleState",
@@ -260,6 +266,12 @@ def scale_by_trust_ratio(
             return torch.stack(list(ns)).clamp_min(min_norm)
         ns = torch.stack(list(torch._foreach_norm(loc, 2)))
         reduce = sharded_leaf_norms()
+        if reduce is None and in_sharded_norm():
+            raise ValueError(
+                f"{api}: inside optim.base.sharded_norm(reduce) with no reduce_leaves: the "
+                "leaves are local shards and their per-leaf norms would be silently wrong. "
+                "Pass sharded_norm(reduce, reduce_leaves, ...) (fs.zero does)."
+            )
         if reduce is not None:  # local shards (fs.zero): sum the squares over the ranks
             ns = reduce(idx, ns.double().square()).sqrt().to(ns.dtype)
         return ns.clamp_min(min_norm)

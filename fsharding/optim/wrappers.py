@@ -34,14 +34,10 @@ class ApplyIfFiniteState(NamedTuple):
 
 
 def _all_finite(leaves: list[torch.Tensor]) -> bool:
-    """Finiteness of all leaves; with DTensor leaves, agreed by every rank (a MIN
-    all-reduce over the default group), so all ranks skip or step together."""
-    flag = _tree.all_finite(leaves)
-    loc, dt = _u.local(leaves)
-    if dt:
-        flag = flag.to(device=loc[0].device, dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag)
+    """Finiteness of all leaves, agreed by every rank holding shards (``base.agree``): the
+    ``reduce_all`` of an enclosing ``sharded_norm`` block (``fs.zero``), else a MIN
+    all-reduce over the DTensor leaves' meshes; so all ranks skip or step together."""
+    return _base.agree(_tree.all_finite(leaves), leaves)
 
 
 def apply_if_finite(
@@ -52,8 +48,10 @@ def apply_if_finite(
     optax's semantics: when any incoming update element is inf or NaN, the outgoing updates
     are zeros and ``inner``'s state is kept unchanged (the same objects), unless this is more
     than ``max_consecutive_errors`` non-finite updates in a row, in which case ``inner`` runs
-    anyway. Costs one device sync per update (the finiteness flag decides on the host); with
-    DTensor leaves the ranks agree on the flag (one all-reduce).
+    anyway. Costs one device sync per update (the finiteness flag decides on the host). Sharded,
+    every rank takes the same branch (``optim.base.agree``): under ``fs.zero`` (plain
+    local shards) through its ``reduce_all``, with DTensor leaves by one MIN all-reduce over
+    their mesh; a NaN in one rank's shard skips the step on every rank.
 
     Args:
         inner: the transform to protect (e.g. ``optim.adamw(1e-3)``).
