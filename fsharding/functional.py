@@ -9,7 +9,10 @@ remat, offload and collectives rely on).
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
 import functools
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -48,6 +51,12 @@ def functional(
 
     ``params`` is keyed as ``module.named_parameters()`` (tied weights appear once) and its
     values are ``p.detach()``: they share storage with the module but never carry ``.grad``.
+    ``apply`` reads them and never writes them, and neither does a step that is not donated
+    (``step.step(params, opt_state, batch)`` returns new tensors). A step with
+    ``donate=True`` updates the params it is given in place: those of ``fs.functional``
+    (and ``step.init``'s, their aliases) are the module's own tensors, so the module then
+    holds the trained weights. Pass ``{k: v.clone() for k, v in params.items()}`` to
+    ``step.init`` to keep the module's weights as they were.
     ``apply(params, *args, **kwargs)`` runs the module through ``functional_call`` with the
     passed params in force — also during backward, so a checkpoint *inside* the module (a
     closure over module attributes, Hugging Face ``gradient_checkpointing_enable()``)
@@ -55,7 +64,14 @@ def functional(
     ``functional_call`` silently gets this wrong once the two differ).
 
     Args:
-        module: any ``nn.Module``. It is not modified; its own parameters are never written.
+        module: any ``nn.Module``. It is not modified (``apply`` swaps the passed tensors in
+            and out for the call); see above for what a donated step writes. A module built
+            under ``torch.device("meta")`` is fine: ``apply`` runs with the params passed,
+            and buffers left on meta are recomputed once on the params' device by the owning
+            submodule's ``reset_parameters()`` (a Hugging Face model's ``_init_weights``,
+            e.g. rotary ``inv_freq``), kept by ``apply``, never written into the module.
+            Buffers the module had when ``fs.functional`` was called stay in use after
+            ``model.to("meta")``.
         buffers: ``"frozen"`` keeps buffers as read-only constants (a forward that updates a
             buffer, e.g. BatchNorm in training mode, raises and points to ``"state"``).
             ``"state"`` returns ``(apply, params, state)`` with
@@ -66,13 +82,19 @@ def functional(
             then runs as ``transform(block_apply)(block_params, *args, **kwargs)`` with its
             own params passed explicitly (keys relative to the submodule), so ``fs.remat``,
             ``fs.offload``, ``fs.amp`` and ``fs.gather`` see them. A submodule nested inside
-            a selected one is not selected again by a mapping (the outer one wins).
+            a selected one is not selected again by a mapping (the outer one wins). A
+            Hugging Face ``Cache`` argument (the KV cache of ``use_cache=True``) is updated
+            by the block's forward only: a recomputation (``fs.remat``) runs on a copy of
+            the cache as it was when the block started.
 
     Returns:
         ``(apply, params)``, or ``(apply, params, state)`` with ``buffers="state"``.
 
     Raises:
-        ValueError: ``buffers`` is not ``"frozen"`` or ``"state"``, or ``wrap`` is malformed.
+        ValueError: ``buffers`` is not ``"frozen"`` or ``"state"``, or ``wrap`` is malformed
+            or selects no submodule (a class of the mapping matches none).
+        KeyError: (from ``apply``) ``params`` lacks a parameter of the module, or has a key
+            that is not one; the message names them.
 
     Example:
         >>> import torch, fsharding as fs
@@ -133,17 +155,25 @@ def _select_wrapped(module: nn.Module, wrap: WrapSpec) -> dict[str, tuple[nn.Mod
                     "fs.functional: wrap must map module classes to transforms "
                     f"(e.g. {{Block: fs.remat(policy=...)}}), got {cls!r}: {t!r}."
                 )
-        for name, sub in module.named_modules():
-            if any(name.startswith(p + ".") for p in out) or name == "":
+        subs = [(name, sub) for name, sub in module.named_modules() if name != ""]
+        unmatched = [c for c in wrap if not any(isinstance(sub, c) for _, sub in subs)]
+        if unmatched:
+            raise ValueError(
+                f"fs.functional: wrap class {unmatched[0].__qualname__} matches no submodule "
+                f"of {type(module).__name__}, so its transform would never run. Its "
+                f"submodule classes are {_class_names(subs)}; map one of them (or drop the "
+                "entry)."
+            )
+        for name, sub in subs:
+            if any(name.startswith(p + ".") for p in out):
                 continue
             t = next((t for cls, t in wrap.items() if isinstance(sub, cls)), None)
             if t is not None:
                 out[name] = (sub, t)
         return out
     if callable(wrap):
-        for name, sub in module.named_modules():
-            if name == "":
-                continue
+        subs = [(name, sub) for name, sub in module.named_modules() if name != ""]
+        for name, sub in subs:
             t = wrap(name, sub)
             if t is not None:
                 if not callable(t):
@@ -152,11 +182,23 @@ def _select_wrapped(module: nn.Module, wrap: WrapSpec) -> dict[str, tuple[nn.Mod
                         "transform; return a callable such as fs.remat(policy=...) or None."
                     )
                 out[name] = (sub, t)
+        if not out:
+            raise ValueError(
+                f"fs.functional: the wrap callable selected no submodule of "
+                f"{type(module).__name__} (it returned None for all {len(subs)}, e.g. "
+                f"{[n for n, _ in subs[:3]]}), so no transform would run. Check its test on "
+                "the name or class, or pass wrap=None."
+            )
         return out
     raise ValueError(
         "fs.functional: wrap must be a mapping {ModuleClass: transform} or a callable "
         f"(name, submodule) -> transform | None, got {type(wrap).__name__}."
     )
+
+
+def _class_names(subs: list[tuple[str, nn.Module]]) -> list[str]:
+    names = dict.fromkeys(type(sub).__name__ for _, sub in subs)
+    return list(names)[:8] + (["..."] if len(names) > 8 else [])
 
 
 class _Runner:
@@ -165,8 +207,17 @@ class _Runner:
     def __init__(self, module: nn.Module, wrapped: dict[str, tuple[nn.Module, Transform]]):
         self.module = module
         self.wrapped = wrapped
-        self.buffer_names = [n for n, _ in module.named_buffers()]
-        self.param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        # Buffers as they are now: still used after model.to("meta") frees the module.
+        self.captured = dict(module.named_buffers())
+        self.buffer_names = list(self.captured)
+        self.made: dict[tuple[str, torch.device], torch.Tensor] = {}  # meta buffers, made
+        # Every name of each parameter (tied weights: several) -> its first name.
+        self.canonical: dict[str, str] = {}
+        by_id: dict[int, str] = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            self.canonical[n] = by_id.setdefault(id(p), n)
+        self.required = tuple(dict.fromkeys(self.canonical.values()))
+        self.checked_keys: tuple | None = None  # the last key tuple that passed the check
         # Block params are read from the block's attributes at call time (they are the
         # passed params while the reparametrization is in force), keyed relative to it.
         self.block_param_names = {
@@ -179,13 +230,107 @@ class _Runner:
                 "apply: params must be the dict returned by fs.functional (name -> tensor), "
                 f"got {type(params).__name__}."
             )
-        unknown = [k for k in params if k not in self.param_names]
+        keys = tuple(params)
+        if keys == self.checked_keys:  # the hot path: the same keys as last time
+            return
+        what = type(self.module).__name__
+        unknown = [k for k in keys if k not in self.canonical]
         if unknown:
+            k = unknown[0]
+            hint = ""
+            if k in self.captured:
+                hint = (
+                    f" {k!r} is a buffer: buffers are not params (they stay in the module, "
+                    "or go in state with fs.functional(module, buffers='state'))."
+                )
+            elif isinstance(k, str):
+                close = difflib.get_close_matches(k, list(self.canonical), n=1)
+                hint = f" For {k!r}, did you mean {close[0]!r}?" if close else ""
             raise KeyError(
-                f"apply: params has keys that are not parameters of "
-                f"{type(self.module).__name__}: {unknown[:5]}. Pass the dict returned by "
-                "fs.functional(module) (or a tree with the same keys)."
-            )
+                f"apply: params has keys that are not parameters of {what}: "
+                f"{_keystrs(unknown)}.{hint} Pass the dict returned by fs.functional(module) "
+                "(or a tree with the same keys)."
+            ) from None
+        given = {self.canonical[k] for k in keys}
+        missing = [n for n in self.required if n not in given]
+        if missing:
+            raise KeyError(
+                f"apply: params is missing parameters of {what}: {_keystrs(missing)} "
+                f"({len(missing)} of {len(self.required)}). Every parameter must be passed "
+                "(the module's own tensor would run in its place, with no gradient): pass "
+                "the dict returned by fs.functional(module), or add the missing entries; to "
+                "freeze one, pass it and ignore its gradient (or use optim.masked)."
+            ) from None
+        self.checked_keys = keys
+
+    # -- buffers ---------------------------------------------------------------------
+
+    def _buffer(self, name: str, b: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``b``, unless it is on meta: then the buffer as captured, or recomputed."""
+        if not b.is_meta:
+            return b
+        c = self.captured.get(name)
+        if c is not None and not c.is_meta:
+            return c
+        made = self.made.get((name, device))
+        if made is None:
+            self._materialise(device)
+            made = self.made[(name, device)]
+        return made
+
+    def _materialise(self, device: torch.device) -> None:
+        """Recomputes every buffer that never had a value (built on meta) on ``device``."""
+        todo: dict[str, list[str]] = {}
+        for n, b in self.module.named_buffers():
+            c = self.captured.get(n, b)
+            if b.is_meta and c.is_meta and (n, device) not in self.made:
+                owner, _, attr = n.rpartition(".")
+                todo.setdefault(owner, []).append(attr)
+        for owner_name, attrs in todo.items():
+            owner = self.module.get_submodule(owner_name)
+            shadow = _shadow(owner, device, set(attrs))
+            fresh = {a: (shadow._buffers[a], shadow._buffers[a]._version) for a in attrs}
+            recipes = []
+            hf = _hf_ancestor(self.module, owner_name)
+            if hf is not None:
+                recipes.append(("_init_weights", lambda m, hf=hf: hf._init_weights(m)))
+            if callable(getattr(shadow, "reset_parameters", None)):
+                recipes.append(("reset_parameters", lambda m: m.reset_parameters()))
+            done: dict[str, torch.Tensor] = {}
+            for recipe_name, recipe in recipes:
+                try:
+                    with torch.random.fork_rng(devices=[]), torch.no_grad():
+                        recipe(shadow)
+                except Exception as e:
+                    raise RuntimeError(
+                        f"apply: recomputing the meta-device buffers "
+                        f"{_keystrs(_join(owner_name, attrs))} of {type(owner).__name__} "
+                        f"with {recipe_name}() failed: {type(e).__name__}: {e}"
+                    ) from e
+                for a in attrs:
+                    t = shadow._buffers.get(a)
+                    t0, v0 = fresh[a]
+                    if t is not None and not t.is_meta and (t is not t0 or t._version != v0):
+                        done[a] = t.detach().to(device)
+                if len(done) == len(attrs):
+                    break
+            left = [a for a in attrs if a not in done]
+            if left:
+                raise RuntimeError(
+                    f"apply: buffers {_keystrs(_join(owner_name, left))} of "
+                    f"{type(self.module).__name__} are on the meta device (the module was "
+                    "built under torch.device('meta')) and have no value to run with. apply "
+                    "recomputes such buffers with the owning submodule's reset_parameters() "
+                    "(or a Hugging Face model's _init_weights), and "
+                    f"{type(owner).__name__} has none that sets them. Give it a "
+                    "reset_parameters() that recomputes them in place, or build the module "
+                    "with its buffers on a real device (only the params on meta), or "
+                    "materialise the buffers before calling fs.functional."
+                )
+            for a, t in done.items():
+                self.made[(_join(owner_name, [a])[0], device)] = t
+
+    # -- running ---------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _in_force(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -218,6 +363,7 @@ class _Runner:
         cls_forward = type(sub).forward
 
         def block_apply(block_params: Mapping[str, torch.Tensor], *args: Any, **kw: Any) -> Any:
+            args, kw = _Replay.resolve(args, kw)
             with stateless._reparametrize_module(sub, dict(block_params), strict=False):
                 return cls_forward(sub, *args, **kw)
 
@@ -227,6 +373,8 @@ class _Runner:
         def forward(*args: Any, **kw: Any) -> Any:
             block_params = {n: _get_attr(sub, n) for n in names}
             state = [*block_params.values(), *(b for _, b in sub.named_buffers())]
+            if torch.is_grad_enabled():  # (a recomputation needs a backward)
+                args, kw = _Replay.protect(args, kw)
             with _region_state.known_state(state):  # what remat must keep from writing twice
                 return transformed(block_params, *args, **kw)
 
@@ -240,13 +388,13 @@ class _Runner:
         kwargs: dict,
     ) -> tuple[Any, dict[str, torch.Tensor] | None]:
         self._check_params(params)
+        device = _device_of(params)
         # fs.zero(stage=3, gather="blocks") passes shards: gather those no fs.gather block owns.
         tensors = _gather.gather_unowned(self, dict(params))
         if state is None:
             # Frozen buffers: pass copies so an in-place update (BatchNorm) can be detected
             # without ever touching the module's own buffers.
-            bufs = {n: b for n, b in self.module.named_buffers()}
-            frozen = {n: b.clone() for n, b in bufs.items()}
+            frozen = {n: self._buffer(n, b, device).clone() for n, b in self.module.named_buffers()}
             versions = {n: b._version for n, b in frozen.items()}
             tensors.update(frozen)
         else:
@@ -256,7 +404,7 @@ class _Runner:
                     f"apply: state is missing buffers {missing[:5]}; pass the state returned "
                     "by fs.functional(module, buffers='state') or by the previous apply."
                 )
-            new_state = {n: state[n].clone() for n in self.buffer_names}
+            new_state = {n: self._buffer(n, state[n], device).clone() for n in self.buffer_names}
             tensors.update(new_state)
         with self._in_force(tensors):
             out = self.module(*args, **kwargs)
@@ -273,6 +421,124 @@ class _Runner:
         if state is None:
             return out, None
         return out, {n: b.detach() for n, b in new_state.items()}
+
+
+def _keystrs(names: list[str], limit: int = 5) -> str:
+    shown = "".join(f"[{n!r}]" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _join(prefix: str, attrs: list[str]) -> list[str]:
+    return [f"{prefix}.{a}" if prefix else a for a in attrs]
+
+
+def _device_of(params: Mapping[str, Any]) -> torch.device:
+    for v in params.values():
+        if isinstance(v, torch.Tensor) and not v.is_meta:
+            return v.device
+    return torch.device("cpu")
+
+
+def _shadow(module: nn.Module, device: torch.device, targets: set[str]) -> nn.Module:
+    """A copy of ``module`` whose params are meta and whose ``targets`` buffers are empty
+    on ``device`` (other buffers meta): an init recipe run on it writes nothing real."""
+    c = copy.copy(module)
+    c.__dict__["_parameters"] = {
+        k: None
+        if p is None
+        else nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for k, p in module._parameters.items()
+    }
+    c.__dict__["_buffers"] = {
+        k: None if b is None else torch.empty_like(b, device=device if k in targets else "meta")
+        for k, b in module._buffers.items()
+    }
+    c.__dict__["_modules"] = {
+        k: None if m is None else _shadow(m, device, set()) for k, m in module._modules.items()
+    }
+    return c
+
+
+def _hf_ancestor(root: nn.Module, owner_name: str) -> Any:
+    """The innermost Hugging Face ``PreTrainedModel`` containing ``owner_name``, or None."""
+    hf = sys.modules.get("transformers.modeling_utils")
+    base = getattr(hf, "PreTrainedModel", None)
+    if base is None:
+        return None
+    found, mod = None, root
+    parts = owner_name.split(".") if owner_name else []
+    for i in range(len(parts) + 1):
+        if isinstance(mod, base):
+            found = mod
+        if i < len(parts):
+            mod = getattr(mod, parts[i])
+    return found
+
+
+class _Replay:
+    """A mutable argument (a Hugging Face KV ``Cache``) that a block updates in place: the
+    block's first run (the forward) gets the object itself, every later run (a remat
+    recomputation) a copy of it as it was when the block started, so the object is
+    updated once and the recomputation computes what the forward did."""
+
+    __slots__ = ("obj", "entry", "ran")
+
+    def __init__(self, obj: Any) -> None:
+        self.obj, self.entry, self.ran = obj, _copy_structure(obj), False
+
+    def get(self) -> Any:
+        if not self.ran:
+            self.ran = True
+            return self.obj
+        return _copy_structure(self.entry)
+
+    @staticmethod
+    def protect(args: tuple, kw: dict) -> tuple[tuple, dict]:
+        cu = sys.modules.get("transformers.cache_utils")
+        cache = getattr(cu, "Cache", None)
+        if cache is None:
+            return args, kw
+        if any(isinstance(a, cache) for a in args):
+            args = tuple(_Replay(a) if isinstance(a, cache) else a for a in args)
+        if any(isinstance(v, cache) for v in kw.values()):
+            kw = {k: _Replay(v) if isinstance(v, cache) else v for k, v in kw.items()}
+        return args, kw
+
+    @staticmethod
+    def resolve(args: tuple, kw: dict) -> tuple[tuple, dict]:
+        if any(type(a) is _Replay for a in args):
+            args = tuple(a.get() if type(a) is _Replay else a for a in args)
+        if any(type(v) is _Replay for v in kw.values()):
+            kw = {k: v.get() if type(v) is _Replay else v for k, v in kw.items()}
+        return args, kw
+
+
+def _copy_structure(x: Any, memo: dict[int, Any] | None = None, home: str = "") -> Any:
+    """A copy of ``x``'s containers and of the objects defined in its class's module (a
+    cache's layers), sharing every tensor and every other object."""
+    if memo is None:
+        memo = {}
+        home = type(x).__module__
+    if isinstance(x, torch.Tensor):
+        return x
+    if id(x) in memo:
+        return memo[id(x)]
+    if type(x) in (list, dict):
+        y = copy.copy(x)
+        memo[id(x)] = y
+        items = enumerate(x) if type(x) is list else x.items()
+        for k, v in list(items):
+            y[k] = _copy_structure(v, memo, home)
+        return y
+    if type(x) is tuple:
+        return tuple(_copy_structure(v, memo, home) for v in x)
+    if type(x).__module__ == home and hasattr(x, "__dict__") and not isinstance(x, type):
+        y = copy.copy(x)
+        memo[id(x)] = y
+        for k, v in vars(x).items():
+            y.__dict__[k] = _copy_structure(v, memo, home)
+        return y
+    return x
 
 
 def _get_attr(module: nn.Module, dotted: str) -> torch.Tensor:
@@ -375,13 +641,15 @@ def value_and_grad(
     require grad. Grads have exactly the pytree structure of the differentiated arguments;
     a leaf the value does not depend on gets zeros.
 
-    The returned function takes the keyword-only ``loss_scale: fs.LossScale | None``: it
-    then differentiates ``loss_scale.scale(loss)`` and returns the unscaled loss and
+    The returned function takes the keyword-only ``loss_scale``: an ``fs.LossScale``, or a
+    number ``s`` meaning ``fs.StaticLossScale(s)`` (as ``fs.train_step``'s); it then
+    differentiates ``loss_scale.scale(loss)`` and returns the unscaled loss and
     ``loss_scale.unscale(grads)``.
 
     Args:
         fn: a function returning a scalar floating tensor, or ``(scalar, aux)`` with
-            ``has_aux=True``.
+            ``has_aux=True``. Not an ``nn.Module``: differentiate ``fs.functional(model)``'s
+            ``apply`` instead.
         argnums: which positional argument(s) to differentiate; a tuple gives a tuple of
             grads.
         has_aux: ``fn`` returns ``(value, aux)``; aux is returned detached.
@@ -391,8 +659,9 @@ def value_and_grad(
         ``((value, aux), grads)``; ``value`` is detached.
 
     Raises:
-        TypeError: a differentiated leaf is not a floating tensor (the message names its
-            path), or ``fn`` does not return a scalar floating tensor.
+        TypeError: ``fn`` is an ``nn.Module``; a differentiated leaf is not a floating
+            tensor (the message names its path); ``fn`` does not return a scalar floating
+            tensor; ``loss_scale`` is neither a number nor a loss scale.
 
     Example:
         >>> import torch, fsharding as fs
@@ -401,10 +670,12 @@ def value_and_grad(
         >>> g["w"].tolist()
         [0.0, 1.0, 2.0]
     """
+    _check_not_module(fn, "fs.value_and_grad")
     nums, multiple = _normalize_argnums(argnums, "fs.value_and_grad")
 
     @functools.wraps(fn)
     def value_and_grad_fn(*args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
+        loss_scale = _as_loss_scale(loss_scale)
         if max(nums) >= len(args) or min(nums) < -len(args):
             raise TypeError(
                 f"fs.value_and_grad: argnums={argnums!r} but the function was called with "
@@ -452,6 +723,32 @@ def value_and_grad(
     return value_and_grad_fn
 
 
+def _check_not_module(fn: Any, api: str) -> None:
+    if isinstance(fn, nn.Module):
+        raise TypeError(
+            f"{api}: fn is an nn.Module ({type(fn).__name__}), whose parameters are hidden "
+            "in it; differentiate a function of explicit params: `apply, params = "
+            f"fs.functional(model)`, then `{api}(lambda p, x: loss(apply(p, x)))(params, "
+            "x)`."
+        )
+
+
+def _as_loss_scale(loss_scale: Any) -> Any:
+    if loss_scale is None:
+        return None
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+        from fsharding.transforms.loss_scale import StaticLossScale
+
+        return StaticLossScale(loss_scale)
+    if not (hasattr(loss_scale, "scale") and hasattr(loss_scale, "unscale")):
+        raise TypeError(
+            "fs.value_and_grad: loss_scale must be None, a number (a static scale, e.g. "
+            "1024.0) or an fs.LossScale (fs.StaticLossScale(1024.0), fs.DynamicLossScale()), "
+            f"got {loss_scale!r} of type {type(loss_scale).__name__}."
+        )
+    return loss_scale
+
+
 def _check_scalar(value: Any) -> None:
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or not _tree.is_floating(value):
         got = (
@@ -481,6 +778,7 @@ def grad(
         >>> fs.grad(lambda x: (x ** 2).sum())(torch.tensor([1.0, 2.0])).tolist()
         [2.0, 4.0]
     """
+    _check_not_module(fn, "fs.grad")
     vg = value_and_grad(fn, argnums=argnums, has_aux=has_aux)
 
     @functools.wraps(fn)

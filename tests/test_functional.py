@@ -361,3 +361,166 @@ def test_functional_argument_errors():
         fs.functional(lambda x: x)
     with pytest.raises(ValueError, match="wrap must map module classes"):
         fs.functional(Net(), wrap={"Block": lambda f: f})
+
+
+# ----------------------------------------------------------------------------- issue 9
+
+
+def test_apply_missing_param_keys_raise_naming_the_paths():
+    """Point 5: a missing key used to run the module's own tensor silently (no grad)."""
+    torch.manual_seed(0)
+    m = Tied()
+    apply, params = fs.functional(m)
+    x = torch.randint(0, 7, (2, 3))
+    partial = {k: v for k, v in params.items() if k != "mid.bias"}
+    with pytest.raises(KeyError, match=r"missing.*\['mid.bias'\]"):
+        apply(partial, x)
+    with pytest.raises(KeyError, match=r"\['emb.weight'\]"):  # the tied weight, by its name
+        apply({k: v for k, v in params.items() if k != "emb.weight"}, x)
+    # the tie's other name is accepted in place of the first one
+    alias = {("head.weight" if k == "emb.weight" else k): v for k, v in params.items()}
+    torch.testing.assert_close(apply(alias, x), apply(params, x))
+    # a typo is an unknown key, with the closest real name suggested
+    typo = {("mid.bais" if k == "mid.bias" else k): v for k, v in params.items()}
+    with pytest.raises(KeyError, match=r"mid\.bais.*did you mean.*mid\.bias"):
+        apply(typo, x)
+    with pytest.raises(KeyError, match="buffer"):
+        bn = nn.BatchNorm1d(3).eval()
+        apply_bn, p_bn = fs.functional(bn)
+        apply_bn({**p_bn, "running_mean": torch.zeros(3)}, torch.ones(2, 3))
+    # ... and the full dict still works after an error (the key check is cached by key tuple)
+    apply(params, x)
+    apply(dict(params), x)
+
+
+class Rope(nn.Module):
+    """A submodule whose non-persistent buffer is computed in __init__ (as rotary tables)."""
+
+    def __init__(self, d, *, reset=True):
+        super().__init__()
+        self.d = d
+        self.register_buffer("inv_freq", self._compute(), persistent=False)
+        if not reset:
+            self.reset_parameters = None
+
+    def _compute(self, device=None):
+        return 1.0 / (10.0 ** (torch.arange(0, self.d, 2, device=device).double() / self.d))
+
+    def reset_parameters(self):
+        self.inv_freq.copy_(self._compute())
+
+    def forward(self, x):
+        return torch.cat([torch.sin(x[..., ::2] * self.inv_freq), torch.cos(x[..., 1::2])], -1)
+
+
+class RopeNet(nn.Module):
+    def __init__(self, reset=True):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.rope = Rope(4, reset=reset)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.rope(self.fc(x))).sum()
+
+
+def test_meta_built_module_buffers_are_materialised_for_apply():
+    """Point 12: buffers left on meta by meta-device construction are recomputed (on the
+    params' device) through the owner's reset_parameters; the module is not modified."""
+    torch.manual_seed(0)
+    ref = RopeNet().double().eval()
+    with torch.device("meta"):
+        m = RopeNet().double().eval()
+    apply, params = fs.functional(m)
+    real = {k: v.clone() for k, v in ref.named_parameters()}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    loss, g = fs.value_and_grad(apply)(real, x)
+    ref(x).backward()
+    torch.testing.assert_close(loss, ref(x).detach(), rtol=0, atol=0)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=0, atol=0)
+    assert all(b.is_meta for b in m.buffers())  # the module itself is not modified
+    # buffers="state": the meta state entries are materialised the same way
+    apply_s, params_s, state = fs.functional(m, buffers="state")
+    out, new_state = apply_s(real, state, x)
+    torch.testing.assert_close(out, ref(x))
+    torch.testing.assert_close(new_state["rope.inv_freq"], ref.rope.inv_freq)
+    assert not any(v.is_meta for v in new_state.values())
+
+
+def test_meta_buffers_without_a_recipe_raise_naming_them():
+    with torch.device("meta"):
+        m = RopeNet(reset=False)
+    apply, params = fs.functional(m)
+    real = {k: torch.zeros(v.shape) for k, v in params.items()}
+    with pytest.raises(RuntimeError, match=r"\['rope.inv_freq'\].*meta.*reset_parameters"):
+        apply(real, torch.ones(2, 4))
+
+
+def test_module_moved_to_meta_after_functional_keeps_its_buffers():
+    """fs.zero's docstring: model.to('meta') after init frees the module; apply must still
+    see the buffer values the module had (not re-initialised ones)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    m.train()
+    m(torch.randn(16, 3, dtype=torch.float64))  # running stats move away from their init
+    m.eval()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    want = m(x)
+    apply, params = fs.functional(m)
+    params = {k: v.clone() for k, v in params.items()}
+    m.to("meta")
+    torch.testing.assert_close(apply(params, x), want, rtol=0, atol=0)
+
+
+def test_donation_updates_the_module_in_place_a_plain_step_never_writes_it():
+    """Point 11: fs.functional's params alias the module's tensors (documented)."""
+    from fsharding import optim
+
+    assert "donate=True" in fs.functional.__doc__
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    versions = {k: v._version for k, v in m.named_parameters()}
+    apply, params = fs.functional(m)
+    loss_fn = lambda p, b: ((apply(p, b) - 1.0) ** 2).mean()
+    step = fs.train_step(fs.value_and_grad(loss_fn), optim.sgd(0.1))
+    p, s = step.init(params)
+    b = torch.randn(4, 3)
+    p1, s, _ = step.step(p, s, b)
+    for k, v in m.named_parameters():  # a non-donated step never writes the module
+        assert torch.equal(v, before[k]) and v._version == versions[k]
+    assert not torch.equal(p1["weight"], before["weight"])
+    p2, s, _ = step.step(p, s, b, donate=True)  # the same update, donated
+    for k, v in m.named_parameters():  # the module sees the trained weights, same storage
+        assert torch.equal(v, p1[k]) and v.data_ptr() == p2[k].data_ptr()
+
+
+def test_value_and_grad_and_grad_of_a_module_point_to_functional():
+    m = nn.Linear(2, 1)
+    for api, t in (("fs.value_and_grad", fs.value_and_grad), ("fs.grad", fs.grad)):
+        with pytest.raises(TypeError, match=rf"{api}.*Linear.*fs\.functional"):
+            t(m)
+
+
+def test_wrap_matching_no_submodule_raises():
+    with pytest.raises(ValueError, match=r"Tied.*matches no submodule.*Block"):
+        fs.functional(Net(), wrap={Block: recording([]), Tied: recording([])})
+    with pytest.raises(ValueError, match="selected no submodule"):
+        fs.functional(Net(), wrap=lambda n, s: None)
+
+
+def test_loss_scale_number_is_a_static_scale():
+    from fsharding.transforms.loss_scale import StaticLossScale
+
+    p = {"w": torch.randn(4, dtype=torch.float64)}
+    f = lambda p: (p["w"] ** 3).sum()
+    loss, g = fs.value_and_grad(f)(p, loss_scale=1024.0)
+    loss_s, g_s = fs.value_and_grad(f)(p, loss_scale=StaticLossScale(1024.0))
+    assert torch.equal(loss, loss_s) and torch.equal(g["w"], g_s["w"])
+    torch.testing.assert_close(g["w"], 3 * p["w"] ** 2)
+    assert torch.equal(fs.grad(f)(p, loss_scale=8)["w"], g_s["w"])
+    with pytest.raises(TypeError, match=r"loss_scale.*StaticLossScale"):
+        fs.value_and_grad(f)(p, loss_scale="1024")
+    with pytest.raises(ValueError, match="positive"):
+        fs.value_and_grad(f)(p, loss_scale=-1.0)
