@@ -141,10 +141,11 @@ def test_accumulate_two_microbatches(name):
     assert_grads_close(grads, ref_grads)
 
 
-# bf16 compute against a float64 reference: bf16 keeps 8 bits of mantissa (rel. 2**-8
-# per rounding); on these tiny models the measured loss error is ~1e-3 relative and the
-# grads' relative error (norm of the difference / norm) ~1e-2. Stated bounds, ~3x above.
-AMP_LOSS_RTOL, AMP_GRAD_REL = 5e-3, 5e-2
+# bf16 compute against a float64 reference (bf16 keeps 8 bits of mantissa). Measured on
+# these models and batch (torch 2.13 CPU): loss relative error 4.7e-5 (GPT-2) / 5.0e-5
+# (Llama); grads' relative error (norm of the difference / norm) 5.6e-3 / 5.7e-3, against
+# 2.0e-7 / 2.1e-7 for float32. Stated bounds: 10x (loss) and ~3.5x (grads) above those.
+AMP_LOSS_RTOL, AMP_GRAD_REL = 5e-4, 2e-2
 
 
 def rel_err(g: dict, ref: dict) -> float:
