@@ -296,6 +296,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     args = parse_args(argv)
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if args.zero is not None and "RANK" not in os.environ and not group:
+        raise SystemExit(
+            f"fsharding.train: --zero {args.zero} trains data parallel, one process per rank; "
+            "start it with torchrun, e.g. `torchrun --nproc-per-node 2 -m fsharding.train "
+            f"--zero {args.zero}` (torchrun sets RANK and WORLD_SIZE). For one process, "
+            "leave --zero out."
+        )
     rank = int(os.environ.get("RANK", "0")) if args.zero is not None else 0
     corpus = data.load(args.data_bytes)
     model = build_model(args)
@@ -323,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     first = next(train_stream)
     report = fs.memory_report(step, params, opt_state, first)
     reports = [report]
-    if args.zero is not None:
+    if args.zero is not None and torch.distributed.is_initialized():  # (not for 1 rank)
         reports = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(reports, report)
     args.no_progress = args.no_progress or rank != 0

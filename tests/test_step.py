@@ -139,3 +139,98 @@ def test_nonfinite_step_is_skipped_bit_identically():
     p2, s2, m2 = step.step(p1, s1, torch.ones(3))
     assert not m2["skipped"] and s2.opt.count == 1 and m2["loss_scale"] == 4.0
     torch.testing.assert_close(p2["w"], torch.full((3,), 0.9))
+
+
+def aux_loss(apply):
+    def f(p, b):
+        logits = apply(p, b["x"])
+        return F.cross_entropy(logits, b["y"]), {"logits": logits, "n": b["x"].shape[0]}
+
+    return f
+
+
+def test_has_aux_goes_to_metrics_aux_and_loss_stays_a_scalar():
+    """aux in metrics["aux"] (stacked over microbatches under fs.accumulate, a skipped one
+    a NaN row); loss a 0-dim tensor equal to plain PyTorch's."""
+    model, ref = mlp(), mlp()
+    apply, params = fs.functional(model)
+    vg = fs.value_and_grad(aux_loss(apply), has_aux=True)
+    b = batches(1)[0]
+    want_logits = ref(b["x"]).detach()
+    want_loss = F.cross_entropy(want_logits, b["y"])
+    skip_second = lambda mb: float(mb["x"][0, 0] != b["x"][2, 0])  # noqa: E731
+    cases = {
+        "plain": vg,
+        "accumulate": fs.accumulate(vg, steps=3),
+        "weighted": fs.accumulate(vg, steps=3, weights=skip_second),
+    }
+    for name, gf in cases.items():
+        step = fs.train_step(gf, plain_sgd(0.1))
+        p, s = step.init({k: v.clone() for k, v in params.items()})
+        p, s, m = step.step(p, s, b)
+        assert isinstance(m["loss"], torch.Tensor) and m["loss"].dim() == 0, name
+        if name != "weighted":
+            assert float(m["loss"]) == pytest.approx(float(want_loss), rel=1e-12)
+        aux = m["aux"]
+        if name == "plain":
+            torch.testing.assert_close(aux["logits"], want_logits, rtol=1e-12, atol=0)
+            assert aux["n"] == 6
+            continue
+        # one row per microbatch along a new dim 0
+        assert aux["logits"].shape == (3, 2, 3)
+        want = want_logits.reshape(3, 2, 3)
+        rows = [0, 2] if name == "weighted" else [0, 1, 2]
+        torch.testing.assert_close(aux["logits"][rows], want[rows], rtol=1e-12, atol=0)
+        if name == "weighted":  # microbatch 1 had weight 0: skipped, a NaN row
+            assert torch.isnan(aux["logits"][1]).all() and aux["n"].tolist() == [2, 0, 2]
+        else:
+            assert aux["n"].tolist() == [2, 2, 2]
+
+
+def test_loss_scale_number_is_a_static_scale():
+    model = mlp()
+    apply, params = fs.functional(model)
+    vg = fs.value_and_grad(make_loss(apply))
+    plain = fs.train_step(vg, plain_sgd(0.1))
+    scaled = fs.train_step(vg, plain_sgd(0.1), loss_scale=1024.0)
+    p0, s0 = plain.init({k: v.clone() for k, v in params.items()})
+    p1, s1 = scaled.init({k: v.clone() for k, v in params.items()})
+    assert s1.loss_scale == fs.StaticLossScale(1024.0)
+    for b in batches(3):
+        p0, s0, _ = plain.step(p0, s0, b)
+        p1, s1, m = scaled.step(p1, s1, b)
+        assert m["loss_scale"] == 1024.0 and m["skipped"] is False
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k], rtol=1e-12, atol=1e-15)
+    with pytest.raises(TypeError, match=r"loss_scale must be .*fs\.StaticLossScale\(1024\.0\)"):
+        fs.train_step(vg, plain_sgd(0.1), loss_scale="1024")
+    with pytest.raises(TypeError, match=r"fs\.zero: loss_scale must be"):
+        fs.zero(vg, plain_sgd(0.1), mesh=fs.Mesh(dp=1), stage=0, loss_scale=[2.0])
+
+
+def test_init_with_a_module_says_to_pass_functional_params():
+    model = mlp()
+    vg = fs.value_and_grad(make_loss(fs.functional(model)[0]))
+    for step, api in (
+        (fs.train_step(vg, plain_sgd(0.1)), "fs.train_step.init"),
+        (fs.zero(vg, plain_sgd(0.1), mesh=fs.Mesh(dp=1), stage=3), "fs.zero.init"),
+    ):
+        for bad, what in ((model, "nn.Module"), (model.parameters(), "iterator")):
+            with pytest.raises(TypeError, match=rf"{api}: params is an? {what}") as e:
+                step.init(bad)
+            assert "apply, params = fs.functional(model)" in str(e.value)
+
+
+def test_donated_step_updates_the_module_through_functional_params():
+    """As documented: fs.functional's params alias the module's tensors, so a donated step
+    (in place) updates the module; a non-donated one leaves it alone."""
+    for donate in (False, True):
+        model = mlp()
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        apply, params = fs.functional(model)
+        step = fs.train_step(fs.value_and_grad(make_loss(apply)), plain_sgd(0.1))
+        p, s = step.init(params)
+        p, s, _ = step.step(p, s, batches(1)[0], donate=donate)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, p[k] if donate else before[k]), (donate, k)
+            assert not torch.equal(p[k], before[k])

@@ -120,3 +120,10 @@ def test_zero_flag_under_torchrun():
     assert "rank 0: memory_report: rank 0 of 2" in out.stdout
     assert "rank 1: memory_report: rank 1 of 2" in out.stdout
     assert "reduce_scatter" in out.stdout
+
+
+def test_zero_flag_without_torchrun_says_to_use_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match=r"torchrun --nproc-per-node 2 -m fsharding.train"):
+        train.main(["--zero", "3", "--steps", "2", "--batch-size", "2", *QUICK])

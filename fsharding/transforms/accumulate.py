@@ -21,7 +21,14 @@ import torch
 
 from fsharding import tree as _tree
 
-__all__ = ["accumulate"]
+__all__ = ["accumulate", "PerMicrobatch"]
+
+
+class PerMicrobatch(list):
+    """The aux list ``fs.accumulate`` returns: one aux per microbatch (``None`` for a
+    skipped one). A plain ``list`` subclass, so that ``fs.train_step`` / ``fs.zero`` can tell
+    it from an aux that is itself a list and stack it into ``metrics["aux"]``."""
+
 
 PyTree = Any
 GradFn = Callable[..., Any]
@@ -99,9 +106,11 @@ def accumulate(
 
     Returns:
         ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
-        ``((loss, auxes), grads)`` where ``auxes`` is a list with one aux per microbatch
-        (``None`` for a skipped one). ``loss_scale``, when given, is forwarded to every
-        ``grad_fn`` call (which must return unscaled grads, as ``fs.value_and_grad`` does).
+        ``((loss, auxes), grads)`` where ``auxes`` is a list (a :class:`PerMicrobatch`) with
+        one aux per microbatch (``None`` for a skipped one); ``fs.train_step`` and
+        ``fs.zero`` stack it along a new dim 0 into ``metrics["aux"]``. ``loss_scale``, when
+        given, is forwarded to every ``grad_fn`` call (which must return unscaled grads, as
+        ``fs.value_and_grad`` does).
 
     Raises:
         TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
@@ -159,7 +168,7 @@ def accumulate(
             out = _unsplit(grad_fn(params, *micro[i][0], **extra, **micro[i][1]))
             if isinstance(out[0], tuple):
                 (loss, (aux,)), grads = out
-                return (loss, [aux if j == i else None for j in range(steps)]), grads
+                return (loss, PerMicrobatch(aux if j == i else None for j in range(steps))), grads
             return out
         return _run(grad_fn, params, micro, ws, extra)
 
@@ -254,7 +263,7 @@ def _unsplit(out: Any) -> tuple[Any, PyTree]:
     if isinstance(out, tuple) and len(out) == 2:
         value, grads = out
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor):
-            return (value[0], [value[1]]), grads
+            return (value[0], PerMicrobatch([value[1]])), grads
         if isinstance(value, torch.Tensor):
             return value, grads
     raise TypeError(
@@ -286,7 +295,7 @@ def _run(
     treedef = None
     loss_acc: torch.Tensor | None = None
     loss_dtype = None
-    auxes: list[Any] = [None] * len(micro)
+    auxes = PerMicrobatch([None] * len(micro))
     has_aux = False
     for i, ((args, kwargs), w) in enumerate(zip(micro, ws, strict=True)):
         if w == 0.0:

@@ -66,7 +66,8 @@ import torch.distributed as dist
 from fsharding import memory as _memory
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
-from fsharding.step import Step, TrainState, train_step
+from fsharding.step import Step, TrainState, as_loss_scale, check_params_arg, train_step
+from fsharding.step import split_value as _split_value
 from fsharding.transforms import gather as _gather
 from fsharding.transforms import grad_taps as _taps
 from fsharding.transforms import zero_layout as _lay
@@ -90,12 +91,17 @@ def zero(
     """A data-parallel training step with ZeRO sharding of model state over ``axis``.
 
     Args:
-        grad_fn: ``grad_fn(params, batch) -> (loss, grads)`` on the rank-local batch
-            (e.g. ``fs.value_and_grad(loss_fn)``, possibly inside ``fs.accumulate``); every
+        grad_fn: ``grad_fn(params, batch) -> (loss, grads)`` or ``((loss, aux), grads)``
+            on the rank-local batch (e.g. ``fs.value_and_grad(loss_fn)``, ``has_aux=True``
+            for the second form, possibly inside ``fs.accumulate``); every
             rank's batch has the same size. It gets full params, except with
             ``gather="blocks"``.
         optimizer: an ``optim.GradientTransformation``. At stages 1-3 it runs on each rank's
-            shards; ``optim.clip_by_global_norm`` still sees the global norm.
+            shards; every decision over all the grads is global: ``optim.clip_by_global_norm``
+            sees the global norm, LAMB the norms of whole leaves, and
+            ``optim.apply_if_finite`` skips on every rank when any rank's shard is not
+            finite (a MIN all-reduce; at stage 0 the all-reduced grads are the same on
+            every rank, so every rank already decides the same).
         mesh: an ``fs.Mesh``; a local mesh (no process group) gives ``fs.train_step``.
         stage: 0 (grads all-reduced, DDP), 1 (+ optimizer state sharded: grads
             reduce-scattered after ``grad_fn``, each rank updates its rows), 2 (+ grads
@@ -105,8 +111,9 @@ def zero(
             sharding: data parallel over all of them (grads, loss and counts reduced over
             each), state sharded over the last. Axes not named (e.g. ``"pp"``, ``"tp"``)
             are not data parallel: nothing is reduced over them.
-        loss_scale: an initial ``fs.LossScale`` (fp16); the finite check is all-reduced, so
-            every rank skips the same steps.
+        loss_scale: an initial ``fs.LossScale`` (fp16), or a number ``s`` meaning
+            ``fs.StaticLossScale(s)``; the finite check is all-reduced, so every rank skips
+            the same steps.
         gather: ``"boundary"``: ``grad_fn`` gets full params (at stage 3 all-gathered
             before it) and returns full grads, reduced after it. ``"blocks"`` (stages 2
             and 3): ``grad_fn`` gets the rank-local shards (plain tensors) and every use of
@@ -126,9 +133,23 @@ def zero(
         module's own copy, which ``apply`` never reads); it
         returns params and opt_state with exactly ``fs.train_step(...).init``'s pytree
         structure, sharded leaves being ``DTensor``s on ``mesh[shard axis]`` with placement
-        ``Shard(0)`` and the leaf's global shape. ``step`` returns the global-batch mean
-        loss on every rank. ``gather(params)`` returns full plain tensors, identical on
-        every rank.
+        ``Shard(0)`` and the leaf's global shape.
+
+        Replicas agree at ``init`` as under DDP: the params are **broadcast from the first
+        data-parallel rank** (rank 0 of the shard axis and of every replicate axis), in
+        buckets of at most 24 MiB, so ranks that start from other values (an unseeded
+        init, or an ``init_fn`` that draws other numbers on every rank) all train rank
+        0's. At stages 0-2 rank 0's values are written into the given params in place
+        (the module's own tensors when they come from ``fs.functional``, as DDP writes into
+        the module); at stage 3 (also with ``init_fn``, leaf by leaf) each rank keeps its
+        rows of rank 0's full leaf, one bucket at a time. Cost: one broadcast of the params.
+
+        ``step`` returns metrics as ``fs.train_step``'s: ``loss`` is the global-batch mean
+        loss (a 0-dim tensor, the same on every rank); with a ``has_aux`` grad function
+        ``aux`` is **rank-local** — the aux of this rank's batch, not reduced over ranks
+        (stacked along a new dim 0 under ``fs.accumulate``); ``all_gather`` it yourself
+        where you need every rank's. ``gather(params)`` returns full plain tensors,
+        identical on every rank.
 
     Raises:
         ValueError: bad ``stage``, ``axis`` or ``gather``; at ``init``, an ``init_fn`` leaf of
@@ -161,12 +182,14 @@ def zero(
             f"fs.zero: gather='blocks' needs stage 2 or 3 (grads reduce-scattered), got "
             f"stage={stage}; at stages 0/1 grads are all-reduced once per step."
         )
+    loss_scale = as_loss_scale(loss_scale, "fs.zero")
     axes = _lay.dp_axes(mesh, axis)
     dp = math.prod(mesh.shape[a] for a in axes)
     if mesh.device_mesh is None or dp == 1:
         local = train_step(grad_fn, optimizer, loss_scale=loss_scale)
 
         def init_local(params: PyTree, *, init_fn: Callable | None = None) -> tuple:
+            check_params_arg(params, "fs.zero.init")
             return local.init(_lay.materialize(params, init_fn))
 
         return Step(init=init_local, step=local.step, gather=local.gather)
@@ -270,6 +293,7 @@ class _ZeRO:
     # -- init / gather ----------------------------------------------------------------
 
     def init(self, params: PyTree, *, init_fn: Callable | None = None) -> tuple[PyTree, Any]:
+        check_params_arg(params, "fs.zero.init")
         pairs = _tree.leaves_with_path(params)
         for path, x in pairs:
             if not _tree.is_floating(x):
@@ -285,16 +309,19 @@ class _ZeRO:
             self.device = next(
                 (x.device for _, x in pairs if x.device.type != "meta"), torch.device("cpu")
             )
-        local, full = [], []
-        for (path, x), lay in zip(pairs, self.layouts):
+        n = len(pairs)
+        local: list[Any] = [None] * n
+        full: list[Any] = [None] * n
+        pending: list[tuple[int, torch.Tensor]] = []  # materialised, not yet broadcast
+        size = 0
+        for i, (path, x) in enumerate(pairs):
             t = _lay.init_leaf(path, x, init_fn).detach()
-            if self.stage == 3 and lay is not None:
-                local.append(_lay.shard_rows(t, lay, self.rank))
-                full.append(None)
-            else:
-                full.append(t)
-                local.append(_lay.shard_rows(t, lay, self.rank) if lay is not None else t)
+            pending.append((i, t))
+            size += t.numel() * t.element_size()
             del t
+            if size >= _lay.BUCKET_BYTES or i == n - 1:
+                self._agree_init(pending, local, full)
+                pending, size = [], 0
         if self.stage == 0:
             params_out = self._tree(full)
             opt = self.opt.init(params_out)
@@ -304,6 +331,42 @@ class _ZeRO:
         if self.loss_scale is not None:
             return params_out, TrainState(opt=opt, loss_scale=self.loss_scale)
         return params_out, opt
+
+    def _agree_init(self, pending: list, local: list, full: list) -> None:
+        """Broadcasts the materialised leaves ``pending`` (``(position, tensor)``) from the
+        first data-parallel rank (DDP's init; bucketed by dtype and device, at most
+        ``BUCKET_BYTES`` of leaves at a time) and files them into ``local`` / ``full``.
+
+        Stages 0-2 write rank 0's values into the given tensors in place (as DDP writes
+        into the module); stage 3 keeps this rank's rows of the broadcast buffer."""
+        groups: dict[tuple, list[int]] = {}
+        for j, (_, t) in enumerate(pending):
+            groups.setdefault((t.dtype, t.device), []).append(j)
+        synced: list[Any] = [None] * len(pending)
+        for idx in groups.values():
+            ts = [pending[j][1] for j in idx]
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            for g in self.dp_groups:  # shard axis, then replicas: all get rank (0, ..., 0)'s
+                dist.broadcast(flat, src=dist.get_global_rank(g, 0), group=g)
+            off = 0
+            for j, t in zip(idx, ts):
+                view = flat[off : off + t.numel()].view(t.shape)
+                off += t.numel()
+                lay = self.layouts[pending[j][0]]
+                if self.stage == 3 and lay is not None:
+                    synced[j] = view  # only its rows are kept (a copy)
+                elif t.is_contiguous() and not t.is_sparse:
+                    synced[j] = t.copy_(view)
+                else:
+                    synced[j] = view.clone()
+            del flat
+        for (i, _), t in zip(pending, synced):
+            lay = self.layouts[i]
+            if self.stage == 3 and lay is not None:
+                local[i] = _lay.shard_rows(t, lay, self.rank)
+            else:
+                full[i] = t
+                local[i] = _lay.shard_rows(t, lay, self.rank) if lay is not None else t
 
     def _tree(self, leaves: list) -> PyTree:
         return optree.tree_unflatten(self.treedef, leaves)
@@ -423,7 +486,8 @@ class _ZeRO:
         )
         local_params = [self._local(x) for x in optree.tree_leaves(params)]
         kw = {"loss_scale": scale} if scale is not None else {}
-        loss, grads, p_local = self._grad_fn(local_params, batch, kw)
+        value, grads, p_local = self._grad_fn(local_params, batch, kw)
+        loss, aux, has_aux = _split_value(value, "fs.zero.step")
         _tree.check_same_structure(params, grads, names=("params", "grads"), api="fs.zero.step")
         g = optree.tree_leaves(grads)
         del grads
@@ -435,6 +499,8 @@ class _ZeRO:
             grad_norm = self._sharded_norm(g)
         _memory.observe_grads(g, reduced=True)
         metrics: dict[str, Any] = {"loss": self._psum(loss) / self.dp, "grad_norm": grad_norm}
+        if has_aux:  # rank-local: this rank's batch (not reduced over ranks)
+            metrics["aux"] = aux
         opt_local = self._unwrap_state(opt) if self.stage >= 1 else opt
         lr = _optim.learning_rate(self.opt, opt_local)
         if lr is not None:
@@ -466,8 +532,13 @@ class _ZeRO:
 
     def _update(self, g: list, opt: Any, p: list, donate: bool) -> tuple[Any, list]:
         ptree, gtree = self._tree(p), self._tree(g)
+        # Stages 1-3: every rank updates its own shards, so whatever the optimizer decides
+        # from all the grads (clip_by_global_norm's norm, LAMB's per-leaf norms,
+        # apply_if_finite's skip) is reduced over the ranks that hold other shards. Stage 0
+        # needs nothing: after the all-reduce every rank holds bitwise the same grads (a NaN
+        # anywhere is a NaN everywhere), so every rank decides the same.
         reducer = (
-            _optim.sharded_norm(self._sq_reduce, self._leaf_sq_reduce)
+            _optim.sharded_norm(self._sq_reduce, self._leaf_sq_reduce, reduce_all=self._all_min)
             if self.stage >= 1
             else contextlib.nullcontext()
         )
@@ -476,6 +547,10 @@ class _ZeRO:
             updates, new_opt = self.opt.update(gtree, opt, ptree)
         apply = _optim.apply_updates_ if donate else _optim.apply_updates
         return new_opt, optree.tree_leaves(apply(ptree, updates))
+
+    def _all_min(self, flag: torch.Tensor) -> torch.Tensor:
+        """A yes/no flag (0-dim int32) agreed by every data-parallel rank: the MIN."""
+        return self._psum(flag.to(device=self.device, dtype=torch.int32), dist.ReduceOp.MIN)
 
     def _sq_reduce(self, sq_per_leaf: list[torch.Tensor]) -> torch.Tensor:
         return _lay.sq_reduce(sq_per_leaf, self.layouts, self.group)

@@ -58,14 +58,32 @@ def make_opt():
     )
 
 
+SEEN_DTYPES: list = []  # the param dtypes the nested case's loss computed with
+
+
+def bf16_probe_loss(p, batch):
+    SEEN_DTYPES.append(p["w1"].dtype)
+    return loss_fn(p, batch)
+
+
 def grad_fns():
     vg = fs.value_and_grad(loss_fn)
     return {
         "plain": vg,
+        # bf16 compute (fp32 params and grads) inside remat inside accumulate
         "nested": fs.accumulate(
-            fs.value_and_grad(fs.amp(fs.remat(loss_fn), policy="fp32")), steps=2
+            fs.value_and_grad(fs.amp(fs.remat(bf16_probe_loss), policy="bf16")), steps=2
         ),
     }
+
+
+# Tolerances against the float32 single-process reference. bf16 computes with 8 bits of
+# mantissa: measured on this problem (single process, 5 steps) the loss is within 1e-3
+# relative, the grad norm 4e-3, the params 8e-4 absolute; allowed: about 5x that.
+TOL = {
+    "plain": {"loss": (1e-5, 1e-6), "norm": (1e-6, 1e-7), "params": (1e-5, 1e-6)},
+    "nested": {"loss": (5e-3, 0.0), "norm": (2e-2, 0.0), "params": (0.0, 5e-3)},
+}
 
 
 def reference(batches):
@@ -103,6 +121,7 @@ def worker(stages, rows_per_rank):
                 assert isinstance(params["w1"], DTensor) and params["w1"].shape == (3, 5)
                 assert not isinstance(params["scale"], DTensor)
             sizes = {"params": fs.tree.nbytes(params), "opt": fs.tree.nbytes(state)}
+            deviation = []
             for i, b in enumerate(batches):
                 lo = rank * rows_per_rank
                 local = {k: v[lo : lo + rows_per_rank] for k, v in b.items()}
@@ -125,13 +144,19 @@ def worker(stages, rows_per_rank):
                         for a, b in zip(before, fs.tree.leaves((params, state)))
                         if isinstance(a, DTensor)
                     )
-                torch.testing.assert_close(m["loss"], ref_losses[i], rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(m["grad_norm"], ref_norms[i], rtol=1e-6, atol=1e-7)
+                (lr, la), (nr, na) = TOL[name]["loss"], TOL[name]["norm"]
+                torch.testing.assert_close(m["loss"], ref_losses[i], rtol=lr, atol=la)
+                torch.testing.assert_close(m["grad_norm"], ref_norms[i], rtol=nr, atol=na)
                 assert m["lr"] == pytest.approx(optim.linear_schedule(3e-2, 1e-2, STEPS)(i))
+                deviation.append(abs(float(m["loss"]) - float(ref_losses[i])))
+            if name == "nested":  # bf16 really ran: seen by the loss, and off float32's
+                assert set(SEEN_DTYPES) == {torch.bfloat16} and max(deviation) > 1e-6
+            SEEN_DTYPES.clear()
             full = step.gather(params)
+            pr, pa = TOL[name]["params"]
             for k in ref_params:
                 assert type(full[k]) is torch.Tensor
-                torch.testing.assert_close(full[k], ref_params[k], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(full[k], ref_params[k], rtol=pr, atol=pa)
             out[(stage, name)] = sizes
     # LAMB: per-leaf norms (trust ratio) of sharded leaves are the norms of whole leaves
     lamb = lambda: optim.lamb(1e-1, weight_decay=0.1)  # noqa: E731
@@ -308,16 +333,55 @@ def test_zero_bad_input_raises_on_every_rank():
         assert "unknown axis 'tp'" in msgs["gather_axis"]
 
 
-def test_zero_local_mesh_is_train_step():
-    mesh = fs.Mesh(dp=1)
+def test_zero_on_a_local_mesh_equals_plain_pytorch():
+    """A local mesh (one process) against torch.optim.AdamW + clip_grad_norm_ on an
+    nn.Module (an independent reference), every stage, meta init through init_fn too."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            p = make_params()
+            self.emb, self.w1, self.b1, self.w2 = (nn.Parameter(p[k]) for k in list(p)[:4])
+            self.scale = nn.Parameter(p["scale"])
+
     batches = global_batches(4)
-    ref_params, _, _, _ = reference(batches)
-    step = fs.zero(fs.value_and_grad(loss_fn), make_opt(), mesh=mesh, stage=3)
-    params, state = step.init(make_params())
-    for b in batches:
-        params, state, _ = step.step(params, state, b)
-    for k in ref_params:
-        torch.testing.assert_close(params[k], ref_params[k], rtol=0, atol=0)
+    sched = optim.linear_schedule(3e-2, 1e-2, STEPS)
+    for stage in (0, 1, 2, 3):
+        for meta in (False, True):
+            net = Net().double()
+            decay = [net.emb, net.w1, net.w2]
+            torch_opt = torch.optim.AdamW(
+                [{"params": decay}, {"params": [net.b1, net.scale], "weight_decay": 0.0}],
+                lr=3e-2,
+                weight_decay=0.1,
+            )
+            step = fs.zero(fs.value_and_grad(loss_fn), make_opt(), mesh=fs.Mesh(dp=1), stage=stage)
+            init = {k: v.double() for k, v in make_params().items()}
+            if meta:
+                params, state = step.init(
+                    {k: v.to("meta") for k, v in init.items()},
+                    init_fn=lambda path, m, init=init: init[path[2:-2]].clone(),
+                )
+            else:
+                params, state = step.init(init)
+            for i, b in enumerate(batches):
+                params, state, m = step.step(params, state, b, donate=i % 2 == 1)
+                for g in torch_opt.param_groups:
+                    g["lr"] = sched(i)
+                torch_opt.zero_grad()
+                loss = loss_fn(dict(net.named_parameters()), b)
+                loss.backward()
+                grads = [p.grad for p in net.parameters()]
+                norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+                if norm > 0.5:  # optax's rule (torch's clip_grad_norm_ divides by norm + 1e-6)
+                    torch._foreach_mul_(grads, float(0.5 / norm))
+                torch_opt.step()
+                torch.testing.assert_close(m["loss"], loss.detach(), rtol=1e-10, atol=0)
+                torch.testing.assert_close(m["grad_norm"], norm, rtol=1e-10, atol=0)
+            full = step.gather(params)
+            for k, v in net.named_parameters():
+                torch.testing.assert_close(full[k], v.detach(), rtol=1e-10, atol=1e-12, msg=k)
 
 
 @given(
