@@ -137,23 +137,36 @@ def gather(
             "fs.gather(block) or fs.gather(axis=...)(block)."
         )
 
+    # The closure refers to module-level names only (no ContextVar), so cloudpickle can
+    # send a gathered block defined in __main__ or a notebook by value (fs.launch).
     @functools.wraps(block_fn)
     def gathered(block_params: Any, *args: Any, **kwargs: Any) -> Any:
-        sharding = _SHARDING.get()
-        if sharding is None:
-            return block_fn(block_params, *args, **kwargs)
-        sharding.check_axis(axis, "fs.gather")
-        reshard = _reshard.Reshard.wanted(sharding) if reshard_after_forward else None
-        leaves, treedef = optree.tree_flatten(block_params)
-        block_params = optree.tree_unflatten(treedef, gather_list(sharding, leaves, reshard))
-        del leaves
-        if reshard is None or not reshard.index:
-            return block_fn(block_params, *args, **kwargs)
-        with torch.autograd.graph.saved_tensors_hooks(reshard.pack, reshard.unpack):
-            return block_fn(block_params, *args, **kwargs)
+        return _call_gathered(block_fn, axis, reshard_after_forward, block_params, args, kwargs)
 
     gathered._fs_gathers = True  # type: ignore[attr-defined]  # kept by functools.wraps
     return gathered
+
+
+def _call_gathered(
+    block_fn: Callable[..., Any],
+    axis: Axis,
+    reshard_after_forward: bool,
+    block_params: Any,
+    args: tuple,
+    kwargs: dict[str, Any],
+) -> Any:
+    sharding = _SHARDING.get()
+    if sharding is None:
+        return block_fn(block_params, *args, **kwargs)
+    sharding.check_axis(axis, "fs.gather")
+    reshard = _reshard.Reshard.wanted(sharding) if reshard_after_forward else None
+    leaves, treedef = optree.tree_flatten(block_params)
+    block_params = optree.tree_unflatten(treedef, gather_list(sharding, leaves, reshard))
+    del leaves
+    if reshard is None or not reshard.index:
+        return block_fn(block_params, *args, **kwargs)
+    with torch.autograd.graph.saved_tensors_hooks(reshard.pack, reshard.unpack):
+        return block_fn(block_params, *args, **kwargs)
 
 
 gather._fs_gathers = True  # type: ignore[attr-defined]  # wrap={Block: fs.gather}
@@ -423,7 +436,9 @@ def gather_unowned(runner: Any, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 def _owned_names(runner: Any) -> frozenset[str]:
     """Param names used only inside wrapped blocks whose transform gathers."""
-    prefixes = tuple(name + "." for name, (_, t) in runner.wrapped.items() if marks_gather(t))
+    prefixes = tuple(
+        name + "." for name, (sub, t) in runner.wrapped.items() if marks_gather(t, sub)
+    )
     if not prefixes:
         return frozenset()
     aliases: dict[int, list[str]] = {}
@@ -433,19 +448,38 @@ def _owned_names(runner: Any) -> frozenset[str]:
     return frozenset(n for ns in owned for n in ns)
 
 
-def _probe(block_params: Any, *args: Any, **kwargs: Any) -> None:
-    return None
+def _probe_for(block: torch.nn.Module | None) -> Callable[..., Any]:
+    """A stand-in for the function ``fs.functional`` passes to a wrap transform: for a
+    ``block``, with its forward's name, docstring and signature (``functools.wraps``), as
+    the real one has."""
+
+    def probe(block_params: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    if block is not None:
+        functools.update_wrapper(probe, type(block).forward)
+    return probe
 
 
-def marks_gather(transform: Callable[..., Any]) -> bool:
-    """Whether ``transform(block)`` gathers (``_fs_gathers``, kept by functools.wraps
-    through remat, amp and offload). A transform that fails on a probe does not."""
+def marks_gather(transform: Callable[..., Any], block: torch.nn.Module | None = None) -> bool:
+    """Whether ``transform(block_fn)`` gathers: the ``_fs_gathers`` mark, kept by
+    functools.wraps through remat, amp and offload, on the transform or on what it returns
+    for a stand-in of ``block``'s function. Returning a function without the mark is the one
+    "does not gather"; an exception is the transform's own and propagates (with a note)."""
     if getattr(transform, "_fs_gathers", False):
         return True
     try:
-        return bool(getattr(transform(_probe), "_fs_gathers", False))
-    except Exception:
-        return False
+        wrapped = transform(_probe_for(block))
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            where = f" of {type(block).__name__}" if block is not None else ""
+            e.add_note(
+                f"(raised by the fs.functional(wrap=...) transform{where}, applied by "
+                "fs.zero(..., gather='blocks') to the block's function to learn whether it "
+                "gathers the block's params with fs.gather)"
+            )
+        raise
+    return bool(getattr(wrapped, "_fs_gathers", False))
 
 
 gather._fs_transform = True  # type: ignore[attr-defined]  # fs.remat(fs.gather) composes
