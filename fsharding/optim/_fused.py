@@ -101,19 +101,22 @@ def fused_adam(
             return tx.update(updates, state, params)  # the chain's own error message
         adam_state, lr_state = state[0], state[-1]
         gl, gdef = _u.flatten(updates, api, "updates")
-        ml = _u.leaves_like(adam_state.mu, gdef, updates, ("updates", "state.mu"), api)
-        nl = _u.leaves_like(adam_state.nu, gdef, updates, ("updates", "state.nu"), api)
+        ml = _u.leaves_like(adam_state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
+        nl = _u.leaves_like(adam_state.nu, gdef, updates, ("updates", "state.nu"), api, gl)
         decays = [False] * len(gl)
         pl: list = gl
         if wd != 0.0:
             if params is None:
                 raise _u.no_params_error(api)
-            pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api)
+            pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
             decays = [True] * len(gl) if mask is None else _u.mask_leaves(api, mask, params, gdef)
         g_loc, dt = _u.local(gl)
         m_loc, _ = _u.local(ml)
         n_loc, _ = _u.local(nl)
         p_loc = _u.local(pl)[0] if dt else pl
+        if dt:
+            others = (m_loc, n_loc, p_loc) if wd != 0.0 else (m_loc, n_loc)
+            _u.check_local(api, g_loc, others, updates, ("state.mu", "state.nu", "params"))
         donate = donating()
         count = int(adam_state.count) + 1
         sched = isinstance(lr_state, _t.ScaleByScheduleState)

@@ -56,14 +56,65 @@ def raise_bad_leaf(tree: PyTree, api: str, what: str) -> None:
 
 
 def leaves_like(
-    tree: PyTree, ref_def: optree.PyTreeSpec, ref: PyTree, names: tuple[str, str], api: str
+    tree: PyTree,
+    ref_def: optree.PyTreeSpec,
+    ref: PyTree,
+    names: tuple[str, str],
+    api: str,
+    like: Leaves | None = None,
 ) -> Leaves:
-    """Leaves of ``tree``, which must have the structure ``ref_def`` of ``ref``."""
+    """Leaves of ``tree``, which must have the structure ``ref_def`` of ``ref`` and, when
+    ``like`` (``ref``'s leaves) is given, each leaf its shape."""
     leaves, treedef = optree.tree_flatten(tree)
     if treedef != ref_def:
         _tree.check_same_structure(ref, tree, names=names, api=api)
         raise ValueError(f"{api}: {names[0]} and {names[1]} differ in pytree structure.")
+    if like is not None:
+        check_leaves(api, like, leaves, ref, names)
     return leaves
+
+
+def check_leaves(
+    api: str, leaves: Leaves, refs: Leaves, tree: PyTree, names: tuple[str, str]
+) -> None:
+    """Each of ``leaves`` has the shape of the matching ``refs`` leaf (one Python pass
+    comparing ``.shape``), checked before any kernel runs: a foreach or fused kernel given
+    other shapes broadcasts silently or reads out of bounds. (Devices are not compared here:
+    a device mismatch is not silent, torch's ops raise.)
+    ``tree`` (with ``leaves``' structure) names the path; ``names`` the two trees."""
+    for i, (x, r) in enumerate(zip(leaves, refs)):
+        if x.shape != r.shape:
+            raise_leaf_mismatch(api, i, x, r, tree, names)
+
+
+def check_local(
+    api: str, leaves: Leaves, others: tuple[Leaves, ...], tree: PyTree, names: tuple[str, ...]
+) -> None:
+    """With DTensor leaves, the local shards the kernels see match too (two DTensors of one
+    global shape but other placements have other local shapes)."""
+    for other, name in zip(others, names):
+        check_leaves(api, leaves, other, tree, ("updates (local shard)", f"{name} (local shard)"))
+
+
+def raise_leaf_mismatch(
+    api: str, i: int, x: Any, r: Any, tree: PyTree, names: tuple[str, str]
+) -> None:
+    path = _tree.leaves_with_path(tree)[i][0]
+    if x.shape != r.shape:
+        got = f"shape {tuple(x.shape)} but {names[1]} leaf {path} has shape {tuple(r.shape)}"
+    else:
+        got = f"device {x.device} but {names[1]} leaf {path} is on {r.device}"
+    if "state" in names[1]:
+        fix = (
+            f"Pass the state that init(params) returned for params of these shapes (re-run "
+            f"init after changing the model), and {names[0]} with each param's exact shape."
+        )
+    else:
+        fix = (
+            f"Pass {names[0]} with each param's exact shape (e.g. the grads of these "
+            "params from fs.value_and_grad(f)(params)); shapes are never broadcast."
+        )
+    raise ValueError(f"{api}: {names[0]} leaf {path} has {got}. {fix}") from None
 
 
 def no_params_error(api: str) -> ValueError:

@@ -43,6 +43,12 @@ def _recipe(tx: GradientTransformation, **fields: Any) -> GradientTransformation
     return tx
 
 
+def _named(tx: GradientTransformation, api: str) -> GradientTransformation:
+    """The alias's name in the chain's own error messages."""
+    tx.update.api = api  # type: ignore[attr-defined]
+    return tx
+
+
 def sgd(
     learning_rate: float | Schedule, momentum: float | None = None, nesterov: bool = False
 ) -> GradientTransformation:
@@ -71,7 +77,7 @@ def sgd(
     if momentum is not None:
         _u.non_negative(api, momentum=momentum)
     first = identity() if momentum is None else _m.trace(momentum, nesterov=nesterov)
-    tx = chain(first, _t.scale_by_learning_rate(lr))
+    tx = _named(chain(first, _t.scale_by_learning_rate(lr)), api)
     return _recipe(tx, kind="sgd", lr=lr, momentum=momentum, nesterov=bool(nesterov))
 
 
@@ -107,7 +113,7 @@ def adam(
     lr = _u.learning_rate(api, learning_rate)
     _u.betas(api, b1=b1, b2=b2)
     _u.non_negative(api, eps=eps, eps_root=eps_root)
-    tx = chain(_m.scale_by_adam(b1, b2, eps, eps_root), _t.scale_by_learning_rate(lr))
+    tx = _named(chain(_m.scale_by_adam(b1, b2, eps, eps_root), _t.scale_by_learning_rate(lr)), api)
     fused = _fused_adam(tx, lr, b1, b2, eps, eps_root, 0.0, None, api)
     return _recipe(fused, kind="adam", lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
@@ -158,6 +164,7 @@ def adamw(
         _t.add_decayed_weights(weight_decay, mask),
         _t.scale_by_learning_rate(lr),
     )
+    tx = _named(tx, api)
     fused = _fused_adam(tx, lr, b1, b2, eps, eps_root, weight_decay, mask, api)
     return _recipe(
         fused,
@@ -202,11 +209,12 @@ def lion(
     _u.betas(api, b1=b1, b2=b2)
     _u.non_negative(api, weight_decay=weight_decay)
     _u.check_mask(api, mask)
-    return chain(
+    tx = chain(
         _m.scale_by_lion(b1, b2),
         _t.add_decayed_weights(weight_decay, mask),
         _t.scale_by_learning_rate(lr),
     )
+    return _named(tx, api)
 
 
 def lamb(
@@ -244,9 +252,10 @@ def lamb(
     _u.betas(api, b1=b1, b2=b2)
     _u.non_negative(api, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
     _u.check_mask(api, mask)
-    return chain(
+    tx = chain(
         _m.scale_by_adam(b1, b2, eps, eps_root),
         _t.add_decayed_weights(weight_decay, mask),
         _t.scale_by_trust_ratio(),
         _t.scale_by_learning_rate(lr),
     )
+    return _named(tx, api)

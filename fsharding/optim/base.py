@@ -102,6 +102,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 + (f" of length {len(state)}" if isinstance(state, tuple) else "")
                 + "."
             )
+        if params is not None:  # before any part runs (a first clip would write in place)
+            _check_chain_leaves(updates, params, update.api)  # type: ignore[attr-defined]
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params)
@@ -109,7 +111,21 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return updates, tuple(new_state)
 
     update.parts = transforms  # type: ignore[attr-defined]  # for learning_rate()
+    update.api = "optim.chain"  # type: ignore[attr-defined]  # aliases put their name
     return GradientTransformation(init, update)
+
+
+def _check_chain_leaves(updates: PyTree, params: PyTree, api: str) -> None:
+    ul, udef = optree.tree_flatten(updates)
+    pl, pdef = optree.tree_flatten(params)
+    if udef != pdef:
+        return  # the parts that read params name the difference
+    for i, (u, p) in enumerate(zip(ul, pl)):
+        if isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor):
+            if u.shape != p.shape:
+                from fsharding.optim import _util  # (a cycle at import time)
+
+                _util.raise_leaf_mismatch(api, i, u, p, updates, ("updates", "params"))
 
 
 @torch.no_grad()
@@ -312,6 +328,31 @@ def _check_updates(params: PyTree, updates: PyTree, api: str) -> None:
     _tree.check_same_structure(params, updates, names=("params", "updates"), api=api)
 
 
+def _check_leaves(pl: list, ul: list, updates: PyTree, api: str) -> None:
+    """Per tensor param: a tensor update of its shape (never broadcast), and no
+    floating update into an integer param (it would be truncated silently)."""
+    from fsharding.optim import _util  # (a cycle at import time)
+
+    for i, (p, u) in enumerate(zip(pl, ul)):
+        if not isinstance(p, torch.Tensor):
+            continue
+        if not isinstance(u, torch.Tensor):
+            path = _tree.leaves_with_path(updates)[i][0]
+            raise TypeError(
+                f"{api}: updates leaf {path} is {u!r} ({type(u).__name__}) for a tensor param; "
+                "pass one tensor of the param's shape per param (no broadcasting)."
+            )
+        if p.shape != u.shape:
+            _util.raise_leaf_mismatch(api, i, u, p, updates, ("updates", "params"))
+        if u.dtype.is_floating_point and not (p.dtype.is_floating_point or p.is_complex()):
+            path = _tree.leaves_with_path(updates)[i][0]
+            raise TypeError(
+                f"{api}: params leaf {path} is {p.dtype} and its update is {u.dtype}: adding "
+                "would truncate the update silently. Keep integer values out of the params "
+                "(e.g. in the batch or a closure), or make the param a float tensor."
+            )
+
+
 @torch.no_grad()
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """Returns ``params + updates`` leaf-wise, in each param's dtype (new tensors).
@@ -328,6 +369,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     ul, udef = optree.tree_flatten(updates)
     if treedef != udef:
         _check_updates(params, updates, "optim.apply_updates")
+    _check_leaves(pl, ul, updates, "optim.apply_updates")
     out = list(pl)
     pos = [i for i, (p, u) in enumerate(zip(pl, ul)) if isinstance(p, torch.Tensor)]
     for i, (p, u) in enumerate(zip(pl, ul)):
@@ -374,6 +416,7 @@ def apply_updates_(params: PyTree, updates: PyTree) -> PyTree:
     ul, udef = optree.tree_flatten(updates)
     if pdef != udef:
         _check_updates(params, updates, "optim.apply_updates_")
+    _check_leaves(pl, ul, updates, "optim.apply_updates_")
     p_loc, _ = _util.local(pl)
     u_loc, _ = _util.local(ul)
     same = [(p, u) for p, u in zip(p_loc, u_loc) if p.dtype == u.dtype]

@@ -114,11 +114,13 @@ def scale_by_adam(
     @torch.no_grad()
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None):
         gl, gdef = _u.flatten(updates, api, "updates")
-        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api)
-        nl = _u.leaves_like(state.nu, gdef, updates, ("updates", "state.nu"), api)
+        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
+        nl = _u.leaves_like(state.nu, gdef, updates, ("updates", "state.nu"), api, gl)
         g_loc, dt = _u.local(gl)
         m_loc, _ = _u.local(ml)
         n_loc, _ = _u.local(nl)
+        if dt:
+            _u.check_local(api, g_loc, (m_loc, n_loc), updates, ("state.mu", "state.nu"))
         donate = donating()
         count = int(state.count) + 1
         bc1, bc2 = 1.0 - b1**count, 1.0 - b2**count
@@ -175,9 +177,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     @torch.no_grad()
     def update(updates: PyTree, state: ScaleByLionState, params: PyTree = None):
         gl, gdef = _u.flatten(updates, api, "updates")
-        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api)
+        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
         g_loc, dt = _u.local(gl)
         m_loc, _ = _u.local(ml)
+        if dt:
+            _u.check_local(api, g_loc, (m_loc,), updates, ("state.mu",))
         donate = donating()
         out, new_m = list(g_loc), list(m_loc)
         for idx in _u.groups(g_loc, m_loc):
@@ -226,9 +230,11 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     @torch.no_grad()
     def update(updates: PyTree, state: TraceState, params: PyTree = None):
         gl, gdef = _u.flatten(updates, api, "updates")
-        tl = _u.leaves_like(state.trace, gdef, updates, ("updates", "state.trace"), api)
+        tl = _u.leaves_like(state.trace, gdef, updates, ("updates", "state.trace"), api, gl)
         g_loc, dt = _u.local(gl)
         t_loc, _ = _u.local(tl)
+        if dt:
+            _u.check_local(api, g_loc, (t_loc,), updates, ("state.trace",))
         donate = donating()
         out, new_t = list(g_loc), list(t_loc)
         for idx in _u.groups(g_loc, t_loc):

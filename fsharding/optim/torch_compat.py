@@ -224,8 +224,8 @@ def to_torch_state_dict(opt_state: Any, params: PyTree, tx: _base.GradientTransf
     state: dict[int, dict[str, Any]] = {}
     if recipe["kind"] in ("adam", "adamw"):
         adam = sub[0]
-        mu = _u.leaves_like(adam.mu, pdef, params, ("params", "opt_state mu"), api)
-        nu = _u.leaves_like(adam.nu, pdef, params, ("params", "opt_state nu"), api)
+        mu = _u.leaves_like(adam.mu, pdef, params, ("params", "opt_state mu"), api, pl)
+        nu = _u.leaves_like(adam.nu, pdef, params, ("params", "opt_state nu"), api, pl)
         if int(adam.count) > 0:
             for k, i in enumerate(index):
                 state[k] = {
@@ -234,7 +234,7 @@ def to_torch_state_dict(opt_state: Any, params: PyTree, tx: _base.GradientTransf
                     "exp_avg_sq": nu[i].detach().clone(),
                 }
     elif isinstance(sub[0], TraceState):
-        tr = _u.leaves_like(sub[0].trace, pdef, params, ("params", "opt_state trace"), api)
+        tr = _u.leaves_like(sub[0].trace, pdef, params, ("params", "opt_state trace"), api, pl)
         for k, i in enumerate(index):
             state[k] = {"momentum_buffer": tr[i].detach().clone()}
     return {"state": state, "param_groups": sd["param_groups"]}

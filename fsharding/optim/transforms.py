@@ -207,12 +207,14 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
         if params is None:
             raise _u.no_params_error(api)
         gl, gdef = _u.flatten(updates, api, "updates")
-        pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api)
+        pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
         keep = [True] * len(gl) if mask is None else _u.mask_leaves(api, mask, params)
         if wd == 0.0:  # u + 0 * p == u: skip the pass
             return optree.tree_unflatten(gdef, _u.detach_all(gl)), state
         g_loc, dt = _u.local(gl)
         p_loc, _ = _u.local(pl)
+        if dt:
+            _u.check_local(api, g_loc, (p_loc,), updates, ("params",))
         donate = donating()
         out = _u.detach_all(g_loc)
         sel = [i for i, k in enumerate(keep) if k]
@@ -281,9 +283,11 @@ def scale_by_trust_ratio(
         if params is None:
             raise _u.no_params_error(api)
         gl, gdef = _u.flatten(updates, api, "updates")
-        pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api)
+        pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
         g_loc, dt = _u.local(gl)
         p_loc, _ = _u.local(pl)
+        if dt:
+            _u.check_local(api, g_loc, (p_loc,), updates, ("params",))
         donate = donating()
         out = list(g_loc)
         for idx in _u.groups(g_loc, p_loc):
