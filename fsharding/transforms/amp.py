@@ -140,31 +140,47 @@ class Policy:
 
     @classmethod
     def parse(cls, policy: str) -> Policy:
-        """Parses jmp's policy grammar or a shorthand.
+        """Parses jmp's policy grammar (``jmp.get_policy``) or a shorthand.
 
         ``"params=float32,compute=bfloat16,output=float32"``; keys ``p``/``params``,
         ``c``/``compute``, ``o``/``output``; dtype names ``f32``/``float32``/``full``,
         ``bf16``/``bfloat16``, ``f16``/``float16``/``half``, ``f64``/``float64``/``double``.
         Omitted params are float32, omitted compute follows params, omitted output follows
-        compute. Shorthands: ``"fp32"``, ``"bf16"`` (p=f32,c=bf16,o=f32), ``"fp16"``
-        (p=f32,c=f16,o=f32), ``"pure_bf16"`` (all bf16).
+        compute. A bare dtype name is that dtype for params, compute and output, as in jmp:
+        ``"float16"``, ``"half"``, ``"float32"``, ``"full"``, ``"bfloat16"``, ``"f16"``,
+        ``"f32"``, ``"float64"``. Shorthands: ``"fp32"`` (all f32), ``"bf16"``
+        (p=f32,c=bf16,o=f32), ``"fp16"`` (p=f32,c=f16,o=f32), ``"pure_bf16"`` (all bf16).
+
+        The one difference from jmp: a bare ``"bf16"`` is the shorthand above (float32
+        params and outputs, bfloat16 compute: what PyTorch autocast and DeepSpeed users
+        mean by bf16), where ``jmp.get_policy("bf16")`` is bfloat16 everywhere; spell that
+        ``"bfloat16"`` or ``"pure_bf16"``. (``"half"`` is always float16, torch's ``half``;
+        jmp picks bfloat16 on TPU, which torch does not target. ``str`` writes ``f32`` where
+        jmp writes ``full``; both parse.)
 
         Raises:
             ValueError: an unknown key, dtype name or shorthand, or a repeated key; the
                 message lists the valid ones.
 
         Example:
-            >>> str(Policy.parse("c=f16"))
-            'p=f32,c=f16,o=f16'
+            >>> str(Policy.parse("c=f16")), str(Policy.parse("float16"))
+            ('p=f32,c=f16,o=f16', 'p=f16,c=f16,o=f16')
+            >>> str(Policy.parse("bf16")), str(Policy.parse("bfloat16"))
+            ('p=f32,c=bf16,o=f32', 'p=bf16,c=bf16,o=bf16')
         """
         if not isinstance(policy, str):
             raise TypeError(f"fs.Policy.parse: policy must be a str, got {policy!r}.")
         text = _SHORTHANDS.get(policy.strip(), policy)
         if "=" not in text:
+            if text.strip() in _NAME_TO_DTYPE:  # jmp: a bare dtype name is all three
+                dt = _NAME_TO_DTYPE[text.strip()]
+                return cls(dt, dt, dt)
             raise ValueError(
                 f"fs.Policy.parse: unknown policy {policy!r}; use a shorthand "
-                f"({', '.join(repr(s) for s in _SHORTHANDS)}) or 'key=dtype,...' with keys "
-                f"p/params, c/compute, o/output (e.g. 'p=f32,c=bf16,o=f32')."
+                f"({', '.join(repr(s) for s in _SHORTHANDS)}), a dtype name for all three "
+                f"({', '.join(repr(n) for n in _NAME_TO_DTYPE if n not in _SHORTHANDS)}) or "
+                f"'key=dtype,...' with keys p/params, c/compute, o/output (e.g. "
+                f"'p=f32,c=bf16,o=f32')."
             )
         found: dict[str, torch.dtype] = {}
         for part in text.split(","):
@@ -440,6 +456,14 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
         from fsharding.transforms.amp_optim import master_weights
 
         return master_weights(fn_or_optimizer, pol)
+    if isinstance(fn_or_optimizer, torch.nn.Module):
+        raise TypeError(
+            f"fs.amp: got an nn.Module ({type(fn_or_optimizer).__name__}); amp transforms "
+            "functions of explicit params. Make the module one with fs.functional: "
+            "apply, params = fs.functional(model); then "
+            f"fs.amp(lambda params, *args: apply(params, *args), policy='{pol}'), or per "
+            f"block fs.functional(model, wrap={{Block: fs.amp(policy='{pol}')}})."
+        ) from None
     if not callable(fn_or_optimizer):
         raise TypeError(
             "fs.amp: fn_or_optimizer must be a function or an optim.GradientTransformation, "

@@ -93,7 +93,12 @@ def test_shorthands_and_defaults(name, dtypes):
         ),
         ("p=f32,p=bf16", "param_dtype given twice"),
         ("p=f32,", "unknown key ''"),
-        ("bfloat16", r"unknown policy 'bfloat16'; use a shorthand \('fp32', 'bf16', 'fp16'"),
+        (
+            "compute_float16",  # jmp's test_get_policy_almost_dtype
+            r"unknown policy 'compute_float16'; use a shorthand \('fp32', 'bf16', 'fp16'.*"
+            r"a dtype name for all three \(.*'bfloat16'.*\) or 'key=dtype,...'",
+        ),
+        ("bf17", "unknown policy 'bf17'"),
         ("", "unknown policy ''"),
     ],
 )
@@ -115,6 +120,82 @@ def test_policy_value_semantics():
         out = cast(tree)
         assert out["w"].dtype == dt and out["h"].dtype == dt
         assert out["i"] is tree["i"] and out["n"] == 3
+
+
+# --------------------------------------------------------------------------------------
+# jmp parity (ported from jmp's policy_test.py; jmp.get_policy is Policy.parse)
+# --------------------------------------------------------------------------------------
+
+JMP_NAMES = {F16: "float16", BF16: "bfloat16", F32: "float32"}  # jmp's get_dtype_name
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("float16", F16),
+        ("half", F16),  # jmp: the platform's half dtype, float16 off TPU; torch.half is f16
+        ("f16", F16),
+        ("float32", F32),
+        ("full", F32),
+        ("f32", F32),
+        ("bfloat16", BF16),
+        ("float64", F64),
+        ("f64", F64),
+    ],
+)
+def test_jmp_bare_dtype_name_is_that_dtype_for_params_compute_and_output(name, dtype):
+    # jmp's test_get_policy: a bare dtype name means that dtype everywhere.
+    assert Policy.parse(name) == Policy(dtype, dtype, dtype)
+    assert Policy.parse(f" {name} ") == Policy(dtype, dtype, dtype)
+    assert amp(lambda x: x, policy=name).policy == Policy(dtype, dtype, dtype)
+
+
+def test_bf16_shorthand_is_the_one_difference_from_jmp():
+    # jmp.get_policy("bf16") is all bfloat16; ours is PyTorch/DeepSpeed users' "bf16 mixed
+    # precision": float32 params and outputs, bfloat16 compute. jmp's meaning: "bfloat16".
+    assert Policy.parse("bf16") == Policy(F32, BF16, F32)
+    assert Policy.parse("bfloat16") == Policy(BF16, BF16, BF16) == Policy.parse("pure_bf16")
+    assert Policy.parse("fp16") == Policy(F32, F16, F32)
+    assert Policy.parse("fp32") == Policy.parse("float32") == Policy(F32, F32, F32)
+    assert "jmp" in Policy.parse.__doc__ and "bf16" in Policy.parse.__doc__
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("src", [F64, F32, BF16, F16])
+def test_jmp_policy_casts(dtype, src):
+    # jmp's test_policy_cast_to_{param,compute,output}, with every source dtype.
+    policy = Policy(dtype, dtype, dtype)
+    assert policy.param_dtype == policy.compute_dtype == policy.output_dtype == dtype
+    tree = {"a": torch.ones([], dtype=src), "i": torch.ones([], dtype=torch.int16), "o": object()}
+    for cast in (policy.cast_to_param, policy.cast_to_compute, policy.cast_to_output):
+        out = cast(tree)
+        assert out["a"].dtype == dtype and out["a"].item() == 1.0
+        assert out["i"] is tree["i"] and out["o"] is tree["o"]  # jmp's cast_to_full/half
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_jmp_with_output_dtype(dtype):
+    policy = Policy(F32, F32, F32).with_output_dtype(dtype)
+    assert policy == Policy(F32, F32, dtype)
+    assert Policy(F32, F32, F32).with_output_dtype(JMP_NAMES[dtype]) == policy
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_jmp_get_policy_mixed_and_compute(dtype):
+    name = JMP_NAMES[dtype]
+    assert Policy.parse(f"c={name}") == Policy(F32, dtype, dtype)  # test_get_policy_mixed
+    assert Policy.parse(f"c={name},o=full") == Policy(F32, dtype, F32)  # _compute
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
+def test_jmp_str_writes_one_name_per_dtype(dtype):
+    # jmp's test_str: each piece is the dtype's first name (ours: f32 where jmp writes
+    # "full"; both parse back).
+    text = str(Policy(dtype, dtype, dtype))
+    names = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
+    assert [piece.split("=")[1] for piece in text.split(",")] == [names[dtype]] * 3
+    assert Policy.parse(text) == Policy(dtype, dtype, dtype)
+    assert Policy.parse(text.replace("f32", "full")) == Policy(dtype, dtype, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -297,6 +378,23 @@ def test_signature_forms_and_errors():
         amp(f, policy=torch.bfloat16)
     with pytest.raises(TypeError, match="fs.amp: fn_or_optimizer must be a function"):
         amp(3)
+
+
+@pytest.mark.parametrize("form", ["call", "decorator"])
+def test_amp_of_a_module_points_to_functional(form):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU())
+    match = (
+        r"fs.amp: got an nn.Module \(Sequential\).*fs.functional\(model\).*"
+        r"fs.amp\(lambda params, \*args: apply\(params, \*args\)"
+    )
+    with pytest.raises(TypeError, match=match):
+        amp(model) if form == "call" else amp(policy="bf16")(model)
+    # what the message says works, and computes in bf16
+    apply, params = fs.functional(model)
+    out = amp(lambda params, *args: apply(params, *args), policy="bf16")(params, torch.ones(2, 3))
+    ref = model(torch.ones(2, 3))
+    assert out.dtype == F32 and not torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_outputs_and_non_tensor_arguments():

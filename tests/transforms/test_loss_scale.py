@@ -3,6 +3,8 @@ pytrees, scale/unscale, and fp16 training steps that skip on overflow."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -150,6 +152,96 @@ def test_dynamic_validates(kwargs, match):
 def test_static_validates():
     with pytest.raises(ValueError, match="fs.StaticLossScale: loss_scale must be a positive"):
         StaticLossScale(-2.0)
+
+
+# --------------------------------------------------------------------------------------
+# jmp parity (ported from jmp's loss_scale_test.py). Deviations, stated in the README's
+# "Differences from optax and jmp": the numbers are Python scalars and every field is a
+# pytree leaf (jmp keeps period/factor static and StaticLossScale leafless), ints are
+# accepted as floats without a warning, min_loss_scale must be positive, and there is no
+# select_tree (a skipped step returns the old params and state in Python).
+# --------------------------------------------------------------------------------------
+
+
+def test_jmp_no_op_loss_scale_returns_the_tree_itself():
+    tree = {"a": torch.ones([])}
+    ls = NoOpLossScale()
+    assert ls.scale(tree) is tree and ls.unscale(tree) is tree
+
+
+@pytest.mark.parametrize("cls", [StaticLossScale, DynamicLossScale])
+@pytest.mark.parametrize("scale", [2, 3, 4, 2.0, 3.0, 4.0])
+def test_jmp_static_loss_scale(cls, scale):
+    ls = cls(scale)
+    tree = {"a": torch.tensor(1.0)}
+    scaled = ls.scale(tree)
+    assert torch.equal(scaled["a"], torch.tensor(1.0 * scale))
+    assert torch.equal(ls.unscale(scaled)["a"], tree["a"])
+    assert ls.loss_scale == scale and type(ls.loss_scale) is float
+
+
+def test_jmp_dynamic_loss_scale_no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DynamicLossScale(2.0**15)
+
+
+@pytest.mark.parametrize("period, factor", [(20, 2), (30, 3)])
+def test_jmp_dynamic_adjust_increases_on_finite(period, factor):
+    ls = DynamicLossScale(10.0, 0, period, factor)
+    for i in range(1, period):
+        ls = ls.adjust(torch.tensor(True))
+        assert (ls.loss_scale, ls.counter, ls.period, ls.factor) == (10, i, period, factor)
+    ls = ls.adjust(torch.tensor(True))  # the counter wraps, the scale grows
+    assert (ls.loss_scale, ls.counter, ls.period, ls.factor) == (10 * factor, 0, period, factor)
+
+
+@pytest.mark.parametrize("period, factor", [(20, 2), (30, 3)])
+def test_jmp_dynamic_adjust_reduces_on_non_finite(period, factor):
+    init = 10.0
+    ls = DynamicLossScale(init, 0, period, factor)
+    assert init / factor**100 < 1  # covers max(1, S)
+    for i in range(100):
+        ls = ls.adjust(torch.tensor(False))
+        assert ls.loss_scale == pytest.approx(max(1, init / factor ** (i + 1)), rel=1e-5)
+        assert (ls.counter, ls.period, ls.factor) == (0, period, factor)
+
+
+@pytest.mark.parametrize("period, factor, min_loss_scale", [(20, 2, 0.3125), (30, 3, 0.37)])
+def test_jmp_dynamic_explicit_min_loss_scale(period, factor, min_loss_scale):
+    init = 10.0
+    ls = DynamicLossScale(init, 0, period, factor, min_loss_scale)
+    for i in range(100):
+        ls = ls.adjust(False)
+        want = max(min_loss_scale, init / factor ** (i + 1))
+        assert ls.loss_scale == pytest.approx(want, rel=1e-5)
+        assert (ls.counter, ls.period, ls.factor) == (0, period, factor)
+
+
+@pytest.mark.parametrize("non_finite", [float("inf"), float("nan"), -float("inf")])
+def test_jmp_all_finite(non_finite):
+    assert bool(fs.all_finite(None)) and bool(fs.all_finite({}))
+    assert not bool(fs.all_finite({"a": torch.tensor(non_finite)}))
+    assert not bool(fs.all_finite({"a": torch.ones([]), "b": torch.tensor(non_finite)}))
+    assert not bool(fs.all_finite({"a": torch.tensor(non_finite), "b": torch.ones([])}))
+    assert bool(fs.all_finite({"a": torch.ones([]), "b": torch.ones([])}))
+    assert fs.all_finite({"a": torch.ones([])}).dtype == torch.bool
+
+
+def test_jmp_dynamic_tree_round_trip_keeps_a_custom_minimum():
+    # from jmp's MinimumLossScaleTreeTest: unflatten(flatten(s)) == s, fields included
+    for minimum in (0.125, 4.0):
+        s = DynamicLossScale(4.0, 1, 3, 2, minimum)
+        restored = fs.tree.unflatten(fs.tree.structure(s), fs.tree.leaves(s))
+        assert restored == s and restored.min_loss_scale == minimum
+        assert fs.tree.map(lambda x: x, s) == s
+        trail, eager = [], s
+        for finite in (False, False, False, True, True, True, False):
+            eager = eager.adjust(finite)
+            trail.append(eager.loss_scale)
+        assert eager.min_loss_scale == minimum and s.loss_scale == 4.0
+        low = [max(minimum, x) for x in (2.0, 1.0, 0.5)]
+        assert trail == [*low, low[-1], low[-1], 2 * low[-1], max(minimum, low[-1])]
 
 
 # --------------------------------------------------------------------------------------
