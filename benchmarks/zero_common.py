@@ -2,10 +2,12 @@
 
 Everything here runs inside one rank of a 2-process gloo group (``fs.launch`` or
 ``torchrun``), one thread per rank. It holds the workload (ANCHORS.md's GPT "small", AdamW
-lr 3e-3, betas (0.9, 0.95), wd 0.1, fp32), the torch DDP variant every launch re-runs as
-its baseline, the alternating timing loop with per-phase timers, the contention probe and
-the memory probes. It imports neither fsharding's transforms nor DeepSpeed, so both
-launches can use it.
+lr 3e-3, betas (0.9, 0.95), wd 0.1, fp32; ``FS_BENCH_PRESET=tiny`` in the environment for
+smoke tests), the torch DDP variant every launch re-runs as its baseline (torch AdamW
+``fused=True``: the kernel fsharding's adamw runs), the alternating timing loop with
+per-phase timers, the contention probe, the params check and the memory probes (peak RSS
+with Python's cyclic GC on or off, peak live tensors). It imports neither fsharding's
+transforms nor DeepSpeed, so both launches can use it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import gc
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -25,6 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fsharding.models.gpt import GPT, GPTConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PeakLiveMemory, param_deviation  # noqa: E402
 
 LR, BETAS, EPS, WD = 3e-3, (0.9, 0.95), 1e-8, 0.1
 MIB = 2**20
@@ -38,8 +44,14 @@ def set_threads() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def preset() -> str:
+    """The GPT preset of every launch: ``FS_BENCH_PRESET`` (inherited by the ranks), else
+    ``"small"`` (the ANCHORS workload)."""
+    return os.environ.get("FS_BENCH_PRESET", "small")
+
+
 def model() -> GPT:
-    return GPT(GPTConfig.preset("small"), seed=0)
+    return GPT(GPTConfig.preset(preset()), seed=0)
 
 
 def rank_batch(data: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +66,10 @@ def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-def torch_adamw(params: Iterable[torch.Tensor], fused: bool = False) -> torch.optim.AdamW:
-    """torch AdamW, ``foreach=True`` (ANCHORS' baseline) or ``fused=True`` (the
-    ``torch._fused_adam_`` kernel that fsharding's adamw also runs)."""
+def torch_adamw(params: Iterable[torch.Tensor], fused: bool = True) -> torch.optim.AdamW:
+    """torch AdamW, ``fused=True`` (the ``torch._fused_adam_`` kernel fsharding's adamw
+    runs: every headline baseline) or ``foreach=True`` (ANCHORS' older baseline, extra
+    rows)."""
     kw = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kw)
 
@@ -110,6 +123,12 @@ class Stepper:
     step: Callable[[int], tuple[float, float]]
     state_mib: Callable[[], float]
     phases: Phases
+    #: full (unsharded) params by name, identical on every rank (a collective for sharded
+    #: variants: every rank calls it); None: not checked (DeepSpeed)
+    params: Callable[[], dict[str, torch.Tensor]] | None = None
+    #: the tensors the variant holds between steps (params, optimizer state; torch's .grad
+    #: are set to None first, as the next step's zero_grad would): peak live's baseline
+    live: Callable[[], list[torch.Tensor]] | None = None
 
 
 def storage_mib(tensors: Iterable[Any]) -> float:
@@ -128,7 +147,7 @@ def storage_mib(tensors: Iterable[Any]) -> float:
 
 
 def torch_stepper(
-    module: torch.nn.Module, wrapped: torch.nn.Module, data: dict, fused: bool = False
+    module: torch.nn.Module, wrapped: torch.nn.Module, data: dict, fused: bool = True
 ) -> Stepper:
     """A ``torch.nn.Module`` training loop (DDP or FSDP2 wrapper around ``module``)."""
     params = list(module.parameters())
@@ -155,11 +174,23 @@ def torch_stepper(
         ts += [v for s in opt.state.values() for v in s.values() if v.dim() > 0]
         return storage_mib(ts)
 
-    return Stepper(step, state, ph)
+    def full_params() -> dict[str, torch.Tensor]:
+        out = {}
+        for k, p in module.named_parameters():
+            p = p.detach()
+            out[k] = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2: DTensor
+        return out
+
+    def live() -> list[torch.Tensor]:
+        opt.zero_grad(set_to_none=True)
+        return [*params, *(v for s in opt.state.values() for v in s.values())]
+
+    return Stepper(step, state, ph, full_params, live)
 
 
-def ddp(data: dict, fused: bool = False) -> Stepper:
-    """torch DDP + torch.optim.AdamW(foreach=True): the baseline of every launch."""
+def ddp(data: dict, fused: bool = True) -> Stepper:
+    """torch DDP + torch.optim.AdamW(fused=True): the baseline of every launch
+    (``fused=False``: AdamW(foreach=True), an extra row)."""
     from torch.nn.parallel import DistributedDataParallel
 
     m = model()
@@ -249,15 +280,70 @@ def proc_status_mib(key: str) -> float:
     raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
 
 
-def memory_run(build: Callable[[], Stepper], steps: int) -> dict[str, float]:
-    """One variant alone: RSS before building it, peak RSS (VmHWM) after ``steps`` steps."""
+def memory_run(
+    build: Callable[[], Stepper], steps: int, *, gc_off: bool = False, live: bool = False
+) -> dict[str, float]:
+    """One variant alone in fresh processes: RSS before building it, peak RSS (VmHWM)
+    after ``steps`` steps, per rank (keys ``<name>_r<rank>``).
+
+    ``gc_off``: Python's cyclic collector disabled for the build and the steps
+    (``gc.disable()``, as torchtitan's training loop does; it collects generation 1 every
+    50 steps, so for ``steps`` < 50 this is its loop): memory reachable only from
+    reference cycles stays until the end. ``live``: after the RSS reading, one more step
+    under ``common.PeakLiveMemory`` (GC on; at entry the tensors ``Stepper.live`` returns):
+    ``peak_live`` MiB. The probe sees what aten ops allocate during the step: buffers made
+    before it (DDP's gradient buckets, allocated when DDP wraps the model) are not counted.
+    """
     gc.collect()
     base = proc_status_mib("VmRSS")
-    s = build()
-    for i in range(steps):
+    was = gc.isenabled()
+    if gc_off:
+        gc.disable()
+    try:
+        s = build()
+        for i in range(steps):
+            dist.barrier()
+            s.step(i)
+        gc_was_off = not gc.isenabled()
+        peak = proc_status_mib("VmHWM")
+    finally:
+        if was:
+            gc.enable()
+    out = {"base_rss": base, "peak_rss": peak, "state": s.state_mib()}
+    out["gc_was_off"] = float(gc_was_off)
+    if live and s.live is not None:
         dist.barrier()
-        s.step(i)
-    out = {"base_rss": base, "peak_rss": proc_status_mib("VmHWM"), "state": s.state_mib()}
+        out["peak_live"] = peak_live_step(s, steps)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, out)
     return {f"{k}_r{r}": v for r, e in enumerate(everyone) for k, v in e.items()}
+
+
+def peak_live_step(s: Stepper, i: int) -> float:
+    """Peak live MiB of step ``i`` of ``s`` (``common.PeakLiveMemory``, ``s.live()`` at
+    entry, nothing else held by the probe)."""
+    gc.collect()
+    probe = PeakLiveMemory(s.live())
+    with probe:
+        s.step(i)
+        gc.collect()
+    return probe.peak / MIB
+
+
+def param_check(steppers: list[Stepper], ref_path: str | None) -> list[tuple[float, str] | None]:
+    """Per stepper: ``common.param_deviation`` of its full params after the run from the
+    one-process eager reference's (``ref_path``: a ``torch.save`` of ``{"params": ...,
+    "init": ...}``); None where the stepper cannot give full params. Every rank calls it
+    (gathering sharded params is a collective)."""
+    if ref_path is None:
+        return [None for _ in steppers]
+    ref = torch.load(ref_path)
+    out: list[tuple[float, str] | None] = []
+    for s in steppers:
+        if s.params is None:
+            out.append(None)
+            continue
+        full = {k: v.detach() for k, v in s.params().items()}
+        out.append(param_deviation(full, ref["params"], ref["init"]))
+        del full
+    return out

@@ -3,7 +3,11 @@
 Started by ``bench_zero.py`` with a DeepSpeed virtualenv's Python (``DS_ACCELERATOR=cpu``,
 gloo, 1 thread per rank); DeepSpeed is never a dependency of fsharding. Same model,
 batches and AdamW as the other variants: DeepSpeed's ``torch_adam`` path builds
-``torch.optim.AdamW(foreach=True)`` over its (flat) fp32 partitions; no clipping. A re-run of
+``torch.optim.AdamW`` over its (flat) fp32 partitions, ``fused=True`` like the torch
+baselines (``--adam foreach``: the configuration of the runs before 2026-12-06); no
+clipping. Needs DeepSpeed, which is not a dependency of fsharding: a separate virtualenv
+(``python -m venv /work/dsvenv && /work/dsvenv/bin/pip install deepspeed``, plus torch,
+optree and cloudpickle), ``bench_zero.py --ds-python /work/dsvenv/bin/python``. A re-run of
 torch DDP alternates with the DeepSpeed engines, so ratios to DDP are side by side; fs.zero
 variants (``zero_variants.BUILDERS`` keys) may join the same launch for a direct comparison.
 
@@ -28,7 +32,7 @@ import zero_common as zc
 import zero_variants as zv
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, adam: str = "fused") -> dict:
     return {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
@@ -40,7 +44,7 @@ def ds_config(stage: int) -> dict:
                 "eps": zc.EPS,
                 "weight_decay": zc.WD,
                 "torch_adam": True,
-                "foreach": True,
+                adam: True,  # "fused" or "foreach": passed on to torch.optim.AdamW
             },
         },
         "zero_optimization": {"stage": stage},
@@ -94,7 +98,7 @@ def ds_state_mib(engine: Any, stage: int) -> float:
 _LINEAR = F.linear  # torch's own, before any DeepSpeed engine exists
 
 
-def deepspeed_stepper(data: dict, stage: int) -> zc.Stepper:
+def deepspeed_stepper(data: dict, stage: int, adam: str = "fused") -> zc.Stepper:
     """One DeepSpeed engine. ZeRO-3 replaces ``torch.nn.functional.linear`` process-wide
     with its ``LinearFunctionForZeroStage3`` ("persists unless manually reset"): that would
     also run under the other variants of this process (and broke a selective-checkpoint
@@ -103,7 +107,7 @@ def deepspeed_stepper(data: dict, stage: int) -> zc.Stepper:
 
     m = zc.model()
     engine, *_ = deepspeed.initialize(
-        model=m, model_parameters=m.parameters(), config=ds_config(stage)
+        model=m, model_parameters=m.parameters(), config=ds_config(stage, adam)
     )
     own_linear, F.linear = F.linear, _LINEAR
     ph = zc.Phases()
@@ -134,13 +138,14 @@ def deepspeed_stepper(data: dict, stage: int) -> zc.Stepper:
     return zc.Stepper(step, lambda: ds_state_mib(engine, stage), ph)
 
 
+ADAM = ["fused"]  # set from --adam in main()
 BUILDERS = {
     "ds-ddp": zc.ddp,
     **{k: b for k, (_, b) in zv.BUILDERS.items()},  # fs.zero next to DeepSpeed, if asked
-    "ds0": lambda d: deepspeed_stepper(d, 0),
-    "ds1": lambda d: deepspeed_stepper(d, 1),
-    "ds2": lambda d: deepspeed_stepper(d, 2),
-    "ds3": lambda d: deepspeed_stepper(d, 3),
+    "ds0": lambda d: deepspeed_stepper(d, 0, ADAM[0]),
+    "ds1": lambda d: deepspeed_stepper(d, 1, ADAM[0]),
+    "ds2": lambda d: deepspeed_stepper(d, 2, ADAM[0]),
+    "ds3": lambda d: deepspeed_stepper(d, 3, ADAM[0]),
 }
 
 
@@ -152,7 +157,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--memory-steps", type=int, default=0, help="one variant alone: memory")
+    ap.add_argument("--adam", default="fused", choices=["fused", "foreach"])
     args = ap.parse_args()
+    ADAM[0] = args.adam
     zc.set_threads()
     import deepspeed
 

@@ -121,7 +121,13 @@ def fs_zero(
         s = [fs.tree.local_tensor(x) for _, x in fs.tree.leaves_with_path(box["s"])]
         return zc.storage_mib([*plocal, *s]) + g / zc.MIB
 
-    return zc.Stepper(one, state, ph)
+    def full_params() -> dict[str, torch.Tensor]:
+        return dict(step.gather(box["p"]))  # stage 3: all-gathered (every rank calls it)
+
+    def live() -> list[torch.Tensor]:
+        return [fs.tree.local_tensor(x) for x in fs.tree.leaves((box["p"], box["s"]))]
+
+    return zc.Stepper(one, state, ph, full_params, live)
 
 
 _COMPUTE = frozenset(
@@ -157,24 +163,32 @@ def _blocks(remat: Any, reshard: bool = False) -> dict:
 # ----------------------------------------------------------------------------- FSDP2
 
 
-def fsdp2(data: dict, *, reshard_after_forward: bool = True) -> zc.Stepper:
-    """torch FSDP2: ``fully_shard`` per Block, then the root; torch AdamW(foreach)."""
+def fsdp2(data: dict, *, reshard_after_forward: bool = True, fused: bool = True) -> zc.Stepper:
+    """torch FSDP2: ``fully_shard`` per Block, then the root; torch AdamW(fused=True)
+    (``fused=False``: foreach)."""
     from torch.distributed.fsdp import fully_shard
 
     m = zc.model()
     for block in m.blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward)
     fully_shard(m, reshard_after_forward=reshard_after_forward)
-    return zc.torch_stepper(m, m, data)
+    return zc.torch_stepper(m, m, data, fused=fused)
 
 
 # ----------------------------------------------------------------------------- registry
 
 BUILDERS: dict[str, tuple[str, Callable[[dict], zc.Stepper]]] = {
-    "ddp": ("torch DDP", zc.ddp),
-    "ddp-fused": ("torch DDP, AdamW(fused=True)", lambda d: zc.ddp(d, fused=True)),
+    "ddp": ("torch DDP, AdamW(fused)", zc.ddp),
+    "ddp-foreach": (
+        "torch DDP, AdamW(foreach) [extra row, old baseline]",
+        lambda d: zc.ddp(d, fused=False),
+    ),
     "zero0": ("fs.zero stage 0", lambda d: fs_zero(d, 0)),
-    "fsdp2": ("torch FSDP2 (fully_shard per block)", fsdp2),
+    "fsdp2": ("torch FSDP2 (fully_shard per block), AdamW(fused)", fsdp2),
+    "fsdp2-foreach": (
+        "torch FSDP2 (fully_shard per block), AdamW(foreach) [extra row, old baseline]",
+        lambda d: fsdp2(d, fused=False),
+    ),
     "zero3": ("fs.zero stage 3", lambda d: fs_zero(d, 3)),
     "zero3-blocks": (
         "fs.zero stage 3, gather='blocks', wrap gather",
@@ -199,7 +213,7 @@ BUILDERS: dict[str, tuple[str, Callable[[dict], zc.Stepper]]] = {
     "zero1": ("fs.zero stage 1", lambda d: fs_zero(d, 1)),
     "zero2": ("fs.zero stage 2", lambda d: fs_zero(d, 2)),
     "fsdp2-nr": (
-        "torch FSDP2 reshard_after_forward=False",
+        "torch FSDP2 reshard_after_forward=False, AdamW(fused)",
         lambda d: fsdp2(d, reshard_after_forward=False),
     ),
     "zero0-overlap": ("fs.zero stage 0, overlap", lambda d: fs_zero(d, 0, overlap=True)),
@@ -211,11 +225,15 @@ BUILDERS: dict[str, tuple[str, Callable[[dict], zc.Stepper]]] = {
 }
 
 
-def rank_time(keys: list[str], data: dict, warmup: int, steps: int) -> dict:
-    """Entry of the timed launch: all ``keys`` side by side, alternating step by step."""
+def rank_time(
+    keys: list[str], data: dict, warmup: int, steps: int, ref_path: str | None = None
+) -> dict:
+    """Entry of the timed launch: all ``keys`` side by side, alternating step by step; then
+    each variant's full params against the eager reference's (``zc.param_check``)."""
     zc.set_threads()
     steppers = [BUILDERS[k][1](data) for k in keys]
     times, traj, contention = zc.run_alternating(steppers, warmup=warmup, steps=steps)
+    params = zc.param_check(steppers, ref_path)
     states = [s.state_mib() for s in steppers]
     phases = [zc.phase_medians(s.phases) for s in steppers]
     _, hwm = zc.proc_status_mib("VmRSS"), zc.proc_status_mib("VmHWM")
@@ -227,13 +245,14 @@ def rank_time(keys: list[str], data: dict, warmup: int, steps: int) -> dict:
         "state": states,
         "phases": phases,
         "shared_hwm": hwm,
+        "params": params,
     }
 
 
-def rank_memory(key: str, data: dict, steps: int) -> dict:
-    """Entry of a memory launch: one variant alone in fresh processes."""
+def rank_memory(key: str, data: dict, steps: int, gc_off: bool = False, live: bool = False) -> dict:
+    """Entry of a memory launch: one variant alone in fresh processes (``zc.memory_run``)."""
     zc.set_threads()
-    return zc.memory_run(lambda: BUILDERS[key][1](data), steps)
+    return zc.memory_run(lambda: BUILDERS[key][1](data), steps, gc_off=gc_off, live=live)
 
 
 def rank_profile(keys: list[str], data: dict, warmup: int, steps: int, top: int) -> dict:
