@@ -114,16 +114,26 @@ def leaves_with_path(tree: PyTree) -> list[tuple[str, Any]]:
     return [(keystr(a), leaf) for a, leaf in zip(accessors, lvs)]
 
 
-def first_difference(a: PyTree, b: PyTree) -> str | None:
+def first_difference(
+    a: PyTree, b: PyTree, *, names: tuple[str, str] = ("the first tree", "the second tree")
+) -> str | None:
     """The path of the first node where two trees' structures differ, or None if equal.
 
+    Where a node's keys differ, the path is that of the first key (in ``a``'s, then ``b``'s
+    order) present in one tree only, and says which tree lacks it.
+
+    Args:
+        a: first tree.
+        b: second tree.
+        names: how the two trees are called in the description.
+
     Example:
-        >>> first_difference({"a": 1, "b": 2}, {"a": 1, "c": 2})
-        "['b'] (keys ['a', 'b'] vs ['a', 'c'])"
+        >>> first_difference({"a": 1, "b": 2}, {"a": 1, "c": 2}, names=("params", "grads"))
+        "['b'] (missing from grads; keys ['a', 'b'] in params, ['a', 'c'] in grads)"
     """
     if optree.tree_structure(a) == optree.tree_structure(b):
         return None
-    return _diff(a, b, "")
+    return _diff(a, b, "", names)
 
 
 def _node(x: PyTree) -> tuple[Any, list[Any], list[Any]] | None:
@@ -140,7 +150,7 @@ def _entry_str(node_type: type, entry: Any) -> str:
     return f"[{entry!r}]"
 
 
-def _diff(a: PyTree, b: PyTree, path: str) -> str:
+def _diff(a: PyTree, b: PyTree, path: str, names: tuple[str, str]) -> str:
     na, nb = _node(a), _node(b)
     here = path or "<root>"
     if na is None and nb is None:
@@ -153,17 +163,22 @@ def _diff(a: PyTree, b: PyTree, path: str) -> str:
     if ta is not tb:
         return f"{here} ({ta.__name__} vs {tb.__name__})"
     if list(ea) != list(eb):
-        first = next((x for x, y in zip(ea, eb) if x != y), None)
-        if first is None:
-            first = ea[len(eb)] if len(ea) > len(eb) else eb[len(ea)]
-        at = path + _entry_str(ta, first)
-        return f"{at} (keys {list(ea)!r} vs {list(eb)!r})"
+        only_a = [x for x in ea if x not in eb]
+        only_b = [y for y in eb if y not in ea]
+        if only_a:
+            at, note = path + _entry_str(ta, only_a[0]), f"missing from {names[1]}"
+        elif only_b:
+            at, note = path + _entry_str(ta, only_b[0]), f"missing from {names[0]}"
+        else:  # the same keys in another order (e.g. an OrderedDict)
+            first = next(x for x, y in zip(ea, eb) if x != y)
+            at, note = path + _entry_str(ta, first), "keys in another order"
+        return f"{at} ({note}; keys {list(ea)!r} in {names[0]}, {list(eb)!r} in {names[1]})"
     if hasattr(ta, "_fields"):
         ea = list(ta._fields)
     for entry, xa, xb in zip(ea, ca, cb):
         sub = path + _entry_str(ta, entry)
         if optree.tree_structure(xa) != optree.tree_structure(xb):
-            return _diff(xa, xb, sub)
+            return _diff(xa, xb, sub, names)
     return f"{here} (node metadata differs: {ma!r} vs {mb!r})"
 
 
@@ -188,7 +203,7 @@ def check_same_structure(
         ...
         ValueError: fsharding: params and grads differ in pytree structure at ['w'] ...
     """
-    where = first_difference(a, b)
+    where = first_difference(a, b, names=names)
     if where is not None:
         raise ValueError(
             f"{api}: {names[0]} and {names[1]} differ in pytree structure at {where}. "

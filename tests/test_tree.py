@@ -89,3 +89,25 @@ def test_all_finite(sizes, data):
 def test_all_finite_no_overflow_in_low_precision():
     big = torch.full((1000,), 60000.0, dtype=torch.float16)  # sum would overflow fp16
     assert bool(tree.all_finite([big]))
+
+
+def test_missing_key_names_the_missing_path_either_way():
+    # issue 9: `updates` missing key `b` used to report "differ ... at ['w']"
+    params = {"b": 1, "w": 2}
+    updates = {"w": 2}
+    for a, b, names in (
+        (params, updates, ("params", "updates")),
+        (updates, params, ("updates", "params")),
+    ):
+        with pytest.raises(ValueError) as e:
+            tree.check_same_structure(a, b, names=names)
+        msg = str(e.value)
+        assert "at ['b']" in msg and "['w']" not in msg.split(" (")[0], msg
+        assert "missing from updates" in msg, msg
+    # an extra key is named as extra
+    where = tree.first_difference({"w": 1}, {"w": 1, "x": 2}, names=("params", "updates"))
+    assert where.startswith("['x']") and "missing from params" in where, where
+    # nested, and list lengths
+    where = tree.first_difference({"a": {"k": 1, "m": 2}}, {"a": {"m": 2}})
+    assert where.startswith("['a']['k']"), where
+    assert tree.first_difference([1, 2, 3], [1, 2]).startswith("[2]")

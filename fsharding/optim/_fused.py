@@ -29,7 +29,7 @@ import torch
 from fsharding.optim import _util as _u
 from fsharding.optim import moments as _m
 from fsharding.optim import transforms as _t
-from fsharding.optim.base import GradientTransformation, donating
+from fsharding.optim.base import GradientTransformation, check_chain_state, donating
 
 PyTree = Any
 _KERNEL_DEVICES = ("cpu", "cuda")
@@ -97,8 +97,7 @@ def fused_adam(
 
     @torch.no_grad()
     def update(updates: PyTree, state: tuple, params: PyTree = None):
-        if not isinstance(state, tuple) or len(state) != len(parts):
-            return tx.update(updates, state, params)  # the chain's own error message
+        check_chain_state(tx.update, state, len(parts))
         adam_state, lr_state = state[0], state[-1]
         gl, gdef = _u.flatten(updates, api, "updates")
         ml = _u.leaves_like(adam_state.mu, gdef, updates, ("updates", "state.mu"), api, gl)

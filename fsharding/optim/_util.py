@@ -285,10 +285,42 @@ def integer(api: str, name: str, value: Any, *, lo: int = 0, hint: str = "") -> 
     return int(value)
 
 
+def schedule(api: str, name: str, fn: Any) -> Callable[[int], Any]:
+    """Checks at construction that ``fn`` is a schedule (``step -> number``): not an
+    uncalled factory such as ``optim.cosine_decay_schedule``, and ``fn(0)`` is a real
+    number or a 0-dim tensor (so a mistake fails here, not mid-training)."""
+    from fsharding.optim import schedules as _s  # (a cycle at import time)
+
+    qual = getattr(fn, "__qualname__", "")
+    if getattr(fn, "__module__", None) == _s.__name__ and qual in _s.__all__:
+        raise TypeError(
+            f"{api}: {name} is the schedule factory optim.{qual} itself, not a schedule; "
+            f"call it to make one, e.g. {name}=optim.{qual}(...) with its arguments "
+            "(such as optim.cosine_decay_schedule(3e-4, decay_steps=10_000))."
+        )
+    try:
+        v = fn(0)
+    except Exception as e:  # noqa: BLE001 - reported with the fix
+        raise TypeError(
+            f"{api}: {name} is a callable, so it must be a schedule step -> float, but "
+            f"{name}(0) raised {type(e).__name__}: {e}. Pass a number or a schedule such as "
+            "optim.cosine_decay_schedule(3e-4, 10_000) (a factory must be called first)."
+        ) from None
+    ok = _is_number(v) or (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() == 0)
+    if not ok:
+        raise TypeError(
+            f"{api}: {name} is a callable, so it must be a schedule step -> float, but "
+            f"schedule(0) returned {v!r} ({type(v).__name__}). Return a number (or a 0-dim "
+            "tensor) from the schedule; a factory such as optim.linear_schedule must be "
+            "called first."
+        )
+    return fn
+
+
 def learning_rate(api: str, value: Any) -> float | Callable[[int], float]:
     """A learning rate is a number >= 0 or a schedule (a callable ``step -> float``)."""
     if callable(value):
-        return value
+        return schedule(api, "learning_rate", value)
     if not _is_number(value):
         raise TypeError(
             f"{api}: learning_rate must be a float or a schedule (a callable step -> float), "
@@ -347,7 +379,7 @@ def mask_leaves(
         if mdef != (params_def or optree.tree_structure(params)):
             flat = optree.broadcast_prefix(m, params)
     except (ValueError, TypeError):
-        where = _tree.first_difference(m, params) or "<root>"
+        where = _tree.first_difference(m, params, names=("mask", "params")) or "<root>"
         raise ValueError(
             f"{api}: mask must be a pytree of bools with the structure of params (or a "
             f"prefix of it), or a callable params -> such a tree; mask and params differ at "

@@ -92,16 +92,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             )
 
     def init(params: PyTree) -> tuple:
-        return tuple(t.init(params) for t in transforms)
+        states = tuple(t.init(params) for t in transforms)
+        update.expected = tuple(map(type, states))  # type: ignore[attr-defined]
+        return states
 
     def update(updates: PyTree, state: tuple, params: PyTree = None) -> tuple[PyTree, tuple]:
-        if not isinstance(state, tuple) or len(state) != len(transforms):
-            raise ValueError(
-                f"optim.chain: state must be the tuple of {len(transforms)} states returned by "
-                f"init, got {type(state).__name__}"
-                + (f" of length {len(state)}" if isinstance(state, tuple) else "")
-                + "."
-            )
+        check_chain_state(update, state, len(transforms))
         if params is not None:  # before any part runs (a first clip would write in place)
             _check_chain_leaves(updates, params, update.api)  # type: ignore[attr-defined]
         new_state = []
@@ -113,6 +109,42 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     update.parts = transforms  # type: ignore[attr-defined]  # for learning_rate()
     update.api = "optim.chain"  # type: ignore[attr-defined]  # aliases put their name
     return GradientTransformation(init, update)
+
+
+def _is_namedtuple(t: type) -> bool:
+    return issubclass(t, tuple) and hasattr(t, "_fields")
+
+
+def _describe_states(state: Any) -> str:
+    if not isinstance(state, tuple):
+        return f"a {type(state).__name__}"
+    return f"a tuple of length {len(state)} ({', '.join(type(s).__name__ for s in state)})"
+
+
+def check_chain_state(update_fn: Callable[..., Any], state: Any, n: int) -> None:
+    """The state given to a chain's update is the tuple its init returns: the right length
+    and, where init ran in this process, each part's state type (a state from another
+    optimizer of the same length would otherwise run silently on the wrong moments)."""
+    api = getattr(update_fn, "api", "optim.chain")
+    expected = getattr(update_fn, "expected", None)
+    want = f" ({', '.join(t.__name__ for t in expected)})" if expected else ""
+    fix = (
+        "A state from another optimizer? Pass the state this optimizer's init(params) "
+        "returned (re-run init after changing the optimizer)."
+    )
+    if not isinstance(state, tuple) or len(state) != n:
+        raise ValueError(
+            f"{api}: state must be the tuple of {n} states its init returns{want}, got "
+            f"{_describe_states(state)}. {fix}"
+        )
+    if expected:
+        for i, (s, e) in enumerate(zip(state, expected)):
+            if type(s) is not e and _is_namedtuple(type(s)) and _is_namedtuple(e):
+                raise TypeError(
+                    f"{api}: state[{i}] is a {type(s).__name__} where this chain keeps a "
+                    f"{e.__name__}: it expected the states{want}, got {_describe_states(state)}. "
+                    f"{fix}"
+                )
 
 
 def _check_chain_leaves(updates: PyTree, params: PyTree, api: str) -> None:

@@ -110,6 +110,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
             f"{api}: step_size_fn must be callable (step -> float), got {step_size_fn!r}. "
             "Pass a schedule such as optim.linear_schedule(0.0, 1.0, 100)."
         )
+    _u.schedule(api, "step_size_fn", step_size_fn)
 
     def init(params: PyTree) -> ScaleByScheduleState:
         return ScaleByScheduleState(count=0)
