@@ -258,8 +258,8 @@ class _Runner:
                 f"apply: params is missing parameters of {what}: {_keystrs(missing)} "
                 f"({len(missing)} of {len(self.required)}). Every parameter must be passed "
                 "(the module's own tensor would run in its place, with no gradient): pass "
-                "the dict returned by fs.functional(module), or add the missing entries; to "
-                "freeze one, pass it and ignore its gradient (or use optim.masked)."
+                "the dict returned by fs.functional(module), or add the missing entries (to "
+                "freeze one, pass it and leave its gradient unused)."
             ) from None
         self.checked_keys = keys
 
