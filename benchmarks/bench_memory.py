@@ -4,7 +4,8 @@ Workload: ANCHORS.md's GPT "small" (10,893,312 params), batch 8 x 128 tokens, Ad
 betas (0.9, 0.95), wd 0.1), fp32 unless stated, 2 threads. fsharding variants run the model
 through ``fs.functional(model, wrap={Block: transform})`` (params passed explicitly to every
 block) and step with ``fs.train_step(..., optim.adamw(...))`` and ``donate=True``; PyTorch
-variants are the plain ``nn.Module`` with ``torch.optim.AdamW(foreach=True)``.
+variants are the plain ``nn.Module`` with ``torch.optim.AdamW(fused=True)`` (the kernel
+fsharding's adamw runs; runs before 2026-12-06 used ``foreach=True``).
 
 Sections (each one run of ``common.run_side_by_side_quiet``: variants alternate step by step,
 as in ``common.run_side_by_side``, and rounds during which other processes used more than 10%
@@ -15,7 +16,9 @@ of the CPU are dropped, since this 2-core machine is shared):
   one forward+backward (``common.PeakLiveMemory``), and step time.
 * b. ``fs.remat`` vs ``torch.utils.checkpoint`` called directly per block (full, and selective
   "save matmuls"); two decomposition rows run torch's checkpoint as the ``wrap`` transform of
-  the same functional model. Goal: fs.remat <= 1.02x torch.
+  the same functional model. Goal: fs.remat <= 1.02x torch, both against torch on the
+  module and on the same path (``fs.functional`` + torch's checkpoint as the wrap
+  transform vs ``fs.functional`` + ``fs.remat``), at the stated 2 threads.
 * c. ``fs.accumulate(steps=4)`` vs a hand-written loop over 4 microbatches on the functional
   model (grads summed into a buffer with foreach ops). Goal: <= 1.03x, and peak saved bytes
   (held by autograd at once during the step) about 1/4 of the full batch's.
@@ -23,10 +26,13 @@ of the CPU are dropped, since this 2-core machine is shared):
 
 Same work: every variant steps through the same batches; its (loss, global grad norm) at
 every step (warm-up included) is compared with eager fp32's: fp32 variants within 1e-4
-relative (loss) and 1e-3 (grad norm); bf16 variants within 3e-2 and 1e-1.
+relative (loss) and 1e-3 (grad norm); bf16 variants within 3e-2 and 1e-1. Its params after
+the run too (``common.param_deviation``: ``||p - p_eager|| / ||p_eager - p_init||``), fp32
+within 1e-3, bf16 within 0.3.
 
 Run: ``python benchmarks/bench_memory.py [--steps 10] [--warmup 3] [--only a,b,c,d]``; writes
-``benchmarks/results/memory.md`` (sections not run are kept). Medians are over ``--steps``
+``benchmarks/results/memory.md`` (sections not run are kept; ``--no-write``: print only;
+``--json PATH``: the figures; ``--preset tiny``: the smoke-test model). Medians are over ``--steps``
 quiet rounds (contention <= 10%) out of at most ``--max-rounds``; a section that gets fewer
 is rerun up to ``--retries`` times, and the run with the most quiet rounds is reported with
 every contention figure seen.
@@ -67,18 +73,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     Variant,
     machine,
+    param_deviation,
     peak_live_mib,
     run_side_by_side_quiet,
     saved_tensors_mib,
 )
 
 LR, B1, B2, EPS, WD = 3e-3, 0.9, 0.95, 1e-8, 0.1
-BATCH, SEQ, K = 8, 128, 4
+BATCH, K = 8, 4
 MIB = 2**20
 QUIET = 0.10  # a timed round with more contention than this is dropped
 MIN_QUIET = 10  # fewer quiet rounds than this: all rounds are used (and reported as such)
-TOL = {"fp32": (1e-4, 1e-3), "bf16": (3e-2, 1e-1)}  # (loss, grad norm) relative
+TOL = {"fp32": (1e-4, 1e-3, 1e-3), "bf16": (3e-2, 1e-1, 0.3)}  # loss, grad norm, params
+CFG = [GPTConfig.preset("small")]  # --preset
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "memory.md")
+FIGURES: dict[str, dict] = {}  # per section run: the figures (``--json``)
 P = fs.policies
 
 # ------------------------------------------------------------------------------ workload
@@ -88,7 +97,7 @@ def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, 256, (BATCH, SEQ + 1), generator=g)
+        ids = torch.randint(0, CFG[0].vocab_size, (BATCH, CFG[0].seq_len + 1), generator=g)
         out.append((ids[:, :-1], ids[:, 1:]))
     return out
 
@@ -98,7 +107,7 @@ def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def new_model() -> GPT:
-    return GPT(GPTConfig.preset("small"), seed=0)
+    return GPT(CFG[0], seed=0)
 
 
 # Torch-native selective checkpointing, "save matmuls": the same ops as fs.policies.dots_saveable.
@@ -151,17 +160,23 @@ def _storage_mib(tensors: list[Any]) -> float:
 
 
 class Eager:
-    """nn.Module + torch AdamW(foreach). ``block``: None, "ckpt" or "sac"; ``autocast``: bf16."""
+    """nn.Module + torch AdamW(fused). ``block``: None, "ckpt" or "sac"; ``autocast``: bf16;
+    ``adam="foreach"``: AdamW(foreach=True) (extra rows)."""
 
     precision = "fp32"
 
     def __init__(
-        self, data: list, block: str | None = None, autocast: bool = False, step_probe: bool = False
+        self,
+        data: list,
+        block: str | None = None,
+        autocast: bool = False,
+        step_probe: bool = False,
+        adam: str = "fused",
     ):
         self.model = new_model()
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(
-            self.params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD, foreach=True
+            self.params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD, **{adam: True}
         )
         self.block, self.autocast, self.data = block, autocast, data
         self.precision = "bf16" if autocast else "fp32"
@@ -203,6 +218,9 @@ class Eager:
             out["peak saved MiB (step)"] = saved_tensors_mib(lambda: self.loss(x, y).backward())[1]
         self.opt.zero_grad(set_to_none=True)
         return out
+
+    def final_params(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.named_parameters()}
 
 
 class Functional:
@@ -269,6 +287,9 @@ class Functional:
                 lambda: self.grad_fn(self.params, batch)
             )[1]
         return out
+
+    def final_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.params)
 
 
 def hand_accumulate(vg: Callable[..., Any], params: dict, batch: tuple) -> tuple[Any, dict]:
@@ -340,9 +361,10 @@ GOALS = {
     "b": [
         ("fs remat(nothing_saveable)", "torch checkpoint per block", 1.02),
         ("fs remat(dots_saveable)", "torch SAC save-matmuls per block", 1.02),
+        # the same path: fs.functional with torch's checkpoint as the wrap transform
+        ("fs remat(nothing_saveable)", "fs.functional + torch checkpoint (decomp.)", 1.02),
+        ("fs remat(dots_saveable)", "fs.functional + torch SAC (decomp.)", 1.02),
         ("fs.functional + torch checkpoint (decomp.)", "torch checkpoint per block", None),
-        ("fs remat(nothing_saveable)", "fs.functional + torch checkpoint (decomp.)", None),
-        ("fs remat(dots_saveable)", "fs.functional + torch SAC (decomp.)", None),
         ("fs none (decomposition)", "eager nn.Module", None),
     ],
     "c": [
@@ -390,7 +412,7 @@ def run_section(section: str, args: argparse.Namespace) -> tuple[str, bool]:
                 threshold=QUIET,
                 min_quiet=MIN_QUIET,
             )
-            records = {n: (r.record, r.precision) for n, r in runners.items()}
+            records = {n: (r.record, r.precision, r.final_params()) for n, r in runners.items()}
             runners.clear()
         n_quiet = sum(c <= QUIET for c in per_round)
         tries.append(f"{contention:.1%} overall, {n_quiet}/{len(per_round)} rounds quiet")
@@ -410,21 +432,47 @@ def run_section(section: str, args: argparse.Namespace) -> tuple[str, bool]:
     )
     text = render(section, results, note, checks)
     print(text, flush=True)
+    FIGURES[section] = {
+        "contention": contention,
+        "quiet_rounds": n_quiet,
+        "rows": {
+            r.name: {"median_s": r.median, "spread": r.spread, **r.extra, "check": checks[r.name]}
+            for r in results
+        },
+        "ratios": [
+            {"variant": a, "reference": b, "ratio": ratio, "paired": paired, "goal": goal}
+            for a, b, goal, ratio, paired in ratios(section, results)
+        ],
+    }
     return text, ok
 
 
+def ratios(section: str, results: list) -> list[tuple[str, str, float | None, float, list]]:
+    """(variant, reference, goal, ratio of medians, per-round ratios) of ``GOALS[section]``."""
+    by_name = {r.name: r for r in results}
+    out = []
+    for a, b, goal in GOALS.get(section, []):
+        ratio = by_name[a].median / by_name[b].median
+        paired = [x / y for x, y in zip(by_name[a].times, by_name[b].times)]
+        out.append((a, b, goal, ratio, paired))
+    return out
+
+
 def check_trajectories(results: list, records: dict) -> tuple[dict[str, str], bool]:
-    """Max relative loss / grad-norm gap to the first variant (eager fp32), per variant."""
-    ref = records[results[0].name][0]
+    """Max relative loss / grad-norm gap to the first variant (eager fp32), and its params
+    after the run (``param_deviation``), per variant."""
+    ref, _, ref_params = records[results[0].name]
+    init = {k: v.detach() for k, v in new_model().named_parameters()}
     out, ok = {}, True
     for r in results:
-        rec, precision = records[r.name]
-        tl, tg = TOL[precision]
+        rec, precision, params = records[r.name]
+        tl, tg, tp = TOL[precision]
         dl = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(rec, ref))
         dg = max(abs(a[1] - b[1]) / abs(b[1]) for a, b in zip(rec, ref))
-        good = dl <= tl and dg <= tg and len(rec) == len(ref)
+        dp, _ = param_deviation(params, ref_params, init)
+        good = dl <= tl and dg <= tg and dp <= tp and len(rec) == len(ref)
         ok &= good
-        out[r.name] = f"{dl:.1e} / {dg:.1e} {'ok' if good else 'FAIL'} ({precision})"
+        out[r.name] = f"{dl:.1e} / {dg:.1e} / {dp:.1e} {'ok' if good else 'FAIL'} ({precision})"
     return out, ok
 
 
@@ -432,7 +480,7 @@ def render(section: str, results: list, note: str, checks: dict) -> str:
     keys = [k for k in MEMORY_KEYS if any(k in r.extra for r in results)]
     base = results[0].median
     head = f"| variant | median ms/step | spread (IQR/median) | × {results[0].name} |"
-    head += "".join(f" {k} |" for k in keys) + " max rel Δ loss / grad norm vs eager |"
+    head += "".join(f" {k} |" for k in keys) + " max rel Δ loss / grad norm / params vs eager |"
     lines = [head, "|" + " --- |" * (5 + len(keys))]
     for r in results:
         row = f"| {r.name} | {r.median * 1e3:.1f} | {r.spread * 100:.1f}% | {r.median / base:.3f} |"
@@ -448,10 +496,8 @@ def render(section: str, results: list, note: str, checks: dict) -> str:
             "| ratio | ratio of medians | median of per-round ratios [IQR] | goal | met |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for a, b, goal in GOALS[section]:
-            ratio = by_name[a].median / by_name[b].median
-            paired = [x / y for x, y in zip(by_name[a].times, by_name[b].times)]
-            q = statistics.quantiles(paired, n=4)
+        for a, b, goal, ratio, paired in ratios(section, results):
+            q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
             pr = f"{statistics.median(paired):.3f} [{q[0]:.3f}, {q[2]:.3f}]"
             met = "–" if goal is None else ("yes" if ratio <= goal else "**no**")
             g = "–" if goal is None else f"≤ {goal:.2f}"
@@ -475,10 +521,10 @@ TITLES = {
 }
 
 
-def write_results(sections: dict[str, str], command: str) -> None:
-    """Replaces the sections run in ``results/memory.md``, keeps the others."""
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+def write_results(sections: dict[str, str], command: str, path: str = RESULTS) -> None:
+    """Replaces the sections run in ``path`` (``results/memory.md``), keeps the others."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    old = open(path).read() if os.path.exists(path) else ""
     stamp = f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}, `{command}`"
     blocks = {}
     for s in "abcd":
@@ -494,7 +540,7 @@ def write_results(sections: dict[str, str], command: str) -> None:
     notes = re.search(r"<!-- notes -->\n.*?<!-- /notes -->\n", old, re.S)  # hand-written
     if notes:
         body.append(notes.group(0))
-    with open(RESULTS, "w") as f:
+    with open(path, "w") as f:
         f.write("\n".join(body))
 
 
@@ -529,7 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", default=None, help="SECTION:VARIANT: cProfile one step")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--results", default=RESULTS, help="the results file to update")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--preset", default="small", help="GPT preset (tiny: smoke tests)")
     args = parser.parse_args(argv)
+    CFG[0] = GPTConfig.preset(args.preset)
     torch.set_num_threads(args.threads)
     if args.profile:
         section, name = args.profile.split(":", 1)
@@ -541,9 +591,14 @@ def main(argv: list[str] | None = None) -> int:
         texts[section], passed = run_section(section, args)
         ok &= passed
     if not args.no_write:
-        write_results(texts, command.strip())
+        write_results(texts, command.strip(), args.results)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(FIGURES, f, indent=1)
     if not ok:
-        print("Some variant did not follow eager's loss / grad-norm trajectory (FAIL above).")
+        print("Some variant did not do eager's work: loss / grad norm / params (FAIL above).")
     return 0 if ok else 1
 
 
