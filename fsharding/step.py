@@ -93,13 +93,16 @@ def as_loss_scale(loss_scale: Any, api: str) -> Any:
 
 
 def split_value(value: Any, api: str) -> tuple[torch.Tensor, Any, bool]:
-    """``(loss, aux, has_aux)`` from a grad function's value: ``loss`` or ``(loss, aux)``.
+    """``(loss, aux, has_aux)`` from a grad function's value: ``loss`` (a tensor or a
+    number) or ``(loss, aux)``.
 
     An aux that ``fs.accumulate`` returned (one per microbatch) is stacked along a new
     dim 0 (see :func:`stack_microbatches`).
     """
     if isinstance(value, torch.Tensor):
         return value, None, False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value)), None, False
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor):
         return value[0], stack_microbatches(value[1]), True
     got = type(value).__name__

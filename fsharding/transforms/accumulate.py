@@ -10,9 +10,11 @@ not the batch mean once the token counts differ.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, overload
 
 import einops
@@ -21,7 +23,27 @@ import torch
 
 from fsharding import tree as _tree
 
-__all__ = ["accumulate", "PerMicrobatch"]
+__all__ = ["accumulate", "PerMicrobatch", "reporting_weights"]
+
+# fs.zero's hook: the outermost accumulate with weights reports them before any microbatch
+# runs (so the ranks can weight each other's contributions: the global token mean).
+_REPORT: contextvars.ContextVar[Callable[[list[float]], None] | None] = contextvars.ContextVar(
+    "fs_accumulate_report_weights", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting_weights(report: Callable[[list[float]], None]) -> Iterator[None]:
+    """Within this block, the outermost ``fs.accumulate`` with ``weights=`` calls
+    ``report(weights)`` (one float per microbatch) before it runs any microbatch (used by
+    ``fs.zero``; ``report`` may raise). When every weight is 0 it then returns a zero loss
+    and zero grads (params-shaped; ``grad_fn`` is not called) instead of raising: another
+    rank may hold the tokens."""
+    token = _REPORT.set(report)
+    try:
+        yield
+    finally:
+        _REPORT.reset(token)
 
 
 class PerMicrobatch(list):
@@ -52,84 +74,86 @@ def accumulate(
 ) -> GradFn | Callable[[GradFn], GradFn]:
     """Runs a gradient function over ``steps`` microbatches and combines them exactly.
 
-    Every tensor leaf of every positional argument after the first (params) and of every
-    keyword argument is split along dim 0 into ``steps`` equal microbatches
-    (``einops.rearrange(x, "(k b) ... -> k b ...")``; microbatch ``i`` holds rows
-    ``i*b .. (i+1)*b - 1``); non-tensor leaves go to every microbatch unchanged. The
-    microbatches run one after another, so only one microbatch's autograd graph is alive
-    at a time (peak saved activations about ``1/steps`` of the full batch). Each one's grads
-    are added, scaled by its weight, into one gradient-sized buffer (float32, or the grads'
-    dtype if wider: bf16 contributions ``+256, +1, -256`` sum to exactly 1) and freed right
-    away. The result is
+        Every tensor leaf of every positional argument after the first (params) and of every
+        keyword argument is split along dim 0 into ``steps`` equal microbatches
+        (``einops.rearrange(x, "(k b) ... -> k b ...")``; microbatch ``i`` holds rows
+        ``i*b .. (i+1)*b - 1``); non-tensor leaves go to every microbatch unchanged. The
+        microbatches run one after another, so only one microbatch's autograd graph is alive
+        at a time (peak saved activations about ``1/steps`` of the full batch). Each one's grads
+        are added, scaled by its weight, into one gradient-sized buffer (float32, or the grads'
+        dtype if wider: bf16 contributions ``+256, +1, -256`` sum to exactly 1) and freed right
+        away. The result is
 
-        ``loss = Σ wᵢ·lossᵢ / Σ wᵢ``,  ``grads = Σ wᵢ·gradsᵢ / Σ wᵢ``
+            ``loss = Σ wᵢ·lossᵢ / Σ wᵢ``,  ``grads = Σ wᵢ·gradsᵢ / Σ wᵢ``
 
-    cast back to the dtypes ``grad_fn`` returned. With equal weights (the default) and a
-    ``grad_fn`` that averages over the batch, this equals one call on the whole batch (to
-    float32 rounding). **Token-weighted mode:** when each call's loss is
-    ``sum(token losses) / count(valid tokens)``, pass ``weights`` returning the microbatch's
-    count of valid tokens; the result then equals the whole batch's token mean even when the
-    counts differ between microbatches.
+        cast back to the dtypes ``grad_fn`` returned. With equal weights (the default) and a
+        ``grad_fn`` that averages over the batch, this equals one call on the whole batch (to
+        float32 rounding). **Token-weighted mode:** when each call's loss is
+        ``sum(token losses) / count(valid tokens)``, pass ``weights`` returning the microbatch's
+        count of valid tokens; the result then equals the whole batch's token mean even when the
+        counts differ between microbatches.
 
-    All weights are read (one host sync) before any microbatch runs. A microbatch of weight
-    0 is skipped: ``grad_fn`` is not called for it, so an all-padding microbatch (whose own
-    token mean would be 0/0) contributes no NaN. If every weight is 0 there is nothing to
-    average and a ValueError is raised (drop such batches, e.g. in the data loader). When
-    exactly one microbatch has a non-zero weight (always for ``steps=1``), ``grad_fn``'s loss
-    and grads are returned unchanged: ``steps=1`` calls ``grad_fn`` once on the unsplit
-    arguments and is bitwise ``grad_fn``.
+        All weights are read (one host sync) before any microbatch runs. A microbatch of weight
+        0 is skipped: ``grad_fn`` is not called for it, so an all-padding microbatch (whose own
+        token mean would be 0/0) contributes no NaN. If every weight is 0 there is nothing to
+        average and a ValueError is raised (drop such batches, e.g. in the data loader). When
+        exactly one microbatch has a non-zero weight (always for ``steps=1``), ``grad_fn``'s loss
+        and grads are returned unchanged: ``steps=1`` calls ``grad_fn`` once on the unsplit
+        arguments and is bitwise ``grad_fn``.
 
-    Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
-    from a whole-batch call (deterministic given the seed); the equivalence above is for
-    functions that draw no random numbers.
+        Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
+        from a whole-batch call (deterministic given the seed); the equivalence above is for
+        functions that draw no random numbers.
 
-    Composition: ``accumulate`` only calls ``grad_fn`` in a loop, so it nests inside the
-    training step: ``fs.train_step(fs.accumulate(fs.value_and_grad(f), steps=k), opt)``.
-    ``fs.zero`` composes with the same loop (``accumulate`` inside ``zero``): at stages 0-2,
-    and at stage 3 with ``gather="boundary"``, the full-size accumulated grads are reduced
-    once per step; at stage 3 with ``gather="blocks"`` each microbatch's backward
-    reduce-scatters its grads block by block, so the buffer holds this rank's shards and no
-    full-size gradient exists (params are gathered per microbatch). Under fp16 loss scaling
-    each microbatch's grads come back unscaled from ``grad_fn``; an overflow in any
-    microbatch makes the accumulated grads non-finite, and the step's finite check skips it.
+        Composition: ``accumulate`` only calls ``grad_fn`` in a loop, so it nests inside the
+        training step: ``fs.train_step(fs.accumulate(fs.value_and_grad(f), steps=k), opt)``.
+        ``fs.zero`` composes with the same loop (``accumulate`` inside ``zero``): at stages 0-2,
+        and at stage 3 with ``gather="boundary"``, the full-size accumulated grads are reduced
+        once per step; at stage 3 with ``gather="blocks"`` each microbatch's backward
+        reduce-scatters its grads block by block, so the buffer holds this rank's shards and no
+        full-size gradient exists (params are gathered per microbatch). With ``weights`` under
+    ``fs.zero`` the ranks weight each other by their total weights (the global token mean;
+    see :func:`reporting_weights`). Under fp16 loss scaling
+        each microbatch's grads come back unscaled from ``grad_fn``; an overflow in any
+        microbatch makes the accumulated grads non-finite, and the step's finite check skips it.
 
-    Args:
-        grad_fn: ``grad_fn(params, *args, **kwargs) -> (loss, grads)``, or
-            ``((loss, aux), grads)`` (e.g. ``fs.value_and_grad(f, has_aux=True)``; detected
-            from the output). ``grads`` must be gradients w.r.t. ``params``, which are not
-            split. Omit it to use ``accumulate(steps=k)`` as a decorator.
-        steps: number of microbatches, an int >= 1. Every split leaf's dim 0 must be
-            divisible by it.
-        weights: ``weights(*argsᵢ, **kwargsᵢ) -> number | 0-dim tensor``, called with
-            microbatch ``i``'s arguments exactly as ``grad_fn`` gets them after params; a
-            finite value >= 0. ``None``: equal weights.
+        Args:
+            grad_fn: ``grad_fn(params, *args, **kwargs) -> (loss, grads)``, or
+                ``((loss, aux), grads)`` (e.g. ``fs.value_and_grad(f, has_aux=True)``; detected
+                from the output). ``grads`` must be gradients w.r.t. ``params``, which are not
+                split. Omit it to use ``accumulate(steps=k)`` as a decorator.
+            steps: number of microbatches, an int >= 1. Every split leaf's dim 0 must be
+                divisible by it.
+            weights: ``weights(*argsᵢ, **kwargsᵢ) -> number | 0-dim tensor``, called with
+                microbatch ``i``'s arguments exactly as ``grad_fn`` gets them after params; a
+                finite value >= 0. ``None``: equal weights.
 
-    Returns:
-        ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
-        ``((loss, auxes), grads)`` where ``auxes`` is a list (a :class:`PerMicrobatch`) with
-        one aux per microbatch (``None`` for a skipped one); ``fs.train_step`` and
-        ``fs.zero`` stack it along a new dim 0 into ``metrics["aux"]``. ``loss_scale``, when
-        given, is forwarded to every ``grad_fn`` call (which must return unscaled grads, as
-        ``fs.value_and_grad`` does).
+        Returns:
+            ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
+            ``((loss, auxes), grads)`` where ``auxes`` is a list (a :class:`PerMicrobatch`) with
+            one aux per microbatch (``None`` for a skipped one); ``fs.train_step`` and
+            ``fs.zero`` stack it along a new dim 0 into ``metrics["aux"]``. ``loss_scale``, when
+            given, is forwarded to every ``grad_fn`` call (which must return unscaled grads, as
+            ``fs.value_and_grad`` does).
 
-    Raises:
-        TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
-            ``grad_fn``'s output or a weight has the wrong type (at call time).
-        ValueError: ``steps < 1``; a leaf's dim 0 is not divisible by ``steps`` or it is
-            0-dim (the message names the leaf, e.g. ``args[1]['x']`` where ``args[0]`` is
-            params, or ``kwargs['mask']``, and its shape); a weight is negative or not
-            finite; every weight is 0.
+        Raises:
+            TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
+                ``grad_fn``'s output or a weight has the wrong type (at call time).
+            ValueError: ``steps < 1``; a leaf's dim 0 is not divisible by ``steps`` or it is
+                0-dim (the message names the leaf, e.g. ``args[1]['x']`` where ``args[0]`` is
+                params, or ``kwargs['mask']``, and its shape); a weight is negative or not
+                finite; every weight is 0.
 
-    Example:
-        >>> import torch, fsharding as fs
-        >>> from fsharding.transforms.accumulate import accumulate
-        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
-        >>> params = {"w": torch.ones(3)}
-        >>> batch = {"x": torch.arange(24.0).reshape(8, 3), "y": torch.ones(8)}
-        >>> loss, grads = accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
-        >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
-        >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
-        (True, True)
+        Example:
+            >>> import torch, fsharding as fs
+            >>> from fsharding.transforms.accumulate import accumulate
+            >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+            >>> params = {"w": torch.ones(3)}
+            >>> batch = {"x": torch.arange(24.0).reshape(8, 3), "y": torch.ones(8)}
+            >>> loss, grads = accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
+            >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
+            >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
+            (True, True)
     """
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(
@@ -157,11 +181,30 @@ def accumulate(
 
     @functools.wraps(grad_fn)
     def accumulated(params: PyTree, *args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
+        report = _REPORT.get()
+        if report is None:
+            return _accumulated(params, args, kwargs, loss_scale, None)
+        token = _REPORT.set(None)  # accumulates nested inside do not report
+        try:
+            return _accumulated(params, args, kwargs, loss_scale, report)
+        finally:
+            _REPORT.reset(token)
+
+    def _accumulated(params: PyTree, args: tuple, kwargs: dict, loss_scale: Any, report) -> Any:
         extra = {} if loss_scale is None else {"loss_scale": loss_scale}
         if steps == 1 and weights is None:
             return _unsplit(grad_fn(params, *args, **extra, **kwargs))
         micro = _split(args, kwargs, steps)
-        ws = _weights(weights, micro, steps)
+        ws = _weights(weights, micro, steps, allow_zero=report is not None)
+        if report is not None and weights is not None:
+            report(list(ws))
+        if not any(ws):  # (only with a report: another rank holds the tokens)
+            zeros = optree.tree_map(
+                lambda x: torch.zeros_like(x) if _tree.is_floating(x) else x, params
+            )
+            floats = [x.dtype for x in optree.tree_leaves(params) if _tree.is_floating(x)]
+            dtype = _acc_dtype(floats[0]) if floats else torch.float32
+            return torch.zeros((), dtype=dtype), zeros
         live = [i for i, w in enumerate(ws) if w != 0.0]
         if len(live) == 1:  # Σ wᵢ·xᵢ / Σ wᵢ = x exactly: no rounding through the buffer
             (i,) = live
@@ -216,7 +259,10 @@ def _path(accessor: optree.PyTreeAccessor) -> str:
 
 
 def _weights(
-    weights: Weights | None, micro: list[tuple[tuple[Any, ...], dict[str, Any]]], steps: int
+    weights: Weights | None,
+    micro: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    steps: int,
+    allow_zero: bool = False,
 ) -> list[float]:
     """Every microbatch's weight as a float, with at most one host sync per device."""
     if weights is None:
@@ -249,7 +295,7 @@ def _weights(
                 f"{_API}: weights returned {v} for microbatch {i}; weights must be finite and "
                 ">= 0 (e.g. the number of valid tokens; 0 skips the microbatch)."
             )
-    if not any(values):
+    if not any(values) and not allow_zero:
         raise ValueError(
             f"{_API}: every microbatch has weight 0 (weights {values}), so there is nothing "
             "to average (Σ wᵢ = 0). Drop batches without valid tokens before the step, or "

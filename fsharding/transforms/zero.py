@@ -46,7 +46,12 @@ the grad norm sums squares over the shard axis (replicas hold the same shards).
 
 Gradient accumulation nests inside: ``fs.zero(fs.accumulate(fs.value_and_grad(f),
 steps=k), ...)``. With ``gather="boundary"`` (and at stages 0/1) ``accumulate`` sums the
-k microbatches into a full-size buffer and ``zero`` reduces once per step. With
+k microbatches into a full-size buffer and ``zero`` reduces once per step. Token weights
+(``fs.accumulate(..., weights=)``) are global: each rank's grads and loss are scaled by its
+share of every rank's total weight before the reduction, so the result is the global
+batch's token mean (a rank whose microbatches all have weight 0 contributes zeros instead
+of raising alone). With ``gather="blocks"`` the weights must be the same on every rank
+(checked, a ValueError on every rank). With
 ``gather="blocks"`` (stages 2/3) each microbatch's backward reduce-scatters its grads per
 block into ``accumulate``'s shard-sized buffer (at stage 3 the params are gathered per
 microbatch too): no full-size gradient ever exists.
@@ -68,6 +73,7 @@ from fsharding import tree as _tree
 from fsharding.optim import base as _optim
 from fsharding.step import Step, TrainState, as_loss_scale, check_params_arg, train_step
 from fsharding.step import split_value as _split_value
+from fsharding.transforms import accumulate as _acc
 from fsharding.transforms import gather as _gather
 from fsharding.transforms import grad_taps as _taps
 from fsharding.transforms import zero_layout as _lay
@@ -214,6 +220,7 @@ class _ZeRO:
         # overlap of the reduction with backward: None to be probed, True on, False off
         self.overlap = None  # decided by _plan (it knows the params' device)
         self.tapped = None
+        self.factor = None  # token weights: this step's scale of this rank's grads and loss
 
     # -- layout -----------------------------------------------------------------------
 
@@ -408,6 +415,43 @@ class _ZeRO:
                     f"{lay.local_shape(self.rank)}. Pass the params returned by init or step."
                 )
 
+    def _weights(self, ws: list[float]) -> None:
+        """``fs.accumulate``'s microbatch weights (reported before any microbatch runs).
+
+        Boundary mode: this rank's grads and loss are scaled by ``T·dp / W`` (``T`` its
+        total weight, ``W`` every rank's), so the mean over ranks is the global weighted
+        mean (the token mean of the global batch), not the mean of the ranks' means.
+        ``gather="blocks"`` reduce-scatters each microbatch's grads inside its backward,
+        before any per-rank weighting: the weights must then be the same on every rank
+        (checked here, on every rank, before any backward)."""
+        api = "fs.zero.step"
+        w = torch.tensor(ws, dtype=torch.float64, device=self.device)
+        if self.blocks:
+            lo, hi = self._psum(w, dist.ReduceOp.MIN), self._psum(w, dist.ReduceOp.MAX)
+            if not torch.equal(lo, hi):
+                raise ValueError(
+                    f"{api}: with gather='blocks', fs.accumulate's weights differ between "
+                    f"ranks (per microbatch, min {lo.tolist()} and max {hi.tolist()}); each "
+                    "microbatch's grads are reduce-scattered during its backward, before "
+                    "they could be weighted per rank. Use gather='boundary', or weights that "
+                    "are the same on every rank (e.g. equal weights)."
+                )
+            if not hi.any():
+                raise ValueError(
+                    f"{api}: every microbatch has weight 0 on every rank (fs.accumulate's "
+                    "weights): nothing to average. Drop batches without valid tokens."
+                )
+            return
+        total = w.sum()
+        every = self._psum(total)
+        if not every > 0:
+            raise ValueError(
+                f"{api}: fs.accumulate's weights are 0 for every microbatch on every rank "
+                f"(total {float(every)}): nothing to average. Drop batches without valid "
+                "tokens."
+            )
+        self.factor = total * self.dp / every
+
     def _psum(self, x: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
         """``x`` reduced over every data-parallel rank (a new tensor)."""
         y = x.detach().clone()
@@ -486,11 +530,17 @@ class _ZeRO:
         )
         local_params = [self._local(x) for x in optree.tree_leaves(params)]
         kw = {"loss_scale": scale} if scale is not None else {}
-        value, grads, p_local = self._grad_fn(local_params, batch, kw)
+        self.factor = None
+        with _acc.reporting_weights(self._weights):
+            value, grads, p_local = self._grad_fn(local_params, batch, kw)
         loss, aux, has_aux = _split_value(value, "fs.zero.step")
         _tree.check_same_structure(params, grads, names=("params", "grads"), api="fs.zero.step")
         g = optree.tree_leaves(grads)
         del grads
+        if self.factor is not None:  # token weights: this rank's share of the global mean
+            f, self.factor = self.factor, None
+            g = [x * f.to(x.dtype) if _tree.is_floating(x) else x for x in g]
+            loss = loss * f.to(loss.dtype)
         _memory.observe_grads(g)
         g = self._reduce(g)
         if self.stage == 0:
@@ -498,7 +548,8 @@ class _ZeRO:
         else:
             grad_norm = self._sharded_norm(g)
         _memory.observe_grads(g, reduced=True)
-        metrics: dict[str, Any] = {"loss": self._psum(loss) / self.dp, "grad_norm": grad_norm}
+        mean = (self._psum(loss.to(torch.float64)) / self.dp).to(loss.dtype)
+        metrics: dict[str, Any] = {"loss": mean, "grad_norm": grad_norm}
         if has_aux:  # rank-local: this rank's batch (not reduced over ranks)
             metrics["aux"] = aux
         opt_local = self._unwrap_state(opt) if self.stage >= 1 else opt

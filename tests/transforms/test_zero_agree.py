@@ -14,7 +14,7 @@ import torch
 
 import fsharding as fs
 from fsharding import optim
-from tests.dist_utils import run
+from tests.dist_utils import raises, run
 
 ROWS = 2  # rows of the batch per rank
 STEPS = 3
@@ -220,3 +220,82 @@ def aux_worker():
 def test_zero_has_aux_metrics_on_2_ranks():
     res = run(aux_worker, 2, timeout=180)
     assert res == [16, 16]
+
+
+# ----------------------------------------------------------------------------- token weights
+
+
+def token_loss(p, batch):
+    """The mean over valid tokens (mask 1) of a per-row loss: a token-mean loss."""
+    h = torch.tanh(batch["x"] @ p["w"].T).sum(1) + (p["b"] * batch["x"]).sum(1) * p["s"]
+    per_row = (h - batch["y"]) ** 2
+    return (per_row * batch["mask"]).sum() / batch["mask"].sum()
+
+
+def tokens(batch):
+    return batch["mask"].sum()
+
+
+def weights_worker():
+    """Ranks with different numbers of valid tokens: fs.zero over token-weighted
+    fs.accumulate gives the global batch's token mean (not the mean of the ranks' means),
+    as a single process accumulating the whole global batch does."""
+    mesh = fs.Mesh(dp=2)
+    rank = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(5)
+    rows = 4  # per rank: 2 microbatches of 2
+    batches = []
+    for i in range(STEPS):
+        mask = torch.ones(2 * rows)
+        mask[rows:] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # rank 1: 1 valid token, rank 0: 4
+        if i == 2:
+            mask[rows:] = 0.0  # rank 1: no valid token at all (its accumulate alone: raise)
+        batches.append(
+            {
+                "x": torch.randn(2 * rows, 3, generator=g),
+                "y": torch.randn(2 * rows, generator=g),
+                "mask": mask,
+            }
+        )
+    vg = fs.value_and_grad(token_loss)
+    ref = fs.train_step(fs.accumulate(vg, steps=4, weights=tokens), optim.adam(1e-1))
+    rp, rs = ref.init(make_params())
+    ref_losses = []
+    for b in batches:
+        rp, rs, m = ref.step(rp, rs, b)
+        ref_losses.append(m["loss"])
+    gf = fs.accumulate(vg, steps=2, weights=tokens)
+    for stage in (0, 1, 2, 3):
+        step = fs.zero(gf, optim.adam(1e-1), mesh=mesh, stage=stage)
+        params, state = step.init(make_params())
+        for i, b in enumerate(batches):
+            local = {k: v[rank * rows : (rank + 1) * rows] for k, v in b.items()}
+            params, state, m = step.step(params, state, local)
+            torch.testing.assert_close(m["loss"], ref_losses[i], rtol=1e-5, atol=1e-6)
+        full = step.gather(params)
+        for k in rp:
+            torch.testing.assert_close(full[k], rp[k], rtol=1e-5, atol=1e-6, msg=f"{stage} {k}")
+    # gather="blocks" reduces inside backward: weights must agree between ranks (else a
+    # ValueError on every rank, before any backward); equal ones give the global mean
+    gb = fs.accumulate(fs.value_and_grad(fs.gather(token_loss)), steps=2, weights=tokens)
+    for stage in (2, 3):
+        step = fs.zero(gb, optim.adam(1e-1), mesh=mesh, stage=stage, gather="blocks")
+        params, state = step.init(make_params())
+        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batches[0].items()}
+        msg = raises(lambda s=step, a=(params, state, local): s.step(*a), ValueError)
+        assert "weights differ between ranks" in msg, msg
+        b = dict(batches[0], mask=torch.tensor([1.0, 1, 1, 0, 1, 1, 1, 0]))
+        rp, rs = ref.init(make_params())
+        rp, rs, rm = ref.step(rp, rs, b)
+        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in b.items()}
+        params, state, m = step.step(params, state, local)
+        torch.testing.assert_close(m["loss"], rm["loss"], rtol=1e-5, atol=1e-6)
+        full = step.gather(params)
+        for k in rp:
+            torch.testing.assert_close(full[k], rp[k], rtol=1e-5, atol=1e-6, msg=f"{stage} {k}")
+    torch.distributed.barrier()
+    return True
+
+
+def test_zero_token_weights_are_global():
+    assert run(weights_worker, 2, timeout=120) == [True, True]
