@@ -69,7 +69,8 @@ def functional(
             under ``torch.device("meta")`` is fine: ``apply`` runs with the params passed,
             and buffers left on meta are recomputed once on the params' device by the owning
             submodule's ``reset_parameters()`` (a Hugging Face model's ``_init_weights``,
-            e.g. rotary ``inv_freq``), kept by ``apply``, never written into the module.
+            e.g. rotary ``inv_freq``), kept by ``apply``, never written into the module, if
+            they are non-persistent (persistent ones, checkpoint values, raise: load them).
             Buffers the module had when ``fs.functional`` was called stay in use after
             ``model.to("meta")``.
         buffers: ``"frozen"`` keeps buffers as read-only constants (a forward that updates a
@@ -286,6 +287,24 @@ class _Runner:
             if b.is_meta and c.is_meta and (n, device) not in self.made:
                 owner, _, attr = n.rpartition(".")
                 todo.setdefault(owner, []).append(attr)
+        persistent = [
+            n
+            for owner_name, attrs in todo.items()
+            for a, n in zip(attrs, _join(owner_name, attrs))
+            if a not in self.module.get_submodule(owner_name)._non_persistent_buffers_set
+        ]
+        if persistent:
+            # In the state dict: their values are the checkpoint's, not an init's.
+            raise RuntimeError(
+                f"apply: buffers {_keystrs(persistent)} of {type(self.module).__name__} are "
+                "on the meta device (the module was built under torch.device('meta')) and "
+                "are persistent (state-dict entries, e.g. BatchNorm running stats), so their "
+                "values come from your checkpoint or init, which apply cannot guess. Load "
+                "them into the module first, e.g. model.load_state_dict(buffers, "
+                "strict=False, assign=True), or pass them in state with "
+                "fs.functional(model, buffers='state'). (Non-persistent buffers, such as "
+                "rotary inv_freq, are recomputed.)"
+            )
         for owner_name, attrs in todo.items():
             owner = self.module.get_submodule(owner_name)
             shadow = _shadow(owner, device, set(attrs))

@@ -418,28 +418,39 @@ class RopeNet(nn.Module):
         super().__init__()
         self.fc = nn.Linear(4, 4)
         self.rope = Rope(4, reset=reset)
-        self.bn = nn.BatchNorm1d(4)
+        self.bn = nn.BatchNorm1d(4)  # persistent buffers (running stats)
 
     def forward(self, x):
         return self.bn(self.rope(self.fc(x))).sum()
 
 
+def bn_buffers(m):
+    return {k: v for k, v in m.state_dict().items() if k.startswith("bn.")}
+
+
 def test_meta_built_module_buffers_are_materialised_for_apply():
-    """Point 12: buffers left on meta by meta-device construction are recomputed (on the
-    params' device) through the owner's reset_parameters; the module is not modified."""
+    """Point 12: non-persistent buffers left on meta by meta-device construction are
+    recomputed (on the params' device) through the owner's reset_parameters; the module is
+    not modified. Persistent ones (checkpoint values) raise until loaded."""
     torch.manual_seed(0)
-    ref = RopeNet().double().eval()
+    ref = RopeNet().double().train()
+    ref(torch.randn(8, 4, dtype=torch.float64))  # running stats away from their init
+    ref.eval()
     with torch.device("meta"):
         m = RopeNet().double().eval()
     apply, params = fs.functional(m)
     real = {k: v.clone() for k, v in ref.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"\['bn.running_mean'\].*persistent.*assign=True"):
+        apply(real, torch.ones(2, 4, dtype=torch.float64))
+    m.load_state_dict(bn_buffers(ref), strict=False, assign=True)
+    apply, params = fs.functional(m)
     x = torch.randn(3, 4, dtype=torch.float64)
     loss, g = fs.value_and_grad(apply)(real, x)
     ref(x).backward()
     torch.testing.assert_close(loss, ref(x).detach(), rtol=0, atol=0)
     for n, p in ref.named_parameters():
         torch.testing.assert_close(g[n], p.grad, rtol=0, atol=0)
-    assert all(b.is_meta for b in m.buffers())  # the module itself is not modified
+    assert m.rope.inv_freq.is_meta  # the module itself is not modified
     # buffers="state": the meta state entries are materialised the same way
     apply_s, params_s, state = fs.functional(m, buffers="state")
     out, new_state = apply_s(real, state, x)
@@ -451,6 +462,7 @@ def test_meta_built_module_buffers_are_materialised_for_apply():
 def test_meta_buffers_without_a_recipe_raise_naming_them():
     with torch.device("meta"):
         m = RopeNet(reset=False)
+    m.load_state_dict(bn_buffers(RopeNet()), strict=False, assign=True)
     apply, params = fs.functional(m)
     real = {k: torch.zeros(v.shape) for k, v in params.items()}
     with pytest.raises(RuntimeError, match=r"\['rope.inv_freq'\].*meta.*reset_parameters"):
