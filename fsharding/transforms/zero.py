@@ -350,6 +350,7 @@ class _ZeRO:
         for j, (_, t) in enumerate(pending):
             groups.setdefault((t.dtype, t.device), []).append(j)
         synced: list[Any] = [None] * len(pending)
+        src = all(dist.get_rank(g) == 0 for g in self.dp_groups)
         for idx in groups.values():
             ts = [pending[j][1] for j in idx]
             flat = torch.cat([t.reshape(-1) for t in ts])
@@ -362,10 +363,13 @@ class _ZeRO:
                 lay = self.layouts[pending[j][0]]
                 if self.stage == 3 and lay is not None:
                     synced[j] = view  # only its rows are kept (a copy)
-                elif t.is_contiguous() and not t.is_sparse:
-                    synced[j] = t.copy_(view)
+                elif src:  # rank 0's own values: left as they are
+                    synced[j] = t
                 else:
-                    synced[j] = view.clone()
+                    try:
+                        synced[j] = t.copy_(view) if t.is_contiguous() else view.clone()
+                    except RuntimeError:  # e.g. an inference-mode tensor
+                        synced[j] = view.clone()
             del flat
         for (i, _), t in zip(pending, synced):
             lay = self.layouts[i]
