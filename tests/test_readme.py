@@ -45,3 +45,43 @@ def test_set_up_commands():
     assert commands[0].endswith("python -m fsharding.train")
     assert commands[1].endswith("python -m pytest -q")
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def _deepspeed_row(key: str) -> str:
+    rows = [r for r in README.splitlines() if r.startswith(f"| {key} ")]
+    assert len(rows) == 1, (key, rows)
+    return rows[0]
+
+
+def test_deepspeed_bf16_row_is_bf16_weights_with_fp32_masters_and_runs():
+    # DeepSpeed's bf16 stores bf16 weights and keeps fp32 master copies: pure_bf16 plus
+    # fs.amp(optimizer), not the autocast-style "bf16" policy (fp32 weights).
+    row = _deepspeed_row("`bf16` (bf16 weights, fp32 master weights)")
+    for piece in (
+        'fs.Policy.parse("pure_bf16").cast_to_param(params)',
+        'fs.amp(loss_fn, policy="pure_bf16")',
+        'fs.amp(opt, policy="pure_bf16")',
+    ):
+        assert piece in row, piece
+    import fsharding as fs
+    from fsharding import optim
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    apply, params = fs.functional(model)
+    params = fs.Policy.parse("pure_bf16").cast_to_param(params)
+    loss_fn = lambda p, b: F.cross_entropy(apply(p, b["x"]), b["y"])  # noqa: E731
+    opt = optim.adamw(1e-2)
+    step = fs.train_step(
+        fs.value_and_grad(fs.amp(loss_fn, policy="pure_bf16")), fs.amp(opt, policy="pure_bf16")
+    )
+    p, state = step.init(params)
+    batch = {"x": torch.randn(64, 8), "y": torch.randint(0, 3, (64,))}
+    first = None
+    for _ in range(30):
+        p, state, metrics = step.step(p, state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert all(v.dtype == torch.bfloat16 for v in p.values())
+    masters = fs.tree.leaves(state.master)
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert float(metrics["loss"]) < 0.9 * first  # it trains (memorises the fixed batch)
