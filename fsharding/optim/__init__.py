@@ -29,6 +29,7 @@ from fsharding.optim.base import (
     learning_rate,
 )
 from fsharding.optim.clipping import clip, clip_by_global_norm
+from fsharding.optim.inject import InjectHyperparamsState, inject_hyperparams
 from fsharding.optim.moments import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -60,7 +61,17 @@ from fsharding.optim.transforms import (
     scale_by_schedule,
     scale_by_trust_ratio,
 )
-from fsharding.optim.wrappers import ApplyIfFiniteState, apply_if_finite
+from fsharding.optim.wrappers import (
+    ApplyIfFiniteState,
+    MaskedNode,
+    MaskedState,
+    MultiSteps,
+    MultiStepsState,
+    apply_if_finite,
+    masked,
+    skip_large_updates,
+    skip_not_finite,
+)
 
 __all__ = [
     # data model
@@ -92,6 +103,16 @@ __all__ = [
     "scale_by_schedule",
     "scale_by_trust_ratio",
     "trace",
+    # wrappers
+    "InjectHyperparamsState",
+    "MaskedNode",
+    "MaskedState",
+    "MultiSteps",
+    "MultiStepsState",
+    "inject_hyperparams",
+    "masked",
+    "skip_large_updates",
+    "skip_not_finite",
     # aliases
     "adam",
     "adamw",

@@ -11,7 +11,9 @@ params and no weight decay: it updates ``mu`` and ``nu`` and subtracts
 params-sizes per step with ``apply_updates_`` (torch ``AdamW(foreach=True)``: about 20), and
 the one new buffer is ``u`` (torch's foreach step allocates a ``sqrt(nu)`` of the same size).
 
-Groups the kernel does not take (``eps_root != 0``, other devices, non-contiguous or
+Groups whose moments are narrower than the grads (``mu_dtype``) compute in the promoted
+dtype and store each moment rounded to its dtype (``moments.adam_mixed``, optax's rule).
+Other groups the kernel does not take (``eps_root != 0``, other devices, non-contiguous or
 mixed-dtype leaves) run the same formula with ``torch._foreach_*`` ops, writing ``u`` into
 the donated incoming updates (one temporary, ``sqrt(nu_hat) + eps``). Donated: ``mu`` and
 ``nu`` are updated in place; otherwise they are copied first (``* 1.0``, exact), so both
@@ -127,9 +129,18 @@ def fused_adam(
         out, new_m, new_n = list(g_loc), list(m_loc), list(n_loc)
         for key, idx in buckets.items():
             g, m, v = _u.pick(g_loc, idx), _u.pick(m_loc, idx), _u.pick(n_loc, idx)
+            p = _u.pick(p_loc, idx) if key[-1] else None
+            if not _m.plain_group(g, m, v):  # mu_dtype: the chain's formula, optax's rule
+                u, m, v = _m.adam_mixed(g, m, v, b1, b2, count, eps, eps_root, donate)
+                if p is not None:
+                    torch._foreach_add_(u, [x.to(u[0].dtype) for x in p], alpha=wd)
+                torch._foreach_mul_(u, -rate)
+                _u.put(out, idx, u)
+                _u.put(new_m, idx, m)
+                _u.put(new_n, idx, v)
+                continue
             if g[0].dtype != m[0].dtype:
                 g = [x.to(m[0].dtype) for x in g]
-            p = _u.pick(p_loc, idx) if key[-1] else None
             if p is not None and p[0].dtype != m[0].dtype:
                 p = [x.to(m[0].dtype) for x in p]
             if _kernel_ok(key, [*g, *m, *v, *(p or ())], eps_root):

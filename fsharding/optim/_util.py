@@ -129,11 +129,26 @@ def detach_all(leaves: Leaves) -> Leaves:
     return [x.detach() if x.requires_grad else x for x in leaves]
 
 
-def zeros_like_tree(params: PyTree, api: str) -> PyTree:
-    """Zeros with each param's shape, dtype, device and layout (params checked as floats)."""
+def zeros_like_tree(params: PyTree, api: str, dtype: torch.dtype | None = None) -> PyTree:
+    """Zeros with each param's shape, device and layout, and its dtype or ``dtype`` (params
+    checked as floats)."""
     leaves, treedef = flatten(params, api, "params")
     with torch.no_grad():
-        return optree.tree_unflatten(treedef, [torch.zeros_like(p) for p in leaves])
+        return optree.tree_unflatten(treedef, [torch.zeros_like(p, dtype=dtype) for p in leaves])
+
+
+def dtype_arg(api: str, name: str, value: Any) -> torch.dtype | None:
+    """None, or a floating ``torch.dtype`` (optax's names as strings are accepted too:
+    ``"bfloat16"``, ``"float32"``, ...)."""
+    if value is None:
+        return None
+    d = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise TypeError(
+            f"{api}: {name} must be a floating torch.dtype (or its name, e.g. 'bfloat16') or "
+            f"None (the params' dtype), got {value!r}. Pass e.g. {name}=torch.bfloat16."
+        )
+    return d
 
 
 # --------------------------------------------------------------------------------------

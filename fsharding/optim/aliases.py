@@ -50,7 +50,10 @@ def _named(tx: GradientTransformation, api: str) -> GradientTransformation:
 
 
 def sgd(
-    learning_rate: float | Schedule, momentum: float | None = None, nesterov: bool = False
+    learning_rate: float | Schedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
 ) -> GradientTransformation:
     """Stochastic gradient descent, optionally with (Nesterov) momentum.
 
@@ -62,6 +65,8 @@ def sgd(
         learning_rate: a float >= 0 or a schedule.
         momentum: the momentum coefficient (None: plain SGD).
         nesterov: Nesterov momentum (needs ``momentum``).
+        accumulator_dtype: the dtype of the momentum buffer (``optim.trace``'s; None: the
+            params' dtype).
 
     Example:
         >>> import torch
@@ -76,9 +81,16 @@ def sgd(
     lr = _u.learning_rate(api, learning_rate)
     if momentum is not None:
         _u.non_negative(api, momentum=momentum)
-    first = identity() if momentum is None else _m.trace(momentum, nesterov=nesterov)
+    acc = _u.dtype_arg(api, "accumulator_dtype", accumulator_dtype)
+    first = (
+        identity()
+        if momentum is None
+        else _m.trace(momentum, nesterov=nesterov, accumulator_dtype=acc)
+    )
     tx = _named(chain(first, _t.scale_by_learning_rate(lr)), api)
-    return _recipe(tx, kind="sgd", lr=lr, momentum=momentum, nesterov=bool(nesterov))
+    return _recipe(
+        tx, kind="sgd", lr=lr, momentum=momentum, nesterov=bool(nesterov), state_dtype=acc
+    )
 
 
 def adam(
@@ -87,6 +99,7 @@ def adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Any = None,
 ) -> GradientTransformation:
     """Adam (Kingma & Ba), optax's formulas and defaults.
 
@@ -99,6 +112,7 @@ def adam(
         b2: second-moment decay, in [0, 1).
         eps: added outside the square root, >= 0.
         eps_root: added inside the square root, >= 0.
+        mu_dtype: the dtype of the first moment (``scale_by_adam``'s; None: the params').
 
     Example:
         >>> import torch
@@ -111,11 +125,27 @@ def adam(
     """
     api = "optim.adam"
     lr = _u.learning_rate(api, learning_rate)
+    mu_dtype = _u.dtype_arg(api, "mu_dtype", mu_dtype)
     _u.betas(api, b1=b1, b2=b2)
     _u.non_negative(api, eps=eps, eps_root=eps_root)
-    tx = _named(chain(_m.scale_by_adam(b1, b2, eps, eps_root), _t.scale_by_learning_rate(lr)), api)
+    tx = _named(
+        chain(
+            _m.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
+            _t.scale_by_learning_rate(lr),
+        ),
+        api,
+    )
     fused = _fused_adam(tx, lr, b1, b2, eps, eps_root, 0.0, None, api)
-    return _recipe(fused, kind="adam", lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    return _recipe(
+        fused,
+        kind="adam",
+        lr=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        state_dtype=mu_dtype,
+    )
 
 
 def adamw(
@@ -124,6 +154,7 @@ def adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Any = None,
     weight_decay: float = 1e-4,
     mask: Any = None,
 ) -> GradientTransformation:
@@ -140,6 +171,7 @@ def adamw(
         b2: second-moment decay, in [0, 1).
         eps: added outside the square root, >= 0.
         eps_root: added inside the square root, >= 0.
+        mu_dtype: the dtype of the first moment (``scale_by_adam``'s; None: the params').
         weight_decay: decoupled decay coefficient (times the learning rate), >= 0.
         mask: which params decay: a pytree of bools like params (or a prefix), or a callable
             ``params -> such a tree``; e.g. ``lambda p: {k: v.ndim > 1 for k, v in
@@ -156,11 +188,12 @@ def adamw(
     """
     api = "optim.adamw"
     lr = _u.learning_rate(api, learning_rate)
+    mu_dtype = _u.dtype_arg(api, "mu_dtype", mu_dtype)
     _u.betas(api, b1=b1, b2=b2)
     _u.non_negative(api, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
     _u.check_mask(api, mask)
     tx = chain(
-        _m.scale_by_adam(b1, b2, eps, eps_root),
+        _m.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
         _t.add_decayed_weights(weight_decay, mask),
         _t.scale_by_learning_rate(lr),
     )
@@ -176,6 +209,7 @@ def adamw(
         eps_root=eps_root,
         weight_decay=weight_decay,
         mask=mask,
+        state_dtype=mu_dtype,
     )
 
 

@@ -72,7 +72,14 @@ def identity() -> GradientTransformation:
         >>> identity().init({}) == EmptyState()
         True
     """
-    return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None: (u, s))
+
+    def init(params: PyTree) -> EmptyState:
+        return EmptyState()
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None):
+        return updates, state
+
+    return GradientTransformation(init, update)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

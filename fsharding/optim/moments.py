@@ -64,6 +64,49 @@ def adam_denominator(
     return d
 
 
+def plain_group(g: list[torch.Tensor], *state: list[torch.Tensor]) -> bool:
+    """Whether a group computes in its state's dtype: every state list has one dtype and the
+    grads' dtype promotes to it (e.g. bf16 grads with fp32 moments: the cast is exact).
+    Otherwise (``mu_dtype``/``accumulator_dtype`` narrower than the grads) the group
+    computes in the promoted dtype and rounds once into each state's own dtype."""
+    d = state[0][0].dtype
+    if any(s[0].dtype != d for s in state[1:]):
+        return False
+    return torch.promote_types(g[0].dtype, d) == d
+
+
+def _in(xs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``xs`` as new tensors in ``dtype`` (a copy even where the dtype already is that)."""
+    return [x.to(dtype, copy=True) for x in xs]
+
+
+def _store(new: list[torch.Tensor], old: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
+    """``new`` rounded once into ``old``'s dtype: in place into ``old`` when donating."""
+    if donate:
+        torch._foreach_copy_(old, new)
+        return old
+    return [x.to(old[0].dtype) for x in new]
+
+
+def adam_mixed(g, mu, nu, b1, b2, count, eps, eps_root, donate):
+    """optax's ``scale_by_adam`` for a group whose dtypes differ (``mu_dtype``): the moments
+    are computed in the promoted dtype from the stored ones, the direction
+    ``mu_hat / (sqrt(nu_hat + eps_root) + eps)`` uses the unrounded moments, then each
+    moment is stored rounded to its own dtype. Returns (direction in the promoted dtype,
+    new mu, new nu)."""
+    ct = torch.promote_types(torch.promote_types(g[0].dtype, mu[0].dtype), nu[0].dtype)
+    gc = g if g[0].dtype == ct else [x.to(ct) for x in g]
+    mc = _in(mu, ct)
+    torch._foreach_lerp_(mc, gc, 1.0 - b1)
+    vc = _in(nu, ct)
+    torch._foreach_mul_(vc, b2)
+    torch._foreach_addcmul_(vc, gc, gc, 1.0 - b2)
+    d = adam_denominator(vc, 1.0 - b2**count, eps, eps_root)
+    torch._foreach_mul_(d, 1.0 - b1**count)
+    u = list(torch._foreach_div(mc, d))
+    return u, _store(mc, mu, donate), _store(vc, nu, donate)
+
+
 def adam_moments(g, mu, nu, b1: float, b2: float, donate: bool):
     """optax's ``mu = b1 mu + (1 - b1) g`` (as torch, one ``lerp``) and
     ``nu = b2 nu + (1 - b2) g^2``; in place when donating, else into new tensors."""
@@ -76,7 +119,11 @@ def adam_moments(g, mu, nu, b1: float, b2: float, donate: bool):
 
 
 def scale_by_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: torch.dtype | str | None = None,
 ) -> GradientTransformation:
     """Adam's rescaling: ``mu_hat / (sqrt(nu_hat + eps_root) + eps)`` with bias-corrected
     moments ``mu_hat = mu / (1 - b1^t)``, ``nu_hat = nu / (1 - b2^t)`` (optax formulas).
@@ -86,10 +133,14 @@ def scale_by_adam(
         b2: decay of the second moment, in [0, 1).
         eps: added to the denominator outside the square root, >= 0.
         eps_root: added inside the square root, >= 0.
+        mu_dtype: the dtype ``mu`` is stored in (optax's semantics: e.g. ``torch.bfloat16``
+            halves its memory; ``nu`` keeps the params' dtype). The moments are computed in
+            the promoted dtype, the update uses the unrounded ``mu``, then ``mu`` is stored
+            rounded; the updates come out in the promoted dtype. None: the params' dtype.
 
     Returns:
-        A transform with state :class:`ScaleByAdamState`. (optax's ``mu_dtype`` and
-        ``nesterov`` options are not provided: moments have the params' dtype.)
+        A transform with state :class:`ScaleByAdamState`. (optax's ``nesterov`` option is
+        not provided.)
 
     Example:
         >>> import torch
@@ -102,12 +153,13 @@ def scale_by_adam(
     api = "optim.scale_by_adam"
     _u.betas(api, b1=b1, b2=b2)
     _u.non_negative(api, eps=eps, eps_root=eps_root)
+    mu_dtype = _u.dtype_arg(api, "mu_dtype", mu_dtype)
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
 
     def init(params: PyTree) -> ScaleByAdamState:
         return ScaleByAdamState(
             count=0,
-            mu=_u.zeros_like_tree(params, f"{api}.init"),
+            mu=_u.zeros_like_tree(params, f"{api}.init", mu_dtype),
             nu=_u.zeros_like_tree(params, f"{api}.init"),
         )
 
@@ -126,9 +178,14 @@ def scale_by_adam(
         bc1, bc2 = 1.0 - b1**count, 1.0 - b2**count
         out, new_m, new_n = list(g_loc), list(m_loc), list(n_loc)
         for idx in _u.groups(g_loc, m_loc, n_loc):
-            g, m, v = adam_moments(
-                _u.pick(g_loc, idx), _u.pick(m_loc, idx), _u.pick(n_loc, idx), b1, b2, donate
-            )
+            g, m, v = _u.pick(g_loc, idx), _u.pick(m_loc, idx), _u.pick(n_loc, idx)
+            if not plain_group(g, m, v):
+                u, m, v = adam_mixed(g, m, v, b1, b2, count, eps, eps_root, donate)
+                _u.put(out, idx, u)
+                _u.put(new_m, idx, m)
+                _u.put(new_n, idx, v)
+                continue
+            g, m, v = adam_moments(g, m, v, b1, b2, donate)
             d = adam_denominator(v, bc2, eps, eps_root)
             torch._foreach_mul_(d, bc1)  # mu_hat / d == mu / (bc1 * d)
             if donate:
@@ -201,7 +258,9 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+def trace(
+    decay: float, nesterov: bool = False, accumulator_dtype: torch.dtype | str | None = None
+) -> GradientTransformation:
     """Momentum: ``trace = g + decay * trace``; the update is ``trace``, or with Nesterov
     ``g + decay * trace`` (optax formulas; equal to ``torch.optim.SGD``'s momentum buffer
     with ``dampening=0``).
@@ -209,6 +268,9 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     Args:
         decay: the momentum coefficient, >= 0.
         nesterov: use Nesterov momentum.
+        accumulator_dtype: the dtype the trace is stored in (optax's semantics: computed in
+            the promoted dtype, the update uses the unrounded trace, then it is stored
+            rounded). None: the params' dtype.
 
     Example:
         >>> import torch
@@ -222,10 +284,11 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     """
     api = "optim.trace"
     _u.non_negative(api, decay=decay)
+    acc_dtype = _u.dtype_arg(api, "accumulator_dtype", accumulator_dtype)
     decay = float(decay)
 
     def init(params: PyTree) -> TraceState:
-        return TraceState(trace=_u.zeros_like_tree(params, f"{api}.init"))
+        return TraceState(trace=_u.zeros_like_tree(params, f"{api}.init", acc_dtype))
 
     @torch.no_grad()
     def update(updates: PyTree, state: TraceState, params: PyTree = None):
@@ -239,6 +302,16 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         out, new_t = list(g_loc), list(t_loc)
         for idx in _u.groups(g_loc, t_loc):
             g, t = _u.pick(g_loc, idx), _u.pick(t_loc, idx)
+            if not plain_group(g, t):  # the trace narrower than the grads: optax's rule
+                ct = torch.promote_types(g[0].dtype, t[0].dtype)
+                gc = g if g[0].dtype == ct else [x.to(ct) for x in g]
+                tc = _in(t, ct)
+                torch._foreach_mul_(tc, decay)
+                torch._foreach_add_(tc, gc)
+                u = list(torch._foreach_add(gc, tc, alpha=decay)) if nesterov else tc
+                _u.put(out, idx, u)
+                _u.put(new_t, idx, _store(tc, t, donate))
+                continue
             if g[0].dtype != t[0].dtype:
                 g = [x.to(t[0].dtype) for x in g]
             t = _u.first("mul", donate, t, decay)

@@ -58,6 +58,12 @@ def _find(tx: _base.GradientTransformation, state: Any, api: str):
             f"or optim.sgd (alone or inside optim.chain), found {what}. Build tx with those "
             "aliases; other transforms have no torch.optim equivalent."
         )
+    if found[0][0].get("state_dtype") is not None:
+        raise ValueError(
+            f"{api}: tx keeps its state in {found[0][0]['state_dtype']} (mu_dtype / "
+            "accumulator_dtype), which torch.optim has no option for (its state has the "
+            "params' dtype). Build tx without it to convert."
+        )
     return found[0]
 
 

@@ -257,13 +257,14 @@ def test_train_step_donated_equals_not_donated():
 # --------------------------------------------------------------------------------------
 
 OPTAX_DEFAULTS = {
-    optim.sgd: {"momentum": None, "nesterov": False},
-    optim.adam: {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0},
+    optim.sgd: {"momentum": None, "nesterov": False, "accumulator_dtype": None},
+    optim.adam: {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0, "mu_dtype": None},
     optim.adamw: {
         "b1": 0.9,
         "b2": 0.999,
         "eps": 1e-8,
         "eps_root": 0.0,
+        "mu_dtype": None,
         "weight_decay": 1e-4,
         "mask": None,
     },

@@ -23,6 +23,7 @@ MODULES = [
     "transforms",
     "clipping",
     "wrappers",
+    "inject",
     "aliases",
     "schedules",
     "torch_compat",
@@ -45,7 +46,9 @@ def test_public_surface():
         scale_by_learning_rate scale_by_lion scale_by_schedule scale_by_trust_ratio trace adam
         adamw lamb lion sgd constant_schedule cosine_decay_schedule exponential_decay
         join_schedules linear_schedule piecewise_constant_schedule warmup_cosine_decay_schedule
-        from_torch_state_dict to_torch_state_dict torch_optimizer""".split()
+        from_torch_state_dict to_torch_state_dict torch_optimizer InjectHyperparamsState
+        MaskedNode MaskedState MultiSteps MultiStepsState inject_hyperparams masked
+        skip_large_updates skip_not_finite""".split()
     )
     assert all(hasattr(optim, n) for n in optim.__all__)
 
