@@ -63,16 +63,17 @@ def functional(
     recomputes with the passed params rather than the module's own (torch's plain
     ``functional_call`` silently gets this wrong once the two differ).
 
+    Meta-device init (``fs.zero``'s ``init(params, init_fn=...)``): ``apply`` runs with the
+    params passed; a non-persistent buffer left on meta (rotary ``inv_freq``) is recomputed
+    once on the params' device by the owning submodule's ``reset_parameters()`` (a Hugging
+    Face model's ``_init_weights``) and kept by ``apply``, never written into the module; a
+    persistent one (a checkpoint value) raises until loaded. Buffers the module had when
+    ``fs.functional`` was called stay in use after ``model.to("meta")``.
+
     Args:
-        module: any ``nn.Module``. It is not modified (``apply`` swaps the passed tensors in
-            and out for the call); see above for what a donated step writes. A module built
-            under ``torch.device("meta")`` is fine: ``apply`` runs with the params passed,
-            and buffers left on meta are recomputed once on the params' device by the owning
-            submodule's ``reset_parameters()`` (a Hugging Face model's ``_init_weights``,
-            e.g. rotary ``inv_freq``), kept by ``apply``, never written into the module, if
-            they are non-persistent (persistent ones, checkpoint values, raise: load them).
-            Buffers the module had when ``fs.functional`` was called stay in use after
-            ``model.to("meta")``.
+        module: any ``nn.Module``, possibly built under ``torch.device("meta")`` (see
+            above). It is not modified (``apply`` swaps the passed tensors in and out for
+            the call); see above for what a donated step writes.
         buffers: ``"frozen"`` keeps buffers as read-only constants (a forward that updates a
             buffer, e.g. BatchNorm in training mode, raises and points to ``"state"``).
             ``"state"`` returns ``(apply, params, state)`` with
