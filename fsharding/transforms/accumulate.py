@@ -37,8 +37,8 @@ def reporting_weights(report: Callable[[list[float]], None]) -> Iterator[None]:
     """Within this block, the outermost ``fs.accumulate`` with ``weights=`` calls
     ``report(weights)`` (one float per microbatch) before it runs any microbatch (used by
     ``fs.zero``; ``report`` may raise). When every weight is 0 it then returns a zero loss
-    and zero grads (params-shaped; ``grad_fn`` is not called) instead of raising: another
-    rank may hold the tokens."""
+    and zero grads (params-shaped; ``grad_fn`` is not called, so there is no aux either)
+    instead of raising: another rank may hold the tokens."""
     token = _REPORT.set(report)
     try:
         yield

@@ -107,7 +107,10 @@ def zero(
             sees the global norm, LAMB the norms of whole leaves, and
             ``optim.apply_if_finite`` skips on every rank when any rank's shard is not
             finite (a MIN all-reduce; at stage 0 the all-reduced grads are the same on
-            every rank, so every rank already decides the same).
+            every rank, so every rank already decides the same). A ``mask`` callable
+            (``optim.adamw(mask=...)``, ``optim.masked``) sees this rank's shards (plain
+            tensors, dim 0 local): decide on paths or ``ndim``, never on sizes, which
+            differ between ranks.
         mesh: an ``fs.Mesh``; a local mesh (no process group) gives ``fs.train_step``.
         stage: 0 (grads all-reduced, DDP), 1 (+ optimizer state sharded: grads
             reduce-scattered after ``grad_fn``, each rank updates its rows), 2 (+ grads
