@@ -204,3 +204,24 @@ def _two_rank_mesh_worker() -> dict:
 def test_dtensor_flag_agreed_over_a_2d_mesh():
     res = run(_two_rank_mesh_worker, 2)
     assert res == [{"last_finite": False, "count": 0}] * 2
+
+
+def test_decision_in_a_sharded_block_without_reduce_all_is_refused():
+    # each rank would decide on its own shards: refuse rather than diverge or hang
+    tx = optim.apply_if_finite(optim.adam(0.1), 2)
+    p = {"w": torch.ones(2)}
+    with base.sharded_norm(_sum_sq, _leaf_sq):
+        with pytest.raises(RuntimeError, match=r"reduce_all"):
+            tx.update({"w": torch.ones(2)}, tx.init(p), p)
+
+
+def test_multi_steps_skip_is_agreed_through_reduce_all():
+    ms = optim.MultiSteps(optim.sgd(1.0), 1, should_skip_update_fn=optim.skip_not_finite)
+    p = {"w": torch.ones(2)}
+    s = ms.init(p)
+    with base.sharded_norm(_sum_sq, _leaf_sq, reduce_all=lambda f: torch.zeros_like(f)):
+        u, s = ms.update({"w": torch.ones(2)}, s, p)  # finite here, not on another rank
+    assert torch.equal(u["w"], torch.zeros(2)) and s.gradient_step == 0
+    with base.sharded_norm(_sum_sq, _leaf_sq, reduce_all=lambda f: f):
+        u, s = ms.update({"w": torch.ones(2)}, s, p)
+    assert torch.equal(u["w"], -torch.ones(2)) and s.gradient_step == 1

@@ -429,3 +429,37 @@ def test_positional_order_is_optax():
     }  # fmt: skip
     for fn, names in order.items():
         assert list(inspect.signature(fn).parameters) == names, fn.__name__
+
+
+@given(spec=tree_specs, seed=st.integers(0, 30), data=st.data())
+def test_masked_property_elementwise_inner(spec, seed, data):
+    """masked(adamw) = adamw on the masked-in leaves (adamw is per leaf), the input on the
+    others; the inner state has exactly the masked-in leaves."""
+    params = make_tree(spec, seed)
+    n = len(leaves(params))
+    bits = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    treedef = optree.tree_structure(params)
+    mask = optree.tree_unflatten(treedef, bits)
+    tx, ref = (
+        optim.masked(optim.adamw(0.01, weight_decay=0.1), mask),
+        optim.adamw(0.01, weight_decay=0.1),
+    )
+    s, rs = tx.init(params), ref.init(params)
+    assert len(leaves(s.inner_state[0].mu)) == sum(bits)
+    for g in grads_for(spec, 3, seed):
+        u, s = tx.update(g, s, params)
+        ru, rs = ref.update(g, rs, params)
+        for b, x, y, gi in zip(bits, leaves(u), leaves(ru), leaves(g)):
+            if b:
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+            else:
+                assert x is gi
+
+
+def test_mu_dtype_equal_to_the_params_dtype_keeps_the_fused_kernel_bitwise():
+    params = make_tree({"w": (8, 3)}, 5, torch.float32)
+    grads = grads_for({"w": (8, 3)}, 3, 6, torch.float32)
+    a, b = optim.adamw(0.01, mu_dtype=torch.float32), optim.adamw(0.01)
+    pa, sa = run_fs(a, params, grads)
+    pb, sb = run_fs(b, params, grads)
+    assert torch.equal(pa["w"], pb["w"]) and torch.equal(sa[0].mu["w"], sb[0].mu["w"])
