@@ -418,6 +418,11 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     tu = [ul[i] for i in pos]
     p_loc, dt = _util.local(tp)
     u_loc, _ = _util.local(tu)
+    if dt:  # other placements of one global shape: other local shapes
+        for k, (u, p) in enumerate(zip(u_loc, p_loc)):
+            if u.shape != p.shape:
+                names = ("updates (local shard)", "params (local shard)")
+                _util.raise_leaf_mismatch("optim.apply_updates", pos[k], u, p, updates, names)
     new = list(p_loc)
     # Mixed dtypes (e.g. float32 updates of bf16 params): add with type promotion, round
     # once to the param dtype (optax's rule) — a pre-cast of the update would round twice.
@@ -456,8 +461,10 @@ def apply_updates_(params: PyTree, updates: PyTree) -> PyTree:
     if pdef != udef:
         _check_updates(params, updates, "optim.apply_updates_")
     _check_leaves(pl, ul, updates, "optim.apply_updates_")
-    p_loc, _ = _util.local(pl)
+    p_loc, dt = _util.local(pl)
     u_loc, _ = _util.local(ul)
+    if dt:  # other placements of one global shape: other local shapes
+        _util.check_local("optim.apply_updates_", u_loc, (p_loc,), updates, ("params",))
     same = [(p, u) for p, u in zip(p_loc, u_loc) if p.dtype == u.dtype]
     for p, u in zip(p_loc, u_loc):
         if p.dtype != u.dtype:

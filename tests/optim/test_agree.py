@@ -190,7 +190,7 @@ def test_dtensor_flag_agreed_over_their_own_mesh():
 
 def _two_rank_mesh_worker() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("a", "b"))
     g = torch.ones(4, 2)
@@ -198,12 +198,28 @@ def _two_rank_mesh_worker() -> dict:
     p = {"w": distribute_tensor(torch.ones(4, 2), mesh, [Shard(0), Shard(1)])}
     tx = optim.apply_if_finite(optim.chain(optim.clip_by_global_norm(1.0), optim.adam(0.1)), 2)
     u, s = tx.update({"w": distribute_tensor(g, mesh, [Shard(0), Shard(1)])}, tx.init(p), p)
-    return {"last_finite": s.last_finite, "count": s.inner_state[1][0].count}
+    # one global shape, other placements: other local shapes, named before any kernel
+    errors = []
+    rep = {"w": distribute_tensor(torch.ones(4, 2), mesh, [Replicate(), Replicate()])}
+    for fn in (
+        lambda: optim.apply_updates(p, rep),
+        lambda: optim.apply_updates_(p, rep),
+        lambda: optim.adam(0.1).update(rep, optim.adam(0.1).init(p), p),
+    ):
+        try:
+            fn()
+        except ValueError as e:
+            errors.append(str(e))
+    return {"last_finite": s.last_finite, "count": s.inner_state[1][0].count, "errors": errors}
 
 
 def test_dtensor_flag_agreed_over_a_2d_mesh():
     res = run(_two_rank_mesh_worker, 2)
-    assert res == [{"last_finite": False, "count": 0}] * 2
+    for r in res:
+        assert (r["last_finite"], r["count"]) == (False, 0)
+        assert len(r["errors"]) == 3, r["errors"]
+        for e in r["errors"]:
+            assert "['w'] has shape (4, 2) but" in e and "(local shard)" in e and "(2, 2)" in e, e
 
 
 def test_decision_in_a_sharded_block_without_reduce_all_is_refused():
