@@ -181,7 +181,9 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
         mask: which leaves decay: a pytree of bools with the structure of params (or a
             prefix of it), or a callable ``params -> such a tree``. Leaves where it is False
             pass through untouched (e.g. no decay on biases and norms:
-            ``mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}``).
+            ``mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}``). Under ``fs.zero`` a
+            callable mask sees the rank's local shards (same ``ndim`` and dtype, fewer
+            rows): make it depend on keys, ``ndim`` or dtype, not on sizes.
 
     Raises:
         ValueError: ``update`` called without params.
