@@ -2,7 +2,11 @@
 
 ``GradientTransformation(init, update)`` pairs of pure functions, composed with ``chain``;
 each transform's state is its own NamedTuple; aliases (``adamw``, ``sgd``, ...) are chains
-with optax's names, formulas and defaults; schedules are functions ``step -> float``.
+with optax's names, formulas and defaults; schedules are functions ``step -> float``;
+wrappers ``apply_if_finite``, ``masked``, ``MultiSteps`` and ``inject_hyperparams`` as in
+optax. Every update checks each leaf's shape against the state and params before any
+kernel runs, and every decision over all the grads is agreed by the ranks holding shards
+(``optim.base.agree``).
 ``torch_compat`` converts Adam/AdamW/SGD state to and from ``torch.optim`` state dicts.
 
 Example:
