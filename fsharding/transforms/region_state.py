@@ -4,11 +4,16 @@
 stats, counters, caches) with a dispatch mode over the recomputed ops, which costs a Python
 call per op. For an arbitrary function the state is whatever it can reach, so full remat
 always pays it. ``fs.functional(model, wrap=...)`` knows better: a wrapped block's state is
-its buffers (and its params, never written by a forward). It runs the block under
+its params, its buffers and the plain tensors its modules hold as attributes (a counter, a
+cache; directly or in a list, tuple or dict attribute). It runs the block under
 :func:`known_state`; ``remat`` then compares those tensors' version counters before and
-after the forward and leaves the guard out when none changed. A block that writes other
-outside tensors (a global cache, say) gets torch's checkpoint behaviour: those writes
-happen again in the recomputation.
+after the forward and leaves the guard out when none changed. Selective policies see every
+forward op anyway: their guard stays on after a forward that ran any in-place op, so a
+write to any other outside tensor (a global, a closure) is redirected too. Full remat
+cannot see such a write without paying the per-op cost in the forward: a block that writes
+a tensor reachable neither from its modules nor through its arguments (a module-level
+global, a closed-over tensor) must hold it as a module attribute or buffer, or be wrapped
+with a selective policy.
 """
 
 from __future__ import annotations
@@ -19,19 +24,21 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils import checkpoint as _ckpt
 
 __all__ = ["known_state", "current"]
 
-_STATE: contextvars.ContextVar[tuple[torch.Tensor, ...] | None] = contextvars.ContextVar(
-    "fsharding_region_state", default=None
+_STATE: contextvars.ContextVar[tuple[tuple[torch.Tensor, ...], nn.Module | None] | None] = (
+    contextvars.ContextVar("fsharding_region_state", default=None)
 )
 
 
 @contextlib.contextmanager
-def known_state(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Within this block, the regions that start may write no outside tensor but ``tensors``."""
-    token = _STATE.set(tuple(tensors))
+def known_state(tensors: Iterable[torch.Tensor], module: nn.Module | None = None) -> Iterator[None]:
+    """Within this block, the regions that start may write no outside tensor but ``tensors``
+    and the plain tensor attributes of ``module``'s modules (found when a region starts)."""
+    token = _STATE.set((tuple(tensors), module))
     try:
         yield
     finally:
@@ -39,8 +46,29 @@ def known_state(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 def current() -> tuple[torch.Tensor, ...] | None:
-    """The tensors of the innermost :func:`known_state`, or None (unknown: anything)."""
-    return _STATE.get()
+    """The tensors of the innermost :func:`known_state` (its module's attribute tensors
+    included, as they are now), or None (unknown: anything)."""
+    known = _STATE.get()
+    if known is None:
+        return None
+    tensors, module = known
+    if module is None:
+        return tensors
+    return tensors + tuple(_attribute_tensors(module))
+
+
+def _attribute_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Tensors held in the ``__dict__`` of ``module`` and its submodules: directly or as
+    values of a list, tuple or dict attribute (params and buffers, in the ``_parameters``
+    and ``_buffers`` dicts, come along: declared anyway)."""
+    for m in module.modules():
+        for value in m.__dict__.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif isinstance(value, (list, tuple)):
+                yield from (v for v in value if isinstance(v, torch.Tensor))
+            elif isinstance(value, dict):
+                yield from (v for v in value.values() if isinstance(v, torch.Tensor))
 
 
 # What an op writes (for remat's recompute-time state guard)

@@ -20,8 +20,13 @@ What fsharding adds around torch's checkpoint:
   makes a private copy of it, and the rest of the recomputation reads and writes the copy.
   State is updated once, by the forward (a dispatch mode during recomputation; a write it
   cannot see, by compiled code or inside an op's kernel, is not redirected). The mode is
-  left out where it cannot matter (``_Frame.guards_recompute``; fs.functional's blocks:
-  :mod:`~fsharding.transforms.region_state`);
+  left out where it cannot matter (``_Frame.guards_recompute``): under a selective policy
+  after a forward that wrote nothing in place; for a block of
+  ``fs.functional(model, wrap=...)`` after a forward that wrote none of its params,
+  buffers and plain tensor attributes of its modules (counters, caches; also in list,
+  tuple or dict attributes) and, under a selective policy, no other tensor
+  (:mod:`~fsharding.transforms.region_state`). Full remat of such a block does not watch
+  tensors it reaches only as globals or by closure: hold them as module attributes;
 * the forward's context variables and ``fs.amp`` op rule are in force again during
   recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
 * :func:`_in_remat` tells other transforms that they run inside a region (``fs.offload``
@@ -147,8 +152,9 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
         A function with ``fn``'s signature, values and gradients.
 
     Raises:
-        TypeError: ``fn`` is not callable, or ``policy`` is not a policy (e.g. a factory
-            such as ``save_only_these_names`` that was not called).
+        TypeError: ``fn`` is not callable or is an ``nn.Module`` (use ``fs.functional``),
+            or ``policy`` is not a policy (e.g. a factory such as ``save_only_these_names``
+            that was not called).
 
     Example:
         >>> import torch, fsharding as fs
@@ -167,6 +173,13 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
             f"fs.remat: fn must be callable, got {type(fn).__name__}; use fs.remat(f, "
             "policy=...) or @fs.remat(policy=...)."
         )
+    if isinstance(fn, torch.nn.Module):
+        raise TypeError(
+            f"fs.remat: fn is a torch.nn.Module ({type(fn).__name__}); remat transforms "
+            "functions of explicit params. Wrap its blocks: apply, params = "
+            "fs.functional(model, wrap={Block: fs.remat(policy=...)}), or the whole model: "
+            "apply, params = fs.functional(model); fs.remat(apply, policy=...)(params, x)."
+        ) from None
     if getattr(fn, "_fs_transform", False):
         # remat of a transform (e.g. fs.remat(fs.gather)) composes: block -> remat(t(block)).
         return lambda block: remat(fn(block), policy=policy)
@@ -231,6 +244,8 @@ class _Frame:
         self.wrote = False  # the forward ran an op that may write in place
         self.state = _region_state.current()  # what the region may write, if known
         self.state_wrote = True
+        self.wrote_undeclared = False  # a forward op wrote a tensor outside self.state
+        self.declared: set[int | None] | None = None
 
     def contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """checkpoint's ``context_fn``: (forward context, recompute context)."""
@@ -249,13 +264,15 @@ class _Frame:
     def guards_recompute(self) -> bool:
         """Whether recomputation runs under the state guard (``_RegionMode``): if the forward
         offloaded or was measured; else not if the caller's known state (``region_state``)
-        was not written; else always without selective checkpointing, and with it only if
-        the forward ran an op that writes in place (torch's SAC mode refuses any op the
-        forward did not run before it runs, so the guard would have nothing to redirect)."""
+        was not written and (selective policies, which see every forward op) the forward
+        wrote no other tensor in place; else always without selective checkpointing, and
+        with it only if the forward ran an op that writes in place (torch's SAC mode refuses
+        any op the forward did not run before it runs, so the guard would have nothing to
+        redirect)."""
         if self.offloaded or self.recorder is not None:
             return True
         if self.state is not None:
-            return self.state_wrote
+            return self.state_wrote or self.wrote_undeclared
         return not self.sac or self.wrote
 
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -315,7 +332,22 @@ class _Frame:
                 # torch 2.13 does, which guards_recompute() counts on.
                 return _SAVE
             self.wrote = True
+            if self.state is not None and not self.wrote_undeclared and not ctx.is_recompute:
+                self.wrote_undeclared = self._writes_undeclared(op, args, kwargs)
         return hit[0]
+
+    def _writes_undeclared(self, op: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether ``op`` writes a tensor that is not in the declared state (one the region
+        made counts too: the forward does not say which storages it made)."""
+        if self.declared is None:
+            self.declared = {_storage_key(t) for t in self.state or ()}
+        info = _OP_INFO.get(op) or _op_info(op)
+        for i, name in info[0] if info is not _PASS else ():
+            value = args[i] if i is not None and i < len(args) else kwargs.get(name)
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor) and _storage_key(t) not in self.declared:
+                    return True
+        return False
 
 
 _SAVE, _RECOMPUTE = _ckpt.CheckpointPolicy.MUST_SAVE, _ckpt.CheckpointPolicy.PREFER_RECOMPUTE

@@ -165,3 +165,71 @@ def test_functional_blocks_guard_only_when_their_state_was_written(train, policy
     assert (False in seen) == train  # recompute-time ops seen only when state was written
     assert_bitwise(got, fs.value_and_grad(loss(apply0), has_aux=True)(params, state, x))
     assert got[0][1]["b1.bn.num_batches_tracked"].item() == int(train)
+
+
+class Counting(nn.Module):
+    """A block whose state is plain tensor attributes (not params, not buffers)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.calls = torch.zeros(())
+        self.seen = [torch.zeros(4, d)]  # a cache in a list attribute
+        self.inner = nn.Sequential(nn.Linear(d, d))
+        self.inner.hits = torch.zeros((), dtype=torch.int64)  # on a submodule
+
+    def forward(self, x):
+        self.calls.add_(1)
+        self.seen[0].copy_(x.detach())
+        self.inner.hits += 1
+        return torch.tanh(self.inner(self.lin(x)))
+
+
+class CountingNet(nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        self.b1, self.b2 = Counting(d), Counting(d)
+
+    def forward(self, x):
+        return self.b2(self.b1(x) * 2)
+
+
+@pytest.mark.parametrize("name", ["nothing", "dots", "only_names"])
+def test_plain_tensor_attributes_update_once_through_functional_wrap(name):
+    # The block's state is neither a param nor a buffer: fs.functional cannot declare it as
+    # such, yet the recomputation must not write it a second time (as fs.remat(fn) does not).
+    torch.manual_seed(0)
+    net = CountingNet()
+    apply, params = fs.functional(net, wrap={Counting: remat(policy=POLICIES[name])})
+    ref_apply, _ = fs.functional(CountingNet())
+    x = torch.randn(4, 5)
+    loss = lambda apply: lambda p, x: apply(p, x).square().sum()  # noqa: E731
+    value, grads = fs.value_and_grad(loss(apply))(params, x)
+    for b in (net.b1, net.b2):
+        assert b.calls.item() == 1 and b.inner.hits.item() == 1
+    assert torch.equal(net.b1.seen[0], x)  # the forward's write, not the recomputation's
+    assert torch.equal(net.b2.seen[0], (torch.tanh(net.b1.inner(net.b1.lin(x))) * 2).detach())
+    assert_bitwise((value, grads), fs.value_and_grad(loss(ref_apply))(params, x))
+
+
+@pytest.mark.parametrize("name", ["dots", "only_names"])
+def test_closure_state_updates_once_through_functional_wrap_selective(name):
+    # A write to a tensor the block reaches by closure (no module attribute): selective
+    # policies see every forward op, so the guard is on after a forward that wrote in place.
+    total = torch.zeros(())
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            total.add_(x.detach().sum())
+            return self.lin(x).tanh()
+
+    net = nn.Sequential(Block(), Block())
+    apply, params = fs.functional(net, wrap={Block: remat(policy=POLICIES[name])})
+    x = torch.randn(2, 3)
+    fs.grad(lambda p: apply(p, x).sum())(params)
+    h = net[0].lin(x).tanh().detach()
+    assert torch.allclose(total, x.sum() + h.sum())
