@@ -54,21 +54,35 @@ def current() -> tuple[torch.Tensor, ...] | None:
     tensors, module = known
     if module is None:
         return tensors
-    return tensors + tuple(_attribute_tensors(module))
+    return (*tensors, *_attribute_tensors(module))
 
 
-def _attribute_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+def _attribute_tensors(module: nn.Module) -> list[torch.Tensor]:
     """Tensors held in the ``__dict__`` of ``module`` and its submodules: directly or as
-    values of a list, tuple or dict attribute (params and buffers, in the ``_parameters``
-    and ``_buffers`` dicts, come along: declared anyway)."""
-    for m in module.modules():
-        for value in m.__dict__.values():
-            if isinstance(value, torch.Tensor):
-                yield value
+    values of a list, tuple or dict attribute (params and buffers are declared anyway)."""
+    found: list[torch.Tensor] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for key, value in m.__dict__.items():
+            if isinstance(value, _TensorBase):
+                found.append(value)
+            elif key in _MODULE_DICTS:
+                if key == "_modules":
+                    stack.extend(v for v in value.values() if v is not None)
             elif isinstance(value, (list, tuple)):
-                yield from (v for v in value if isinstance(v, torch.Tensor))
+                found.extend(v for v in value if isinstance(v, _TensorBase))
             elif isinstance(value, dict):
-                yield from (v for v in value.values() if isinstance(v, torch.Tensor))
+                found.extend(v for v in value.values() if isinstance(v, _TensorBase))
+    return found
+
+
+# torch.Tensor's metaclass makes isinstance(x, torch.Tensor) slow; the C base class is not.
+_TensorBase = torch._C.TensorBase
+# nn.Module's own containers: params and buffers (declared), submodules (walked), hooks.
+_MODULE_DICTS = frozenset(
+    ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+) | frozenset(k for k in nn.Module().__dict__ if "hook" in k)
 
 
 # What an op writes (for remat's recompute-time state guard)
