@@ -545,3 +545,33 @@ def test_a_training_step_leaves_no_reference_cycles(name):
         box[0], box[1], _ = train.step(box[0], box[1], (ids[:, :-1], ids[:, 1:]), donate=True)
 
     assert _cycle_garbage(step) == {}
+
+
+def _zero_cycles_worker(stage):
+    from fsharding import optim
+    from fsharding.models.gpt import GPT, Block, GPTConfig
+
+    cfg = GPTConfig.preset("tiny").with_(n_layers=2)
+    apply, params = fs.functional(GPT(cfg), wrap={Block: remat})
+
+    def loss(p, batch):
+        logits = apply(p, batch[0])
+        return F.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
+
+    mesh = fs.Mesh(dp=torch.distributed.get_world_size())
+    step_ = fs.zero(fs.value_and_grad(loss), optim.adamw(1e-3), mesh=mesh, stage=stage)
+    box = list(step_.init(params))
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+    ids = torch.randint(0, 256, (2, 17), generator=g)
+
+    def step():
+        box[0], box[1], _ = step_.step(box[0], box[1], (ids[:, :-1], ids[:, 1:]), donate=True)
+
+    return _cycle_garbage(step)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_zero_step_leaves_no_reference_cycles(stage):
+    from tests.dist_utils import run as dist_run
+
+    assert dist_run(_zero_cycles_worker, 2, stage, timeout=240) == [{}, {}]
