@@ -13,6 +13,7 @@ import copy
 import difflib
 import functools
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -87,14 +88,19 @@ def functional(
             a selected one is not selected again by a mapping (the outer one wins). A
             Hugging Face ``Cache`` argument (the KV cache of ``use_cache=True``) is updated
             by the block's forward only: a recomputation (``fs.remat``) runs on a copy of
-            the cache as it was when the block started.
+            the cache's structure as it was when the block started, sharing its tensors.
+            That is exact for caches that replace their tensors (``DynamicCache``); one
+            that writes them in place (``StaticCache``, sliding-window layers) has lost
+            its entry state, and the recomputation raises a RuntimeError instead of
+            computing wrong grads (use a ``DynamicCache`` or ``use_cache=False``).
 
     Returns:
         ``(apply, params)``, or ``(apply, params, state)`` with ``buffers="state"``.
 
     Raises:
         ValueError: ``buffers`` is not ``"frozen"`` or ``"state"``, or ``wrap`` is malformed
-            or selects no submodule (a class of the mapping matches none).
+            or selects no submodule (no class of the mapping matches any; a class that
+            matches none while others match only warns, naming it).
         KeyError: (from ``apply``) ``params`` lacks a parameter of the module, or has a key
             that is not one; the message names them.
 
@@ -159,12 +165,21 @@ def _select_wrapped(module: nn.Module, wrap: WrapSpec) -> dict[str, tuple[nn.Mod
                 )
         subs = [(name, sub) for name, sub in module.named_modules() if name != ""]
         unmatched = [c for c in wrap if not any(isinstance(sub, c) for _, sub in subs)]
-        if unmatched:
+        if unmatched and len(unmatched) == len(wrap):
+            names = ", ".join(c.__qualname__ for c in unmatched)
             raise ValueError(
-                f"fs.functional: wrap class {unmatched[0].__qualname__} matches no submodule "
-                f"of {type(module).__name__}, so its transform would never run. Its "
-                f"submodule classes are {_class_names(subs)}; map one of them (or drop the "
-                "entry)."
+                f"fs.functional: wrap classes {names} match no submodule of "
+                f"{type(module).__name__}, so no transform would run. Its submodule classes "
+                f"are {_class_names(subs)}; map one of them."
+            )
+        if unmatched:  # a mapping shared across model families: fine, but say so
+            names = ", ".join(c.__qualname__ for c in unmatched)
+            warnings.warn(
+                f"fs.functional: wrap class{'es' if len(unmatched) > 1 else ''} {names} "
+                f"match{'' if len(unmatched) > 1 else 'es'} no submodule of "
+                f"{type(module).__name__}; {'their' if len(unmatched) > 1 else 'its'} "
+                "transform does not run (the other entries do).",
+                stacklevel=3,
             )
         for name, sub in subs:
             if any(name.startswith(p + ".") for p in out):
@@ -276,18 +291,24 @@ class _Runner:
             return c
         made = self.made.get((name, device))
         if made is None:
-            self._materialise(device)
+            self._materialise(device, name)
             made = self.made[(name, device)]
         return made
 
-    def _materialise(self, device: torch.device) -> None:
-        """Recomputes every buffer that never had a value (built on meta) on ``device``."""
+    def _materialise(self, device: torch.device, name: str) -> None:
+        """Recomputes buffer ``name``, which never had a value (built on meta), on
+        ``device``, with the other non-persistent meta buffers of its owner (one recipe
+        run). Only what is asked for: a persistent buffer passed in ``state`` is not."""
+        owner_name, _, _ = name.rpartition(".")
+        owner = self.module.get_submodule(owner_name)
         todo: dict[str, list[str]] = {}
-        for n, b in self.module.named_buffers():
+        for a, b in owner.named_buffers(recurse=False):
+            n = _join(owner_name, [a])[0]
             c = self.captured.get(n, b)
-            if b.is_meta and c.is_meta and (n, device) not in self.made:
-                owner, _, attr = n.rpartition(".")
-                todo.setdefault(owner, []).append(attr)
+            if (n, device) in self.made or not (b.is_meta and c.is_meta):
+                continue
+            if n == name or a in owner._non_persistent_buffers_set:
+                todo.setdefault(owner_name, []).append(a)
         persistent = [
             n
             for owner_name, attrs in todo.items()
@@ -496,20 +517,40 @@ def _hf_ancestor(root: nn.Module, owner_name: str) -> Any:
 
 
 class _Replay:
-    """A mutable argument (a Hugging Face KV ``Cache``) that a block updates in place: the
-    block's first run (the forward) gets the object itself, every later run (a remat
-    recomputation) a copy of it as it was when the block started, so the object is
-    updated once and the recomputation computes what the forward did."""
+    """A mutable argument (a Hugging Face KV ``Cache``) that a block updates: the block's
+    first run (the forward) gets the object itself, every later run (a remat
+    recomputation) a copy of its structure as it was when the block started, so the object
+    is updated once and the recomputation computes what the forward did.
 
-    __slots__ = ("obj", "entry", "ran")
+    The copy shares the tensors (copying a KV cache per block would cost its size each
+    time). That is right for caches whose update *replaces* tensors (``DynamicCache``'s
+    ``torch.cat``), not for those that write them in place (``StaticCache``'s
+    ``index_copy_``, sliding-window layers' ``copy_``): their entry state is gone. The
+    tensors' version counters are recorded at entry, and a recomputation that would read a
+    tensor written since raises (it would silently compute other grads)."""
+
+    __slots__ = ("obj", "entry", "versions", "ran")
 
     def __init__(self, obj: Any) -> None:
-        self.obj, self.entry, self.ran = obj, _copy_structure(obj), False
+        seen: list[tuple[torch.Tensor, int, str]] = []
+        self.obj, self.entry, self.ran = obj, _copy_structure(obj, seen=seen), False
+        self.versions = seen
 
     def get(self) -> Any:
         if not self.ran:
             self.ran = True
             return self.obj
+        for t, v, where in self.versions:
+            if t._version != v:
+                raise RuntimeError(
+                    f"fs.functional(wrap=...): a recomputation (fs.remat) of a block needs "
+                    f"the {type(self.obj).__name__} KV cache as the block saw it, but a "
+                    f"tensor of its {where} was updated in place since (by the block's "
+                    "forward or a later one), so that state is gone and the recomputed "
+                    "grads would be wrong. Use a cache that replaces its tensors (a "
+                    "transformers DynamicCache), or use_cache=False for training, or do not "
+                    "remat the blocks that update this cache."
+                )
         return _copy_structure(self.entry)
 
     @staticmethod
@@ -533,13 +574,23 @@ class _Replay:
         return args, kw
 
 
-def _copy_structure(x: Any, memo: dict[int, Any] | None = None, home: str = "") -> Any:
+def _copy_structure(
+    x: Any,
+    memo: dict[int, Any] | None = None,
+    home: str = "",
+    seen: list[tuple[torch.Tensor, int, str]] | None = None,
+    where: str = "",
+) -> Any:
     """A copy of ``x``'s containers and of the objects defined in its class's module (a
-    cache's layers), sharing every tensor and every other object."""
+    cache's layers), sharing every tensor and every other object. ``seen`` collects the
+    shared tensors as ``(tensor, version, owner class name)``."""
     if memo is None:
         memo = {}
         home = type(x).__module__
+        where = type(x).__name__
     if isinstance(x, torch.Tensor):
+        if seen is not None and not x.is_inference():
+            seen.append((x, x._version, where))
         return x
     if id(x) in memo:
         return memo[id(x)]
@@ -548,15 +599,15 @@ def _copy_structure(x: Any, memo: dict[int, Any] | None = None, home: str = "") 
         memo[id(x)] = y
         items = enumerate(x) if type(x) is list else x.items()
         for k, v in list(items):
-            y[k] = _copy_structure(v, memo, home)
+            y[k] = _copy_structure(v, memo, home, seen, where)
         return y
     if type(x) is tuple:
-        return tuple(_copy_structure(v, memo, home) for v in x)
+        return tuple(_copy_structure(v, memo, home, seen, where) for v in x)
     if type(x).__module__ == home and hasattr(x, "__dict__") and not isinstance(x, type):
         y = copy.copy(x)
         memo[id(x)] = y
         for k, v in vars(x).items():
-            y.__dict__[k] = _copy_structure(v, memo, home)
+            y.__dict__[k] = _copy_structure(v, memo, home, seen, type(x).__name__)
         return y
     return x
 

@@ -459,6 +459,33 @@ def test_meta_built_module_buffers_are_materialised_for_apply():
     assert not any(v.is_meta for v in new_state.values())
 
 
+def test_meta_built_module_with_persistent_buffers_passed_in_state_runs():
+    """buffers='state': the persistent buffers the error message says to pass in state are
+    used; only the buffers still on meta (non-persistent inv_freq) are recomputed. Before,
+    apply raised about bn.running_mean even though state held it."""
+    torch.manual_seed(0)
+    ref = RopeNet().double().train()
+    ref(torch.randn(8, 4, dtype=torch.float64))
+    ref.eval()
+    with torch.device("meta"):
+        m = RopeNet().double().eval()
+    apply, params, state = fs.functional(m, buffers="state")
+    assert state["bn.running_mean"].is_meta and state["rope.inv_freq"].is_meta
+    bn_state = {k: v.clone() for k, v in ref.named_buffers() if k.startswith("bn.")}
+    state = {**state, **bn_state}
+    real = {k: v.clone() for k, v in ref.named_parameters()}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out, new_state = apply(real, state, x)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(new_state["rope.inv_freq"], ref.rope.inv_freq, rtol=0, atol=0)
+    for k, v in bn_state.items():
+        assert torch.equal(new_state[k], v), k
+    # a persistent buffer still on meta in state raises, naming only that one
+    state2 = {**state, "bn.running_var": torch.empty(4, device="meta", dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match=r"\['bn.running_var'\] of RopeNet.*persistent"):
+        apply(real, state2, x)
+
+
 def test_meta_buffers_without_a_recipe_raise_naming_them():
     with torch.device("meta"):
         m = RopeNet(reset=False)
@@ -515,9 +542,17 @@ def test_value_and_grad_and_grad_of_a_module_point_to_functional():
             t(m)
 
 
-def test_wrap_matching_no_submodule_raises():
-    with pytest.raises(ValueError, match=r"Tied.*matches no submodule.*Block"):
-        fs.functional(Net(), wrap={Block: recording([]), Tied: recording([])})
+def test_wrap_mapping_with_unmatched_classes_warns_and_raises_only_if_none_match():
+    """A mapping shared across model families ({GPT2Block: remat, LlamaDecoderLayer:
+    remat}) is fine: classes that match nothing warn (named); only a mapping where no
+    class matches anything raises."""
+    log: list = []
+    with pytest.warns(UserWarning, match=r"Tied.*matches no submodule of Net"):
+        apply, params = fs.functional(Net(), wrap={Block: recording(log), Tied: recording([])})
+    apply(params, torch.randn(2, 4))
+    assert log  # the matching entry still wraps its blocks
+    with pytest.raises(ValueError, match=r"Tied, Conv1d match no submodule.*Block"):
+        fs.functional(Net(), wrap={Tied: recording([]), nn.Conv1d: recording([])})
     with pytest.raises(ValueError, match="selected no submodule"):
         fs.functional(Net(), wrap=lambda n, s: None)
 
@@ -536,3 +571,69 @@ def test_loss_scale_number_is_a_static_scale():
         fs.value_and_grad(f)(p, loss_scale="1024")
     with pytest.raises(ValueError, match="positive"):
         fs.value_and_grad(f)(p, loss_scale=-1.0)
+
+
+# ------------------------------------------------------- KV caches updated in place (remat)
+
+
+def roll_cache():
+    """A Hugging Face ``Cache`` whose state is written in place (``copy_``), as
+    StaticCache / StaticSlidingWindowLayer do."""
+    from transformers.cache_utils import Cache
+
+    class RollCache(Cache):
+        def __init__(self):
+            self.state = torch.arange(4.0, dtype=torch.float64)
+
+        def update(self, x):
+            new = torch.cat([self.state[1:], x.detach().sum(0, keepdim=True)[:, 0]])
+            self.state.copy_(new)
+            return self.state.clone()
+
+    return RollCache()
+
+
+class CacheBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4).double()
+
+    def forward(self, x, cache=None):
+        return torch.tanh(self.lin(x) * cache.update(x))
+
+
+class CacheNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.ModuleList([CacheBlock(), CacheBlock()])
+
+    def forward(self, x, cache):
+        for blk in self.b:
+            x = blk(x, cache=cache)
+        return x.sum()
+
+
+def test_remat_with_a_cache_updated_in_place_raises_instead_of_wrong_grads():
+    """The recomputation must start from the cache as the block saw it; a cache written in
+    place (StaticCache's index_copy_) has lost that state: a clear error, never the wrong
+    grads (they differed by 2.08 before) nor a second update of the cache."""
+    torch.manual_seed(0)
+    m = CacheNet()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    apply, params = fs.functional(m)
+    cache = roll_cache()
+    loss, g_ref = fs.value_and_grad(lambda p: apply(p, x, cache))(params)
+    want_state = cache.state.clone()
+    # no recomputation (a transform that runs the block once): in-place caches are fine
+    apply_a, _ = fs.functional(m, wrap={CacheBlock: lambda f: f})
+    cache = roll_cache()
+    loss_a, g_a = fs.value_and_grad(lambda p: apply_a(p, x, cache))(params)
+    assert torch.equal(loss_a, loss) and torch.equal(cache.state, want_state)
+    for k in g_ref:
+        assert torch.equal(g_a[k], g_ref[k]), k
+    # remat recomputes: the cache's entry state is gone, so it raises
+    apply_r, _ = fs.functional(m, wrap={CacheBlock: fs.remat()})
+    cache = roll_cache()
+    with pytest.raises(RuntimeError, match=r"RollCache.*in place.*DynamicCache.*use_cache=False"):
+        fs.value_and_grad(lambda p: apply_r(p, x, cache))(params)
+    assert torch.equal(cache.state, want_state)  # updated once, by the forward

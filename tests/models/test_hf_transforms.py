@@ -120,6 +120,35 @@ def test_remat_blocks_with_the_kv_cache_on(name, policy):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+def test_remat_blocks_with_a_static_cache_raise_instead_of_wrong_grads(name):
+    """A StaticCache is written in place (index_copy_): the recompute cannot see it as the
+    block did. Before, remat silently recomputed from the post-forward cache; now the
+    backward raises naming the cache and the fixes. A non-recomputing wrap still works."""
+    from transformers.cache_utils import StaticCache
+
+    model = build(name)
+    x = batch()
+    block = MODELS[name][1]
+
+    def loss_of(apply):
+        def loss_fn(p, x):
+            cache = StaticCache(config=model.config, max_cache_len=SEQ)
+            return apply(p, input_ids=x, labels=x, past_key_values=cache, use_cache=True).loss
+
+        return loss_fn
+
+    plain, params = fs.functional(model)
+    ref_loss, ref_grads = fs.value_and_grad(loss_of(plain))(params, x)
+    ident, _ = fs.functional(model, wrap={block: lambda f: f})
+    loss, grads = fs.value_and_grad(loss_of(ident))(params, x)
+    assert torch.equal(loss, ref_loss)
+    assert_grads_close(grads, ref_grads, atol=0)
+    apply, _ = fs.functional(model, wrap={block: fs.remat()})
+    with pytest.raises(RuntimeError, match=r"StaticCache.*in place.*DynamicCache.*use_cache"):
+        fs.value_and_grad(loss_of(apply))(params, x)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_offload_blocks_to_cpu(name):
     model = build(name)
     x = batch()
