@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -143,15 +144,70 @@ def _map(fn: Any, x: Any, api: str) -> Any:
 # imports torch._dynamo, seconds per process; and their names changed in torch 2.12.
 _C = torch.ops._c10d_functional
 
+# How long settle() waits at most for a backend thread to drop a finished collective.
+_SETTLE_S = 2.0
+
+
+def use_counts(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """``(tensor, its C++ use count now)`` for each of ``tensors``: taken before a collective,
+    what :func:`settle` waits to come back to."""
+    if not _HAS_USE_COUNT:
+        return []
+    return [(t, t._use_count()) for t in tensors if t.device.type == "cpu"]
+
+
+def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
+    """Waits (releasing the GIL) until a finished CPU collective's work object has let go of
+    ``pending``'s tensors: each ``(tensor, count)`` until ``tensor``'s C++ use count is at
+    most ``count`` (1 for a tensor the collective returned), for at most ``_SETTLE_S``.
+
+    Why: gloo runs every collective on a worker thread, which drops the work (and its
+    references to the input and output tensors) a little after the waiting thread has
+    returned. On torch >= 2.9 a tensor seen by Python keeps its PyObject alive while other
+    C++ references exist (c10/util/intrusive_ptr.h, "PyObject preservation"), so that last
+    drop decrefs the PyObject, which takes the GIL on the worker thread. If the interpreter
+    has begun finalizing by then (a script whose last statement is a collective, under
+    torchrun), taking the GIL ends the thread inside the work's noexcept destructor:
+    ``terminate called without an active exception``, SIGABRT at exit. After settle no work
+    holds Python-visible tensors, so nothing is left for a worker thread to do at exit.
+    CUDA tensors are skipped (NCCL's watchdog drops its works later; waiting for it would
+    synchronise with the GPU)."""
+    if not _HAS_USE_COUNT:
+        return
+    pending = [(t, n) for t, n in pending if t.device.type == "cpu"]
+    if all(t._use_count() <= n for t, n in pending):
+        return
+    deadline = time.monotonic() + _SETTLE_S
+    delay = 0.0
+    while time.monotonic() < deadline:
+        time.sleep(delay)  # releases the GIL, which the worker's decref needs
+        if all(t._use_count() <= n for t, n in pending):
+            return
+        delay = min(1e-3, max(1e-6, 2 * delay))
+
+
+_HAS_USE_COUNT = hasattr(torch.Tensor, "_use_count")
+
+
+def _returned(out: torch.Tensor, before: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """``out`` (a collective's result, waited) once the backend has dropped the work."""
+    settle([(out, 1), *before])
+    return out
+
 
 def _raw_all_reduce(x: torch.Tensor, op: str, group: Any) -> torch.Tensor:
-    return _C.wait_tensor(_C.all_reduce(x.contiguous(), op, group.group_name))
+    x = x.contiguous()
+    before = use_counts([x])
+    return _returned(_C.wait_tensor(_C.all_reduce(x, op, group.group_name)), before)
 
 
 def _raw_all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     """Concatenation of every rank's ``x`` along ``dim``, in group rank order."""
     n = group.size()
-    out = _C.wait_tensor(_C.all_gather_into_tensor(x.contiguous(), n, group.group_name))
+    x = x.contiguous()
+    before = use_counts([x])
+    out = _C.wait_tensor(_C.all_gather_into_tensor(x, n, group.group_name))
+    out = _returned(out, before)
     return out if dim == 0 else torch.cat(out.chunk(n), dim)
 
 
@@ -160,7 +216,11 @@ def _raw_reduce_scatter(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     n = group.size()
     if dim != 0:
         x = torch.cat(x.chunk(n, dim), 0)
-    return _C.wait_tensor(_C.reduce_scatter_tensor(x.contiguous(), "sum", n, group.group_name))
+    x = x.contiguous()
+    before = use_counts([x])
+    return _returned(
+        _C.wait_tensor(_C.reduce_scatter_tensor(x, "sum", n, group.group_name)), before
+    )
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -206,7 +266,9 @@ class _Permute(torch.autograd.Function):
         ins = [flat.numel() if j == dst else 0 for j in range(n)]
         outs = [flat.numel() if j == src else 0 for j in range(n)]
         flat = flat if dst is not None else flat[:0]  # all_to_all wants sum(ins) elements
+        before = use_counts([flat])
         out = _C.wait_tensor(_C.all_to_all_single(flat, outs, ins, group.group_name))
+        out = _returned(out, before)
         return torch.zeros_like(x) if src is None else out.reshape(x.shape)
 
     @staticmethod

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fsharding._compat import top_saved_tensors_hooks
+from fsharding.collectives import settle
 from fsharding.transforms import zero_layout as _lay
 
 if TYPE_CHECKING:
@@ -181,3 +182,5 @@ class Reshard:
             with contextlib.suppress(Exception):
                 for _, out in pending:
                     _lay._C.wait_tensor(out)
+                # and let gloo's worker drop it now, not during interpreter exit
+                settle([(out, 1) for _, out in pending if out.device.type == "cpu"])
