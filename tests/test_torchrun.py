@@ -52,3 +52,46 @@ def test_two_torchrun_nodes_on_loopback_match_one_process(tmp_path):
             torch.testing.assert_close(
                 torch.tensor(got["params"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6
             )
+
+
+EXIT_JOB = JOB.with_name("torchrun_exit_job.py")
+EXIT_RUNS, EXIT_PARALLEL = 20, 2
+
+
+@pytest.mark.timeout(1200)
+def test_torchrun_runs_exit_cleanly_every_time(tmp_path):
+    # before the fix: SIGABRT at exit ("terminate called without an active exception",
+    # torchrun rc 1) in a fraction of runs; gloo's worker thread dropped the last work
+    # while the interpreter was finalizing
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    failed, running = [], []
+
+    def finish(p, log):
+        try:
+            code = p.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = "timeout"
+        if code != 0:
+            failed.append((code, log.read_text()[-2000:]))
+
+    try:
+        for i in range(EXIT_RUNS):
+            log = tmp_path / f"run{i}.log"
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(EXIT_JOB),
+            ]  # fmt: skip
+            with open(log, "w") as out:
+                p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            running.append((p, log))
+            if len(running) == EXIT_PARALLEL:
+                finish(*running.pop(0))
+        while running:
+            finish(*running.pop(0))
+    finally:
+        for p, _ in running:
+            p.kill()
+    assert not failed, f"{len(failed)} of {EXIT_RUNS} torchrun runs failed; first: {failed[0]}"
