@@ -222,6 +222,12 @@ class Eager:
     def final_params(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.named_parameters()}
 
+    def live(self) -> list[torch.Tensor]:
+        """What the loop holds between steps: params, AdamW state (.grad set to None, as
+        the next step's zero_grad would)."""
+        self.opt.zero_grad(set_to_none=True)
+        return [*self.params, *(v for s in self.opt.state.values() for v in s.values())]
+
 
 class Functional:
     """fs.functional + fs.train_step(adamw), donate=True.
@@ -290,6 +296,10 @@ class Functional:
 
     def final_params(self) -> dict[str, torch.Tensor]:
         return dict(self.params)
+
+    def live(self) -> list[torch.Tensor]:
+        """What the loop holds between steps: params and optimizer state."""
+        return optree.tree_leaves((self.params, self.opt_state))
 
 
 def hand_accumulate(vg: Callable[..., Any], params: dict, batch: tuple) -> tuple[Any, dict]:

@@ -154,3 +154,47 @@ def _torch_step_peak_mib() -> float:
     tracked = [*model.parameters(), *state]
     del state
     return common.peak_live_mib(step, lambda: tracked)
+
+
+def test_bench_memory_remat_same_path_ratio_and_params_check(tmp_path):
+    res = _bench(
+        "bench_memory.py", tmp_path, "--preset", "tiny", "--only", "b", "--steps", "2",
+        "--warmup", "1", "--max-rounds", "2", "--retries", "0", "--threads", "2", "--no-write",
+    )  # fmt: skip
+    b = res["b"]
+    goals = {(r["variant"], r["reference"]): r["goal"] for r in b["ratios"]}
+    # fs.remat against torch's checkpoint on the same path (fs.functional's wrap), with a goal
+    assert goals[("fs remat(nothing_saveable)", "fs.functional + torch checkpoint (decomp.)")]
+    assert goals[("fs remat(dots_saveable)", "fs.functional + torch SAC (decomp.)")]
+    for name, row in b["rows"].items():  # loss / grad norm / params after the run, all ok
+        dl, dg, dp = (float(x) for x in row["check"].split(" ok")[0].split(" / "))
+        assert row["check"].endswith("ok (fp32)") and dp <= 1e-3, (name, row["check"])
+    # the remat rows saved less than eager and match torch's checkpoint byte for byte
+    rows = b["rows"]
+    assert rows["fs remat(nothing_saveable)"]["saved MiB"] < rows["eager nn.Module"]["saved MiB"]
+    assert rows["fs remat(nothing_saveable)"]["saved MiB"] == pytest.approx(
+        rows["torch checkpoint per block"]["saved MiB"]
+    )
+
+
+def test_bench_rss_fresh_processes_gc_on_and_off(tmp_path):
+    figs = _bench(
+        "bench_rss.py", tmp_path, "--preset", "tiny", "--steps", "5",
+        "--variants", "selfcheck-cycle,eager,remat,zero0",
+        "--mmap-threshold", "65536",  # freed blocks leave RSS: GC on holds 1-2 cycles' worth
+        timeout=900,
+    )  # fmt: skip
+    assert set(figs) == {"selfcheck-cycle", "eager", "remat", "zero0"}
+    for k, f in figs.items():
+        assert f["on"]["gc_was_off"] is False and f["off"]["gc_was_off"] is True, k
+        for mode in ("on", "off"):
+            assert f[mode]["peak_rss"] > f[mode]["base_rss"] > 0, (k, mode)
+        if k != "selfcheck-cycle":  # tensors a step needs are in the process's RSS
+            assert 0 < f["on"]["peak_live"] < f["on"]["peak_rss"] - 0.5 * f["on"]["base_rss"]
+    pids = {f[m]["pid"] for k, f in figs.items() if k in ("eager", "remat") for m in f}
+    assert len(pids) == 4  # every 1-process run in a fresh interpreter
+    assert len(figs["zero0"]["on"]["peak_rss_per_rank"]) == 2  # per rank of the 2
+    # The harness sees memory held by reference cycles: 5 steps x 16 MiB with GC off, at
+    # most two with GC on.
+    leak = figs["selfcheck-cycle"]
+    assert leak["off"]["peak_rss"] - leak["on"]["peak_rss"] > 2.5 * 16
