@@ -500,7 +500,9 @@ def _cycle_garbage(step, steps=3):
     """Objects a training step leaves in reference cycles (freed only by the cyclic collector,
     never with ``gc.disable()``, as torchtitan's loop runs): tensors, autograd nodes, frames,
     tracebacks and remat's own objects, counted by type over ``steps`` steps after one."""
-    bad = (torch.Tensor, torch.autograd.graph.Node, types.FrameType, types.TracebackType)
+    bad = (torch.autograd.graph.Node, types.FrameType, types.TracebackType)
+    tensors = (torch.Tensor, torch.nn.Parameter)  # exactly: not the FakeTensors that an
+    # earlier torch.compile in this process may leave to the collector meanwhile
     found = collections.Counter()
     enabled = gc.isenabled()
     step()  # warm-up: first-call caches are not per-step garbage
@@ -512,7 +514,11 @@ def _cycle_garbage(step, steps=3):
             step()
             gc.collect()
             for o in gc.garbage:
-                if isinstance(o, bad) or type(o).__module__.startswith("fsharding"):
+                if (
+                    type(o) in tensors
+                    or isinstance(o, bad)
+                    or type(o).__module__.startswith("fsharding")
+                ):
                     found[type(o).__name__] += 1
             gc.garbage.clear()
     finally:
