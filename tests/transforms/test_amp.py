@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -489,3 +491,87 @@ def test_in_place_updates_of_upcast_arguments_reach_the_originals():
     assert out.dtype == BF16
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------
+# memory: no more than torch.autocast (issue 9)
+# --------------------------------------------------------------------------------------
+
+
+class PeakProducedMemory(TorchDispatchMode):
+    """ANCHORS.md's peak live memory: bytes of the storages aten ops *produce* in a region,
+    each counted until it is freed. An output that shares a storage with an input (a view,
+    ``detach``, an in-place op) produces nothing: so params and other tensors made before
+    the region are never counted, whether the code under test views them (``w.t()``,
+    ``detach``) or only reads them (autocast's ``_to_copy``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.live = set()
+
+    def _free(self, key, n):
+        self.live.discard(key)
+        self.current -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            id(t.untyped_storage())
+            for t in fs.tree.leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in fs.tree.leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            if id(st) in inputs or id(st) in self.live:
+                continue
+            self.live.add(id(st))
+            self.current += st.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(st, self._free, id(st), st.nbytes())
+        return out
+
+
+def _peak_mib(fn):
+    gc.collect()
+    with PeakProducedMemory() as probe:
+        fn()
+        gc.collect()
+    return probe.peak / 2**20
+
+
+def test_amp_peak_memory_is_at_most_torch_autocast_on_gpt_small():
+    # benchmarks/bench_memory.py section d reported fs.amp bf16 at 148.9 MiB against
+    # autocast's 108.2: its probe counted the float32 params (41.55 MiB) for fs.amp, which
+    # detaches them (a new view of an old storage), and not for autocast, which only reads
+    # them. Counted the same way on both sides, fs.amp holds no more than autocast
+    # (measured: 107.3 and 107.5 MiB per block vs 108.2 MiB; eager float32 154.4, as
+    # ANCHORS.md).
+    from fsharding.models.gpt import GPT, Block, GPTConfig
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (8, 129))
+    x, y = ids[:, :-1], ids[:, 1:]
+    model = GPT(GPTConfig.preset("small"), seed=0)
+
+    def lm(logits):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def autocast_step():
+        with torch.autocast("cpu", dtype=BF16):
+            loss = lm(model(x))
+        loss.backward()
+
+    apply, params = fs.functional(model)
+    whole = fs.value_and_grad(amp(lambda p, x: lm(apply(p, x)), policy="bf16"))
+    apply_b, params_b = fs.functional(model, wrap={Block: amp(policy="bf16")})
+    per_block = fs.value_and_grad(lambda p, x: lm(apply_b(p, x)))
+
+    reference = _peak_mib(autocast_step)
+    model.zero_grad(set_to_none=True)
+    assert reference > 100  # 105 MiB of saved activations alone: the probe is not blind
+    assert _peak_mib(lambda: whole(params, x)) <= reference
+    assert _peak_mib(lambda: per_block(params_b, x)) <= reference
