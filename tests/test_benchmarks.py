@@ -198,3 +198,32 @@ def test_bench_rss_fresh_processes_gc_on_and_off(tmp_path):
     # most two with GC on.
     leak = figs["selfcheck-cycle"]
     assert leak["off"]["peak_rss"] - leak["on"]["peak_rss"] > 2.5 * 16
+
+
+def test_run_headlines_commands_use_existing_options():
+    # The lead runs benchmarks/run_headlines.sh once, on a quiet machine: a misspelt option
+    # would cost that run. Every option it passes must be one its script accepts.
+    import re
+
+    text = open(os.path.join(BENCH, "run_headlines.sh")).read().replace("\\\n", " ")
+    assert subprocess.run(["bash", "-n", os.path.join(BENCH, "run_headlines.sh")]).returncode == 0
+    calls = re.findall(r"python (benchmarks/\w+\.py)([^\n]*)", text)
+    scripts = {s for s, _ in calls}
+    assert scripts == {
+        "benchmarks/bench_step.py", "benchmarks/bench_memory.py", "benchmarks/bench_zero.py",
+        "benchmarks/bench_rss.py",
+    }  # fmt: skip
+    helps = {}
+    for s in scripts:
+        proc = subprocess.run([sys.executable, s, "--help"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        helps[s] = proc.stdout
+    for s, args in calls:
+        for opt in re.findall(r"--[a-z][a-z0-9-]*", args):
+            assert opt in helps[s], (s, opt)
+    for opt in ("--ds-variants", "--ds-adam"):  # (passed through the DS=(...) array)
+        assert opt in text and opt in helps["benchmarks/bench_zero.py"], opt
+    # ... and every headline has its command: fused baselines, the amp rows, GC on and off
+    assert "--only b,d" in text and "--memory-gc both" in text and "--write" in text
+    assert "ddp,ddp-foreach,zero0,zero1,zero2,fsdp2" in text and "bench_rss.py" in text
