@@ -227,3 +227,19 @@ def test_run_headlines_commands_use_existing_options():
     # ... and every headline has its command: fused baselines, the amp rows, GC on and off
     assert "--only b,d" in text and "--memory-gc both" in text and "--write" in text
     assert "ddp,ddp-foreach,zero0,zero1,zero2,fsdp2" in text and "bench_rss.py" in text
+
+
+def test_bench_zero_fused_baselines_and_params_check(tmp_path):
+    res = _bench(
+        "bench_zero.py", tmp_path, "--preset", "tiny", "--steps", "2", "--warmup", "1",
+        "--retries", "0", "--ds-variants", "", "--variants",
+        "ddp,ddp-foreach,zero0,fsdp2,zero3-blocks-reshard", timeout=900,
+    )  # fmt: skip
+    rows = res["rows"]
+    assert list(rows) == ["ddp", "ddp-foreach", "zero0", "fsdp2", "zero3-blocks-reshard"]
+    assert "AdamW(fused)" in rows["ddp"]["label"] and "AdamW(fused)" in rows["fsdp2"]["label"]
+    assert "foreach" in rows["ddp-foreach"]["label"] and "extra row" in rows["ddp-foreach"]["label"]
+    for k, r in rows.items():  # every variant ends with eager's params (full, gathered)
+        assert r["params_dev"] is not None and r["params_dev"] <= 1e-3, (k, r)
+        assert r["loss_dev"] <= 1e-4 and r["grad_norm_dev"] <= 1e-3, (k, r)
+    assert rows["zero3-blocks-reshard"]["state_mib"] < 0.6 * rows["ddp"]["state_mib"]
