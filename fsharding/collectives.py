@@ -151,7 +151,7 @@ _SETTLE_S = 2.0
 def use_counts(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
     """``(tensor, its C++ use count now)`` for each of ``tensors``: taken before a collective,
     what :func:`settle` waits to come back to."""
-    if not _HAS_USE_COUNT:
+    if not _HAS_USE_COUNT or _compiling():
         return []
     return [(t, t._use_count()) for t in tensors if t.device.type == "cpu"]
 
@@ -172,7 +172,7 @@ def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
     holds Python-visible tensors, so nothing is left for a worker thread to do at exit.
     CUDA tensors are skipped (NCCL's watchdog drops its works later; waiting for it would
     synchronise with the GPU)."""
-    if not _HAS_USE_COUNT:
+    if not _HAS_USE_COUNT or _compiling():
         return
     pending = [(t, n) for t, n in pending if t.device.type == "cpu"]
     if all(t._use_count() <= n for t, n in pending):
@@ -187,6 +187,11 @@ def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
 
 
 _HAS_USE_COUNT = hasattr(torch.Tensor, "_use_count")
+
+
+def _compiling() -> bool:
+    """Under torch.compile the collectives are traced: nothing to wait for."""
+    return torch.compiler.is_compiling()
 
 
 def _returned(out: torch.Tensor, before: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
