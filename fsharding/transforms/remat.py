@@ -246,6 +246,8 @@ class _Frame:
         self.state_wrote = True
         self.wrote_undeclared = False  # a forward op wrote a tensor outside self.state
         self.declared: set[int | None] | None = None
+        # storages the forward made (known state only: a write to them is no state)
+        self.made: set[int | None] | None = set() if self.state is not None else None
 
     def contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """checkpoint's ``context_fn``: (forward context, recompute context)."""
@@ -325,6 +327,13 @@ class _Frame:
             hit = (_SAVE if save else _RECOMPUTE, info is _PASS or bool(info[0]))
             if memo is not None and _SEEDED not in getattr(op, "tags", ()):  # seeded: by args
                 memo[op] = hit
+        made = self.made
+        if made is not None and not self.wrote_undeclared and not ctx.is_recompute:
+            info = _OP_INFO.get(op) or _op_info(op)
+            out = getattr(ctx, "op_output", None)  # torch >= 2.5 asks after the op ran
+            if info is not _PASS and info[1] and out is not None:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    made.add(_storage_key(t))
         if hit[1]:
             if ctx.is_recompute and not self.wrote:
                 # torch <= 2.11 asks the policy again in recompute and runs an op the
@@ -337,16 +346,19 @@ class _Frame:
         return hit[0]
 
     def _writes_undeclared(self, op: Any, args: tuple, kwargs: dict) -> bool:
-        """Whether ``op`` writes a tensor that is not in the declared state (one the region
-        made counts too: the forward does not say which storages it made)."""
+        """Whether ``op`` writes a tensor that is neither in the declared state nor made by
+        the forward (e.g. dropout's mask, ``bernoulli_`` on a fresh tensor)."""
         if self.declared is None:
             self.declared = {_storage_key(t) for t in self.state or ()}
         info = _OP_INFO.get(op) or _op_info(op)
+        made = self.made or ()
         for i, name in info[0] if info is not _PASS else ():
             value = args[i] if i is not None and i < len(args) else kwargs.get(name)
             for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, torch.Tensor) and _storage_key(t) not in self.declared:
-                    return True
+                if isinstance(t, torch.Tensor):
+                    key = _storage_key(t)
+                    if key is None or (key not in self.declared and key not in made):
+                        return True
         return False
 
 

@@ -233,3 +233,25 @@ def test_closure_state_updates_once_through_functional_wrap_selective(name):
     fs.grad(lambda p: apply(p, x).sum())(params)
     h = net[0].lin(x).tanh().detach()
     assert torch.allclose(total, x.sum() + h.sum())
+
+
+def test_functional_blocks_with_dropout_stay_unguarded_under_selective_policies(monkeypatch):
+    # Dropout writes its own fresh mask in place (bernoulli_): no state, so the guard stays
+    # out; a write to an outside tensor (test above) turns it on.
+    from fsharding.models.gpt import GPT, Block, GPTConfig
+
+    seen, real = [], remat_module._RegionMode.__torch_dispatch__
+    spy = lambda self, *a, **k: seen.append(self.forward) or real(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(remat_module._RegionMode, "__torch_dispatch__", spy)
+    model = GPT(GPTConfig.preset("tiny").with_(n_layers=2, dropout=0.3))
+    apply, params = fs.functional(model, wrap={Block: remat(policy=P.dots_saveable)})
+    plain, _ = fs.functional(model)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run(apply):
+        torch.manual_seed(7)
+        return fs.value_and_grad(lambda p: apply(p, ids).square().mean())(params)
+
+    got = run(apply)
+    assert False not in seen
+    assert_bitwise(got, run(plain))
