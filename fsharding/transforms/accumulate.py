@@ -37,8 +37,11 @@ def reporting_weights(report: Callable[[list[float]], None]) -> Iterator[None]:
     """Within this block, the outermost ``fs.accumulate`` with ``weights=`` calls
     ``report(weights)`` (one float per microbatch) before it runs any microbatch (used by
     ``fs.zero``; ``report`` may raise). When every weight is 0 it then returns a zero loss
-    and zero grads (params-shaped; ``grad_fn`` is not called, so there is no aux either)
-    instead of raising: another rank may hold the tokens."""
+    (on the params' device; ``fs.zero`` gives it the other ranks' dtype and aux) and zero
+    grads (params-shaped; ``grad_fn`` is not called) instead of raising: another rank may
+    hold the tokens. When the split or the weights fail (a NaN, negative or non-number
+    weight, a raising ``weights``), ``report`` gets NaN weights first, so that the other
+    ranks raise too, and the error is raised."""
     token = _REPORT.set(report)
     try:
         yield
@@ -74,86 +77,88 @@ def accumulate(
 ) -> GradFn | Callable[[GradFn], GradFn]:
     """Runs a gradient function over ``steps`` microbatches and combines them exactly.
 
-        Every tensor leaf of every positional argument after the first (params) and of every
-        keyword argument is split along dim 0 into ``steps`` equal microbatches
-        (``einops.rearrange(x, "(k b) ... -> k b ...")``; microbatch ``i`` holds rows
-        ``i*b .. (i+1)*b - 1``); non-tensor leaves go to every microbatch unchanged. The
-        microbatches run one after another, so only one microbatch's autograd graph is alive
-        at a time (peak saved activations about ``1/steps`` of the full batch). Each one's grads
-        are added, scaled by its weight, into one gradient-sized buffer (float32, or the grads'
-        dtype if wider: bf16 contributions ``+256, +1, -256`` sum to exactly 1) and freed right
-        away. The result is
+    Every tensor leaf of every positional argument after the first (params) and of every
+    keyword argument is split along dim 0 into ``steps`` equal microbatches
+    (``einops.rearrange(x, "(k b) ... -> k b ...")``; microbatch ``i`` holds rows
+    ``i*b .. (i+1)*b - 1``); non-tensor leaves go to every microbatch unchanged. The
+    microbatches run one after another, so only one microbatch's autograd graph is alive
+    at a time (peak saved activations about ``1/steps`` of the full batch). Each one's grads
+    are added, scaled by its weight, into one gradient-sized buffer (float32, or the grads'
+    dtype if wider: bf16 contributions ``+256, +1, -256`` sum to exactly 1) and freed right
+    away. The result is
 
-            ``loss = Σ wᵢ·lossᵢ / Σ wᵢ``,  ``grads = Σ wᵢ·gradsᵢ / Σ wᵢ``
+        ``loss = Σ wᵢ·lossᵢ / Σ wᵢ``,  ``grads = Σ wᵢ·gradsᵢ / Σ wᵢ``
 
-        cast back to the dtypes ``grad_fn`` returned. With equal weights (the default) and a
-        ``grad_fn`` that averages over the batch, this equals one call on the whole batch (to
-        float32 rounding). **Token-weighted mode:** when each call's loss is
-        ``sum(token losses) / count(valid tokens)``, pass ``weights`` returning the microbatch's
-        count of valid tokens; the result then equals the whole batch's token mean even when the
-        counts differ between microbatches.
+    cast back to the dtypes ``grad_fn`` returned. With equal weights (the default) and a
+    ``grad_fn`` that averages over the batch, this equals one call on the whole batch (to
+    float32 rounding). **Token-weighted mode:** when each call's loss is
+    ``sum(token losses) / count(valid tokens)``, pass ``weights`` returning the microbatch's
+    count of valid tokens; the result then equals the whole batch's token mean even when the
+    counts differ between microbatches.
 
-        All weights are read (one host sync) before any microbatch runs. A microbatch of weight
-        0 is skipped: ``grad_fn`` is not called for it, so an all-padding microbatch (whose own
-        token mean would be 0/0) contributes no NaN. If every weight is 0 there is nothing to
-        average and a ValueError is raised (drop such batches, e.g. in the data loader). When
-        exactly one microbatch has a non-zero weight (always for ``steps=1``), ``grad_fn``'s loss
-        and grads are returned unchanged: ``steps=1`` calls ``grad_fn`` once on the unsplit
-        arguments and is bitwise ``grad_fn``.
+    All weights are read (one host sync) before any microbatch runs. A microbatch of weight
+    0 is skipped: ``grad_fn`` is not called for it, so an all-padding microbatch (whose own
+    token mean would be 0/0) contributes no NaN. If every weight is 0 there is nothing to
+    average and a ValueError is raised (drop such batches, e.g. in the data loader). When
+    exactly one microbatch has a non-zero weight (always for ``steps=1``), ``grad_fn``'s loss
+    and grads are returned unchanged: ``steps=1`` calls ``grad_fn`` once on the unsplit
+    arguments and is bitwise ``grad_fn``.
 
-        Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
-        from a whole-batch call (deterministic given the seed); the equivalence above is for
-        functions that draw no random numbers.
+    Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
+    from a whole-batch call (deterministic given the seed); the equivalence above is for
+    functions that draw no random numbers.
 
-        Composition: ``accumulate`` only calls ``grad_fn`` in a loop, so it nests inside the
-        training step: ``fs.train_step(fs.accumulate(fs.value_and_grad(f), steps=k), opt)``.
-        ``fs.zero`` composes with the same loop (``accumulate`` inside ``zero``): at stages 0-2,
-        and at stage 3 with ``gather="boundary"``, the full-size accumulated grads are reduced
-        once per step; at stage 3 with ``gather="blocks"`` each microbatch's backward
-        reduce-scatters its grads block by block, so the buffer holds this rank's shards and no
-        full-size gradient exists (params are gathered per microbatch). With ``weights`` under
+    Composition: ``accumulate`` only calls ``grad_fn`` in a loop, so it nests inside the
+    training step: ``fs.train_step(fs.accumulate(fs.value_and_grad(f), steps=k), opt)``.
+    ``fs.zero`` composes with the same loop (``accumulate`` inside ``zero``): at stages 0-2,
+    and at stage 3 with ``gather="boundary"``, the full-size accumulated grads are reduced
+    once per step; at stage 3 with ``gather="blocks"`` each microbatch's backward
+    reduce-scatters its grads block by block, so the buffer holds this rank's shards and no
+    full-size gradient exists (params are gathered per microbatch). With ``weights`` under
     ``fs.zero`` the ranks weight each other by their total weights (the global token mean;
-    see :func:`reporting_weights`). Under fp16 loss scaling
-        each microbatch's grads come back unscaled from ``grad_fn``; an overflow in any
-        microbatch makes the accumulated grads non-finite, and the step's finite check skips it.
+    see :func:`reporting_weights`), and a rank whose weights are invalid (or whose
+    ``weights`` or split raises) makes every rank raise together, itself with its own
+    error. Under fp16 loss scaling each microbatch's grads come back unscaled from
+    ``grad_fn``; an overflow in any microbatch makes the accumulated grads non-finite, and
+    the step's finite check skips it.
 
-        Args:
-            grad_fn: ``grad_fn(params, *args, **kwargs) -> (loss, grads)``, or
-                ``((loss, aux), grads)`` (e.g. ``fs.value_and_grad(f, has_aux=True)``; detected
-                from the output). ``grads`` must be gradients w.r.t. ``params``, which are not
-                split. Omit it to use ``accumulate(steps=k)`` as a decorator.
-            steps: number of microbatches, an int >= 1. Every split leaf's dim 0 must be
-                divisible by it.
-            weights: ``weights(*argsᵢ, **kwargsᵢ) -> number | 0-dim tensor``, called with
-                microbatch ``i``'s arguments exactly as ``grad_fn`` gets them after params; a
-                finite value >= 0. ``None``: equal weights.
+    Args:
+        grad_fn: ``grad_fn(params, *args, **kwargs) -> (loss, grads)``, or
+            ``((loss, aux), grads)`` (e.g. ``fs.value_and_grad(f, has_aux=True)``; detected
+            from the output). ``grads`` must be gradients w.r.t. ``params``, which are not
+            split. Omit it to use ``accumulate(steps=k)`` as a decorator.
+        steps: number of microbatches, an int >= 1. Every split leaf's dim 0 must be
+            divisible by it.
+        weights: ``weights(*argsᵢ, **kwargsᵢ) -> number | 0-dim tensor``, called with
+            microbatch ``i``'s arguments exactly as ``grad_fn`` gets them after params; a
+            finite value >= 0. ``None``: equal weights.
 
-        Returns:
-            ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
-            ``((loss, auxes), grads)`` where ``auxes`` is a list (a :class:`PerMicrobatch`) with
-            one aux per microbatch (``None`` for a skipped one); ``fs.train_step`` and
-            ``fs.zero`` stack it along a new dim 0 into ``metrics["aux"]``. ``loss_scale``, when
-            given, is forwarded to every ``grad_fn`` call (which must return unscaled grads, as
-            ``fs.value_and_grad`` does).
+    Returns:
+        ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
+        ``((loss, auxes), grads)`` where ``auxes`` is a list (a :class:`PerMicrobatch`) with
+        one aux per microbatch (``None`` for a skipped one); ``fs.train_step`` and
+        ``fs.zero`` stack it along a new dim 0 into ``metrics["aux"]``. ``loss_scale``, when
+        given, is forwarded to every ``grad_fn`` call (which must return unscaled grads, as
+        ``fs.value_and_grad`` does).
 
-        Raises:
-            TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
-                ``grad_fn``'s output or a weight has the wrong type (at call time).
-            ValueError: ``steps < 1``; a leaf's dim 0 is not divisible by ``steps`` or it is
-                0-dim (the message names the leaf, e.g. ``args[1]['x']`` where ``args[0]`` is
-                params, or ``kwargs['mask']``, and its shape); a weight is negative or not
-                finite; every weight is 0.
+    Raises:
+        TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
+            ``grad_fn``'s output or a weight has the wrong type (at call time).
+        ValueError: ``steps < 1``; a leaf's dim 0 is not divisible by ``steps`` or it is
+            0-dim (the message names the leaf, e.g. ``args[1]['x']`` where ``args[0]`` is
+            params, or ``kwargs['mask']``, and its shape); a weight is negative or not
+            finite; every weight is 0.
 
-        Example:
-            >>> import torch, fsharding as fs
-            >>> from fsharding.transforms.accumulate import accumulate
-            >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
-            >>> params = {"w": torch.ones(3)}
-            >>> batch = {"x": torch.arange(24.0).reshape(8, 3), "y": torch.ones(8)}
-            >>> loss, grads = accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
-            >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
-            >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
-            (True, True)
+    Example:
+        >>> import torch, fsharding as fs
+        >>> from fsharding.transforms.accumulate import accumulate
+        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+        >>> params = {"w": torch.ones(3)}
+        >>> batch = {"x": torch.arange(24.0).reshape(8, 3), "y": torch.ones(8)}
+        >>> loss, grads = accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
+        >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
+        >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
+        (True, True)
     """
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(
@@ -194,17 +199,25 @@ def accumulate(
         extra = {} if loss_scale is None else {"loss_scale": loss_scale}
         if steps == 1 and weights is None:
             return _unsplit(grad_fn(params, *args, **extra, **kwargs))
-        micro = _split(args, kwargs, steps)
-        ws = _weights(weights, micro, steps, allow_zero=report is not None)
-        if report is not None and weights is not None:
+        reporting = report is not None and weights is not None
+        try:
+            micro = _split(args, kwargs, steps)
+            ws = _weights(weights, micro, steps, allow_zero=report is not None)
+        except Exception:
+            if reporting:  # the other ranks wait in fs.zero's report: make them raise too
+                with contextlib.suppress(Exception):
+                    report([math.nan] * steps)
+            raise  # this rank's own error, naming the bad weight or leaf
+        if reporting:
             report(list(ws))
         if not any(ws):  # (only with a report: another rank holds the tokens)
             zeros = optree.tree_map(
                 lambda x: torch.zeros_like(x) if _tree.is_floating(x) else x, params
             )
-            floats = [x.dtype for x in optree.tree_leaves(params) if _tree.is_floating(x)]
-            dtype = _acc_dtype(floats[0]) if floats else torch.float32
-            return torch.zeros((), dtype=dtype), zeros
+            floats = [x for x in optree.tree_leaves(params) if _tree.is_floating(x)]
+            dtype = _acc_dtype(floats[0].dtype) if floats else torch.float32
+            device = floats[0].device if floats else None
+            return torch.zeros((), dtype=dtype, device=device), zeros
         live = [i for i, w in enumerate(ws) if w != 0.0]
         if len(live) == 1:  # Σ wᵢ·xᵢ / Σ wᵢ = x exactly: no rounding through the buffer
             (i,) = live

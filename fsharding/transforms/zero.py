@@ -48,13 +48,17 @@ Gradient accumulation nests inside: ``fs.zero(fs.accumulate(fs.value_and_grad(f)
 steps=k), ...)``. With ``gather="boundary"`` (and at stages 0/1) ``accumulate`` sums the
 k microbatches into a full-size buffer and ``zero`` reduces once per step. Token weights
 (``fs.accumulate(..., weights=)``) are global: each rank's grads and loss are scaled by its
-share of every rank's total weight before the reduction, so the result is the global
-batch's token mean (a rank whose microbatches all have weight 0 contributes zeros instead
-of raising alone). With ``gather="blocks"`` the weights must be the same on every rank
-(checked, a ValueError on every rank). With
-``gather="blocks"`` (stages 2/3) each microbatch's backward reduce-scatters its grads per
-block into ``accumulate``'s shard-sized buffer (at stage 3 the params are gathered per
-microbatch too): no full-size gradient ever exists.
+share of every rank's total weight before the reduction (a Python float, in place on the
+grads ``grad_fn`` returned: no copy, the factor never rounded to bf16), so the result is
+the global batch's token mean. A rank whose microbatches all have weight 0 contributes
+zeros instead of raising alone, and returns the same metrics as the others (the loss in
+their dtype, ``aux`` with NaN rows as for skipped microbatches). A rank whose weights are
+invalid (NaN, inf, negative, not numbers, or ``weights`` raised) raises its own error and
+every other rank a ValueError, in the same collective (no rank hangs). With
+``gather="blocks"`` the weights must be the same on every rank (checked, a ValueError on
+every rank). With ``gather="blocks"`` (stages 2/3) each microbatch's backward
+reduce-scatters its grads per block into ``accumulate``'s shard-sized buffer (at stage 3
+the params are gathered per microbatch too): no full-size gradient ever exists.
 """
 
 from __future__ import annotations
@@ -146,12 +150,14 @@ def zero(
 
         Replicas agree at ``init`` as under DDP: the params are **broadcast from the first
         data-parallel rank** (rank 0 of the shard axis and of every replicate axis), in
-        buckets of at most 24 MiB, so ranks that start from other values (an unseeded
-        init, or an ``init_fn`` that draws other numbers on every rank) all train rank
-        0's. At stages 0-2 rank 0's values are written into the given params in place
-        (the module's own tensors when they come from ``fs.functional``, as DDP writes into
-        the module); at stage 3 (also with ``init_fn``, leaf by leaf) each rank keeps its
-        rows of rank 0's full leaf, one bucket at a time. Cost: one broadcast of the params.
+        buckets of at most 24 MiB (a bigger leaf alone, broadcast without a packing copy:
+        peak about one bucket or the largest leaf), so ranks that start from other values
+        (an unseeded init, or an ``init_fn`` that draws other numbers on every rank) all
+        train rank 0's. At stages 0-2 rank 0's values are written into the given params in
+        place, non-contiguous ones too (the module's own tensors when they come from
+        ``fs.functional``, as DDP writes into the module); at stage 3 (also with
+        ``init_fn``, leaf by leaf) each rank keeps its rows of rank 0's full leaf, one
+        bucket at a time. Cost: one broadcast of the params.
 
         ``step`` returns metrics as ``fs.train_step``'s: ``loss`` is the global-batch mean
         loss (a 0-dim tensor, the same on every rank); with a ``has_aux`` grad function
@@ -205,6 +211,52 @@ def zero(
     return _ZeRO(grad_fn, optimizer, mesh, axes, stage, loss_scale, gather == "blocks").as_step()
 
 
+def _blank_cpu(x: Any) -> Any:
+    """An aux leaf of a skipped microbatch (NaN, 0 for integers) like ``x``, on the CPU."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if _tree.is_floating(x):
+            return torch.full(x.shape, math.nan, dtype=x.dtype)
+        return torch.zeros(x.shape, dtype=x.dtype)
+    if isinstance(x, float):
+        return math.nan
+    if isinstance(x, int) and not isinstance(x, bool):
+        return 0
+    return x
+
+
+def _scale_(g: list, f: float, keep: list) -> list:
+    """``g`` times the Python float ``f`` (the product rounded once, the factor never to
+    the grads' dtype). In place where a grad is dense memory of its own, as the grads
+    ``grad_fn`` returned are (autograd's fresh results, often views of a fresh buffer;
+    ``fs.accumulate``'s buffer): no copy. Out of place for expanded or overlapping ones,
+    ones sharing memory with another grad or with ``keep`` (the params), or that require
+    grad."""
+    seen = {x.untyped_storage().data_ptr() for x in keep if isinstance(x, torch.Tensor)}
+    out, groups = list(g), {}
+    for i, x in enumerate(g):
+        if not _tree.is_floating(x):
+            continue
+        ptr = x.untyped_storage().data_ptr()
+        base = x._base if x._is_view() else None
+        if (
+            x.is_contiguous()
+            and not x.requires_grad
+            and not (base is not None and base.requires_grad)
+            and not x.is_inference()
+            and ptr not in seen
+        ):
+            seen.add(ptr)
+            groups.setdefault((x.device, x.dtype), []).append(x)
+        else:
+            out[i] = x * f
+    for (device, dtype), ts in groups.items():
+        # a 0-dim factor tensor: _foreach_mul_ with a Python float rounds it to bf16 on CPU
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        torch._foreach_mul_(ts, torch.tensor(f, dtype=wide, device=device))
+    return out
+
+
 class _ZeRO:
     """The distributed implementation behind :func:`zero` (one instance per Step)."""
 
@@ -224,6 +276,7 @@ class _ZeRO:
         self.overlap = None  # decided by _plan (it knows the params' device)
         self.tapped = None
         self.factor = None  # token weights: this step's scale of this rank's grads and loss
+        self.empty = (False, False)  # token weights: (this rank has none, some rank has none)
 
     # -- layout -----------------------------------------------------------------------
 
@@ -326,10 +379,14 @@ class _ZeRO:
         size = 0
         for i, (path, x) in enumerate(pairs):
             t = _lay.init_leaf(path, x, init_fn).detach()
+            nbytes = t.numel() * t.element_size()
+            if pending and size + nbytes > _lay.BUCKET_BYTES:  # flush before it overflows
+                self._agree_init(pending, local, full)
+                pending, size = [], 0
             pending.append((i, t))
-            size += t.numel() * t.element_size()
+            size += nbytes
             del t
-            if size >= _lay.BUCKET_BYTES or i == n - 1:
+            if size >= _lay.BUCKET_BYTES or i == n - 1:  # (a big leaf goes alone, uncopied)
                 self._agree_init(pending, local, full)
                 pending, size = [], 0
         if self.stage == 0:
@@ -356,7 +413,10 @@ class _ZeRO:
         src = all(dist.get_rank(g) == 0 for g in self.dp_groups)
         for idx in groups.values():
             ts = [pending[j][1] for j in idx]
-            flat = torch.cat([t.reshape(-1) for t in ts])
+            if len(ts) == 1:  # one leaf (a big one): broadcast as is, no packing copy
+                flat, direct = self._direct_buffer(ts[0], pending[idx[0]][0], src)
+            else:
+                flat, direct = torch.cat([t.reshape(-1) for t in ts]), False
             for g in self.dp_groups:  # shard axis, then replicas: all get rank (0, ..., 0)'s
                 dist.broadcast(flat, src=dist.get_global_rank(g, 0), group=g)
             off = 0
@@ -368,9 +428,12 @@ class _ZeRO:
                     synced[j] = view  # only its rows are kept (a copy)
                 elif src:  # rank 0's own values: left as they are
                     synced[j] = t
+                elif direct:  # received straight into t
+                    torch.autograd.graph.increment_version(t)
+                    synced[j] = t
                 else:
                     try:
-                        synced[j] = t.copy_(view) if t.is_contiguous() else view.clone()
+                        synced[j] = t.copy_(view)  # (copy_ handles any strides)
                     except RuntimeError:  # e.g. an inference-mode tensor
                         synced[j] = view.clone()
             del flat
@@ -381,6 +444,18 @@ class _ZeRO:
             else:
                 full[i] = t
                 local[i] = _lay.shard_rows(t, lay, self.rank) if lay is not None else t
+
+    def _direct_buffer(self, t: torch.Tensor, i: int, src: bool) -> tuple[torch.Tensor, bool]:
+        """The flat buffer to broadcast one leaf ``t`` with, and whether it is ``t``'s own
+        memory written in place: rank 0 sends ``t`` itself; the others receive into ``t``
+        at stages 0-2 (as a copy_ would write it), into a fresh buffer at stage 3 (the given
+        params are not written there) or where ``t`` cannot be written."""
+        if src:
+            return (t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)), False
+        writable = t.is_contiguous() and not t.is_inference() and not t.requires_grad
+        if writable and not (self.stage == 3 and self.layouts[i] is not None):
+            return t.view(-1), True
+        return torch.empty(t.numel(), dtype=t.dtype, device=t.device), False
 
     def _tree(self, leaves: list) -> PyTree:
         return optree.tree_unflatten(self.treedef, leaves)
@@ -430,11 +505,27 @@ class _ZeRO:
         mean (the token mean of the global batch), not the mean of the ranks' means.
         ``gather="blocks"`` reduce-scatters each microbatch's grads inside its backward,
         before any per-rank weighting: the weights must then be the same on every rank
-        (checked here, on every rank, before any backward)."""
+        (checked here, on every rank, before any backward).
+
+        A rank whose weights failed (``accumulate`` reports NaN) makes every rank raise
+        here, in the same collective: that rank then raises its own error."""
         api = "fs.zero.step"
-        w = torch.tensor(ws, dtype=torch.float64, device=self.device)
+        bad = not all(math.isfinite(x) and x >= 0 for x in ws)
+
+        def invalid() -> ValueError:
+            return ValueError(
+                f"{api}: fs.accumulate's weights failed on another rank (not finite numbers "
+                ">= 0, or the weights function or the batch split raised there; that rank's "
+                "error names it). Every rank stops this step here."
+            )
+
         if self.blocks:
+            w = torch.tensor(
+                [-1.0] * len(ws) if bad else ws, dtype=torch.float64, device=self.device
+            )
             lo, hi = self._psum(w, dist.ReduceOp.MIN), self._psum(w, dist.ReduceOp.MAX)
+            if bool((lo < 0).any()):
+                raise invalid()
             if not torch.equal(lo, hi):
                 raise ValueError(
                     f"{api}: with gather='blocks', fs.accumulate's weights differ between "
@@ -449,15 +540,39 @@ class _ZeRO:
                     "weights): nothing to average. Drop batches without valid tokens."
                 )
             return
-        total = w.sum()
-        every = self._psum(total)
+        total = math.nan if bad else math.fsum(ws)
+        # one all-reduce: [every rank's total weight, how many ranks have none]
+        every, empty = self._psum(
+            torch.tensor([total, float(total == 0)], dtype=torch.float64, device=self.device)
+        ).tolist()
+        if not math.isfinite(every):
+            raise invalid()
         if not every > 0:
             raise ValueError(
                 f"{api}: fs.accumulate's weights are 0 for every microbatch on every rank "
-                f"(total {float(every)}): nothing to average. Drop batches without valid "
-                "tokens."
+                f"(total {every}): nothing to average. Drop batches without valid tokens."
             )
         self.factor = total * self.dp / every
+        self.empty = (total == 0, empty > 0)
+
+    def _agree_empty(self, loss: torch.Tensor, aux: Any, has_aux: bool) -> tuple:
+        """On a rank whose microbatches all had weight 0 (``grad_fn`` never ran), the loss
+        dtype and the aux of the others: aux leaves of NaN (0 for integers) shaped like
+        theirs, as for a skipped microbatch. Every rank takes part (only on such steps)."""
+        mine = None
+        if not self.empty[0]:
+            blank = optree.tree_map(_blank_cpu, aux) if has_aux else None
+            mine = (loss.dtype, has_aux, blank)
+        for g in self.dp_groups:  # shard axis, then replicas: every rank ends with one
+            got: list[Any] = [None] * dist.get_world_size(g)
+            dist.all_gather_object(got, mine, group=g)
+            mine = next((x for x in got if x is not None), mine)
+        if not self.empty[0] or mine is None:
+            return loss, aux, has_aux
+        dtype, has_aux, blank = mine
+        to_dev = lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        aux = optree.tree_map(to_dev, blank) if has_aux else None
+        return torch.zeros((), dtype=dtype, device=self.device), aux, has_aux
 
     def _psum(self, x: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
         """``x`` reduced over every data-parallel rank (a new tensor)."""
@@ -537,17 +652,20 @@ class _ZeRO:
         )
         local_params = [self._local(x) for x in optree.tree_leaves(params)]
         kw = {"loss_scale": scale} if scale is not None else {}
-        self.factor = None
+        self.factor, self.empty = None, (False, False)
         with _acc.reporting_weights(self._weights):
             value, grads, p_local = self._grad_fn(local_params, batch, kw)
         loss, aux, has_aux = _split_value(value, "fs.zero.step")
         _tree.check_same_structure(params, grads, names=("params", "grads"), api="fs.zero.step")
         g = optree.tree_leaves(grads)
         del grads
+        if self.empty[1]:  # a rank without tokens: the same loss dtype and metrics as others
+            loss, aux, has_aux = self._agree_empty(loss, aux, has_aux)
         if self.factor is not None:  # token weights: this rank's share of the global mean
             f, self.factor = self.factor, None
-            g = [x * f.to(x.dtype) if _tree.is_floating(x) else x for x in g]
-            loss = loss * f.to(loss.dtype)
+            if f != 1.0:
+                g = _scale_(g, f, local_params)
+                loss = loss * f
         _memory.observe_grads(g)
         g = self._reduce(g)
         if self.stage == 0:

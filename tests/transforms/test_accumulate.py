@@ -489,3 +489,14 @@ def test_train_step_skips_when_one_microbatch_overflows():
     p1, _, metrics = step.step(p0, state, batch)
     assert metrics["skipped"] is True
     assert all(p1[k] is p0[k] for k in p0)
+
+
+def test_docstring_sections_parse():
+    """The Google-style sections start at the docstring's own margin (they were indented 4
+    spaces more than the summary, so inspect.getdoc left them indented: no Args section)."""
+    import inspect
+
+    lines = inspect.getdoc(fs.accumulate).splitlines()
+    for section in ("Args:", "Returns:", "Raises:", "Example:"):
+        assert section in lines, section
+    assert "    grad_fn: ``grad_fn(params, *args, **kwargs) -> (loss, grads)``, or" in lines

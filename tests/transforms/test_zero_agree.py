@@ -299,3 +299,235 @@ def weights_worker():
 
 def test_zero_token_weights_are_global():
     assert run(weights_worker, 2, timeout=120) == [True, True]
+
+
+# ------------------------------------------------------------- review: one bad rank's weights
+
+
+def bad_weights_worker(kind, blocks):
+    """Rank 1's weights are bad (NaN, inf, negative, a string, a raising callable); rank 0's
+    fine. Both ranks must raise together (before: rank 1 raised alone, rank 0 hung in the
+    weights' all-reduce), rank 1 naming its own weight."""
+    mesh = fs.Mesh(dp=2)
+    rank = torch.distributed.get_rank()
+    bad = {
+        "nan": lambda n: n * math.nan,
+        "inf": lambda n: n * math.inf,
+        "negative": lambda n: -n,
+        "string": lambda n: "many",
+        "raises": lambda n: {}["no such key"],
+    }[kind]
+
+    def weights(b):
+        n = b["mask"].sum()
+        return bad(n) if rank == 1 else n
+
+    loss = fs.gather(token_loss) if blocks else token_loss
+    gf = fs.accumulate(fs.value_and_grad(loss), steps=2, weights=weights)
+    step = fs.zero(
+        gf, optim.sgd(0.1), mesh=mesh, stage=2, gather="blocks" if blocks else "boundary"
+    )
+    params, state = step.init(make_params())
+    g = torch.Generator().manual_seed(0)
+    b = {"x": torch.randn(4, 3, generator=g), "y": torch.randn(4, generator=g)}
+    b["mask"] = torch.ones(4)
+    try:
+        step.step(params, state, b)
+        out = ("returned", "")
+    except Exception as e:  # noqa: BLE001
+        out = (type(e).__name__, str(e))
+    # the ranks are still in step: a collective after the error goes through
+    flag = torch.tensor([rank + 1.0])
+    torch.distributed.all_reduce(flag)
+    return out, float(flag)
+
+
+@pytest.mark.parametrize(
+    "kind, blocks",
+    [("nan", False), ("inf", False), ("negative", False), ("string", False)]
+    + [("raises", False), ("nan", True)],
+)
+def test_one_rank_with_bad_weights_raises_on_every_rank(kind, blocks):
+    res = run(bad_weights_worker, 2, kind, blocks, timeout=60)
+    (t0, m0), s0 = res[0]
+    (t1, m1), s1 = res[1]
+    assert s0 == s1 == 3.0
+    assert t0 == "ValueError" and "another rank" in m0 and "fs.zero.step" in m0, m0
+    want = {"string": "TypeError", "raises": "KeyError"}.get(kind, "ValueError")
+    assert t1 == want, (t1, m1)
+    if kind not in ("string", "raises"):
+        assert "microbatch 0" in m1 and "fs.accumulate: weights returned" in m1, m1
+
+
+# ------------------------------------------------------ review: token-weight factor, exactly
+
+
+def bf16_token_loss(p, b):
+    return (p["w"] * b["x"]).sum() / b["mask"].sum()
+
+
+def factor_worker(stage):
+    """Rank 0 holds 1 token, rank 1 holds 2: rank 0's bf16 grads are scaled by
+    1·2/3 (its share of the global token mean). The factor is applied as a float (the
+    product rounded once to bf16; before, the factor itself was rounded to bf16 first:
+    2/3 -> 0.66797, a 2e-3 bias) and in place on the grads grad_fn returned (no copy)."""
+    mesh = fs.Mesh(dp=2)
+    rank = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 4096, generator=g).to(torch.bfloat16)
+    b = {
+        "x": x if rank == 0 else torch.zeros_like(x),
+        "mask": torch.tensor([1.0 if rank == 0 else 2.0]),
+    }
+    returned = []
+
+    def grad_fn(p, b):
+        loss, grads = fs.value_and_grad(bf16_token_loss)(p, b)
+        returned.append(grads["w"])
+        return loss, grads
+
+    gf = fs.accumulate(grad_fn, steps=1, weights=lambda b: b["mask"].sum())
+    step = fs.zero(gf, optim.sgd(1.0), mesh=mesh, stage=stage)
+    params, state = step.init({"w": torch.zeros(4096, dtype=torch.bfloat16)})
+    params, state, m = step.step(params, state, b)
+    f = 1.0 * 2 / 3  # rank 0: T·dp / W = 1·2/3
+    grad0 = x[0]  # d loss / d w on rank 0 (mask sum 1)
+    scaled = (grad0.float() * torch.tensor(f, dtype=torch.float32)).to(torch.bfloat16)
+    want = -(scaled / 2)  # mean over the 2 ranks (rank 1's grads are 0), sgd(1.0)
+    got = _full(step.gather(params)["w"])
+    exact = torch.equal(got, want)
+    in_place = rank != 0 or torch.equal(returned[0], scaled)
+    bias = float((got.double() - want.double()).abs().max())
+    return exact, in_place, bias
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_token_weight_factor_is_exact_and_in_place(stage):
+    res = run(factor_worker, 2, stage, timeout=60)
+    assert res[0] == res[1]
+    exact, in_place, bias = res[0]
+    assert exact, f"bias {bias}"
+    assert in_place
+
+
+# ------------------------------------------- review: a rank whose weights are all 0, metrics
+
+
+def aux_token_loss(p, b):
+    per = (b["x"] @ p["w"] - b["y"]) ** 2
+    return (per * b["mask"]).sum() / b["mask"].sum(), {"n": b["mask"].sum(), "rows": per}
+
+
+def empty_rank_worker(stage):
+    """Rank 1 has no valid token: it must return the same metrics as rank 0 (aux with NaN
+    rows, loss of the same dtype and device). Before: no 'aux', and a float32 loss where
+    rank 0's was bfloat16."""
+    mesh = fs.Mesh(dp=2)
+    rank = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(1)
+    b = {
+        "x": torch.randn(4, 3, generator=g).to(torch.bfloat16),
+        "y": torch.randn(4, generator=g).to(torch.bfloat16),
+        "mask": torch.tensor([1.0, 1.0, 0.0, 1.0] if rank == 0 else [0.0] * 4).to(torch.bfloat16),
+    }
+    gf = fs.accumulate(
+        fs.value_and_grad(aux_token_loss, has_aux=True), steps=2, weights=lambda b: b["mask"].sum()
+    )
+    step = fs.zero(gf, optim.sgd(0.1), mesh=mesh, stage=stage)
+    params, state = step.init({"w": torch.ones(3, dtype=torch.bfloat16)})
+    out = []
+    for _ in range(2):
+        params, state, m = step.step(params, state, b)
+        aux = m.get("aux")
+        out.append(
+            (
+                sorted(m),
+                m["loss"].dtype,
+                m["loss"].device.type,
+                float(m["loss"]),
+                None if aux is None else {k: (v.shape, v.dtype) for k, v in aux.items()},
+                None if aux is None else bool(aux["rows"].isnan().all()),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_rank_with_no_tokens_returns_the_same_metrics(stage):
+    r0, r1 = run(empty_rank_worker, 2, stage, timeout=90)
+    for a, b in zip(r0, r1):
+        assert a[0] == b[0] == ["aux", "grad_norm", "loss", "lr"], (a[0], b[0])
+        assert a[1:4] == b[1:4], (a[1:4], b[1:4])
+        assert a[1] == torch.bfloat16
+        assert a[4] == b[4], (a[4], b[4])
+        assert a[5] is False and b[5] is True  # rank 1's rows: NaN (skipped microbatches)
+
+
+# --------------------------------------- review: init writes in place, buckets stay bounded
+
+
+def init_buckets_worker(stage):
+    """Rank-dependent params, one non-contiguous (a transpose) and one bigger than the
+    bucket. Every rank ends with rank 0's values; at stages 0-2 written into the given
+    tensors, the non-contiguous one too (before: a copy on ranks != 0). Broadcast buffers
+    never exceed max(bucket, the largest leaf): the bucket is flushed before a leaf that
+    would overflow it, and a leaf as big as the bucket is broadcast directly (before:
+    torch.cat of the pending leaves with it)."""
+    import torch.distributed as dist
+
+    from fsharding.transforms import zero_layout as lay
+
+    rank = torch.distributed.get_rank()
+    mesh = fs.Mesh(dp=2)
+    g = torch.Generator().manual_seed(100 + rank)
+    mine = {
+        "a": torch.randn(10, generator=g),
+        "b": torch.randn(4, 3, generator=g).t(),  # non-contiguous
+        "big": torch.randn(40, generator=g),  # 160 bytes > the 100-byte bucket
+        "c": torch.randn(10, generator=g),
+    }
+    g0 = torch.Generator().manual_seed(100)
+    rank0 = {
+        "a": torch.randn(10, generator=g0),
+        "b": torch.randn(4, 3, generator=g0).t(),
+        "big": torch.randn(40, generator=g0),
+        "c": torch.randn(10, generator=g0),
+    }
+    before = {k: v.clone() for k, v in mine.items()}
+    sizes, ptrs = [], []
+    orig_bytes, orig_bcast = lay.BUCKET_BYTES, dist.broadcast
+
+    def bcast(t, *a, **k):
+        sizes.append(t.numel() * t.element_size())
+        ptrs.append(t.data_ptr())
+        return orig_bcast(t, *a, **k)
+
+    lay.BUCKET_BYTES, dist.broadcast = 100, bcast
+    try:
+        step = fs.zero(fs.value_and_grad(loss_fn), optim.sgd(0.1), mesh=mesh, stage=stage)
+        params, _ = step.init(mine)
+    finally:
+        lay.BUCKET_BYTES, dist.broadcast = orig_bytes, orig_bcast
+    full = step.gather(params)
+    agree = all(torch.equal(_full(full[k]), rank0[k]) for k in rank0)
+    if stage < 3:  # rank 0's values written into the given tensors, returned as params
+        written = all(
+            torch.equal(mine[k], rank0[k]) and params[k].data_ptr() == mine[k].data_ptr()
+            for k in mine
+        )
+    else:  # stage 3 keeps its rows of rank 0's leaves; the given tensors are not written
+        written = all(torch.equal(mine[k], before[k]) for k in mine)
+    big_direct = mine["big"].data_ptr() in ptrs
+    return agree, written, sizes, big_direct
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_init_broadcast_writes_in_place_with_bounded_buckets(stage):
+    res = run(init_buckets_worker, 2, stage, timeout=60)
+    for agree, written, sizes, _ in res:
+        assert agree and written
+        assert max(sizes) <= 160, sizes  # max(100-byte bucket, the 160-byte leaf)
+        assert sizes == [40 + 48, 160, 40], sizes  # a+b, big alone, c
+    assert res[0][3]  # rank 0 broadcasts its own big tensor (no copy)
+    if stage < 3:
+        assert res[1][3]  # rank 1 receives straight into the given tensor
