@@ -416,7 +416,7 @@ class _Runner:
             state = [*block_params.values(), *(b for _, b in sub.named_buffers())]
             if torch.is_grad_enabled():  # (a recomputation needs a backward)
                 args, kw = _Replay.protect(args, kw)
-            with _region_state.known_state(state):  # what remat must keep from writing twice
+            with _region_state.known_state(state, sub):  # what remat must keep from writing twice
                 return transformed(block_params, *args, **kw)
 
         return forward
