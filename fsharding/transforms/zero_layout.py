@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fsharding import tree as _tree
+from fsharding.collectives import settle, use_counts
 
 __all__ = [
     "LeafLayout",
@@ -256,7 +257,9 @@ def finish_all_gather(pending: list[tuple[Bucket, torch.Tensor]], n: int) -> lis
     pending.reverse()
     while pending:
         b, out = pending.pop()
-        for lay, t in zip(b.layouts, b.unpack_gathered(_C.wait_tensor(out))):
+        out = _C.wait_tensor(out)
+        settle([(out, 1)])  # gloo's worker has dropped the work (no SIGABRT at exit)
+        for lay, t in zip(b.layouts, b.unpack_gathered(out)):
             full[lay.index] = t
         del out
     return full  # type: ignore[return-value]
@@ -292,7 +295,9 @@ def start_reduce_scatter(
 
 def finish_reduce_scatter(bucket: Bucket, out: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """This rank's shards (in the bucket's layouts' order) of a started reduce-scatter."""
-    return bucket.unpack_scattered(_C.wait_tensor(out), rank)
+    out = _C.wait_tensor(out)
+    settle([(out, 1)])  # gloo's worker has dropped the work (no SIGABRT at exit)
+    return bucket.unpack_scattered(out, rank)
 
 
 def flat_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int | None = None) -> list:
@@ -324,6 +329,7 @@ def all_reduce_mean(
         (idx, torch.cat([tensors[i].reshape(-1) for i in idx]))
         for idx in flat_buckets(tensors, bucket_bytes)
     ]
+    before = use_counts([flat for _, flat in flats])
     for group in groups:
         works = [
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
@@ -331,6 +337,8 @@ def all_reduce_mean(
         ]
         for work in works:
             work.wait()
+        del works
+        settle(before)
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for idx, flat in flats:
         flat.div_(divisor)
@@ -354,7 +362,9 @@ def sq_reduce(sq_per_leaf: list[torch.Tensor], layouts: Sequence, group: Any) ->
     else:
         shard, rep = sq_per_leaf, []
     total = torch.stack(shard).sum() if shard else torch.zeros(())
+    before = use_counts([total])
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    settle(before)
     return total + (torch.stack(rep).sum().to(total.dtype) if rep else 0.0)
 
 
@@ -370,7 +380,9 @@ def leaf_sq_reduce(
         )
     sharded = torch.tensor([layouts[i] is not None for i in positions], device=sq.device)
     part = torch.where(sharded, sq, torch.zeros_like(sq))
+    before = use_counts([part])
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+    settle(before)
     return torch.where(sharded, part, sq)
 
 
