@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -184,6 +185,19 @@ def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
         if all(t._use_count() <= n for t, n in pending):
             return
         delay = min(1e-3, max(1e-6, 2 * delay))
+    global _SETTLE_WARNED
+    if not _SETTLE_WARNED:  # a reference kept elsewhere (e.g. a Work object): say so once
+        _SETTLE_WARNED = True
+        warnings.warn(
+            f"fsharding.collectives.settle: a collective's tensor was still referenced by "
+            f"another owner after {_SETTLE_S:g} s (an fsharding bug: a Work object or buffer "
+            "kept alive); continuing. Please report it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_SETTLE_WARNED = False
 
 
 _HAS_USE_COUNT = hasattr(torch.Tensor, "_use_count")

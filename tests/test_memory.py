@@ -151,9 +151,9 @@ def test_memory_report_on_2_ranks():
         assert single["comm_bytes"] == {} and single["params"] == psi
         for key in (0, 1, 2, 3, "blocks"):
             print(f"--- {key}\n{reports[key]['text']}")
-        # DP (stage 0): all-reduce of the grads, 2Ψ(N-1)/N, + the loss (one float32)
+        # DP (stage 0): all-reduce of the grads, 2Ψ(N-1)/N, + the loss (summed in float64)
         dp = reports[0]["comm_bytes"]
-        assert dp == {"all_reduce": 2 * (psi + 4) * f}
+        assert dp == {"all_reduce": 2 * (psi + 8) * f}
         assert abs(sum(dp.values()) / (psi * f) - 2) < 0.01
         # ZeRO-1 (and 2): reduce-scatter the grads, all-gather the updated params: 2Ψ
         for stage in (1, 2):

@@ -335,9 +335,8 @@ def all_reduce_mean(
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
             for _, flat in flats
         ]
-        for work in works:
-            work.wait()
-        del works
+        while works:  # (no Work left referenced: it holds the buckets settle waits for)
+            works.pop(0).wait()
         settle(before)
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for idx, flat in flats:
