@@ -42,7 +42,7 @@ def _instrument() -> None:
     if _INSTRUMENTED[0]:
         return
     from fsharding.optim import base
-    from fsharding.transforms import zero_layout
+    from fsharding.parallel import _buckets as zero_layout
 
     for name in ("all_reduce_mean", "reduce_scatter_buckets", "all_gather_buckets"):
         _timed_global(zero_layout, name, "comm")
@@ -152,7 +152,7 @@ def _blocks(remat: Any, reshard: bool = False) -> dict:
     (``nothing_saveable``: full remat; ``dots_saveable``: recompute all but the matmuls —
     the all-gather included, like FSDP2's re-gather in backward)."""
     from fsharding.models.gpt import Block
-    from fsharding.transforms.gather import gather  # (fs.gather once exported)
+    from fsharding.parallel.gather import gather  # (fs.gather once exported)
 
     if remat is None:
         return {Block: gather(reshard_after_forward=reshard)}

@@ -22,7 +22,10 @@ __version__ = "0.1.0"
 # `from fsharding.functional import functional` (like launch) also makes `fs.functional`
 # the function rather than the submodule of the same name.
 from fsharding import optim, tree
-from fsharding.collectives import (
+from fsharding.functional import functional, grad, value_and_grad
+from fsharding.introspect import print_saved_activations, saved_activations
+from fsharding.memory import memory_report
+from fsharding.parallel.collectives import (
     all_gather,
     axis_index,
     axis_size,
@@ -32,26 +35,23 @@ from fsharding.collectives import (
     psum,
     psum_scatter,
 )
-from fsharding.functional import functional, grad, value_and_grad
-from fsharding.introspect import print_saved_activations, saved_activations
-from fsharding.launch import LaunchError, launch
-from fsharding.memory import memory_report
-from fsharding.mesh import Mesh, P, from_local
-from fsharding.step import Step, TrainState, train_step
-from fsharding.transforms import policies
-from fsharding.transforms.accumulate import accumulate
-from fsharding.transforms.amp import Policy, amp
-from fsharding.transforms.gather import gather
-from fsharding.transforms.loss_scale import (
+from fsharding.parallel.gather import gather
+from fsharding.parallel.launch import LaunchError, launch
+from fsharding.parallel.mesh import Mesh, P, from_local
+from fsharding.parallel.shard import shard
+from fsharding.parallel.zero import zero
+from fsharding.precision import (
     DynamicLossScale,
     LossScale,
     NoOpLossScale,
     StaticLossScale,
 )
+from fsharding.step import Step, TrainState, train_step
+from fsharding.transforms import policies
+from fsharding.transforms.accumulate import accumulate
+from fsharding.transforms.amp import Policy, amp
 from fsharding.transforms.offload import offload
 from fsharding.transforms.remat import checkpoint_name, remat
-from fsharding.transforms.shard import shard
-from fsharding.transforms.zero import zero
 from fsharding.tree import all_finite
 
 __all__ = [

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils import stateless
 
+from fsharding import _context
+from fsharding import _context as _taps
 from fsharding import tree as _tree
-from fsharding.transforms import gather as _gather
-from fsharding.transforms import grad_taps as _taps
-from fsharding.transforms import region_state as _region_state
+from fsharding.transforms import _region_state
 
 __all__ = ["functional", "value_and_grad", "grad"]
 
@@ -431,7 +431,10 @@ class _Runner:
         self._check_params(params)
         device = _device_of(params)
         # fs.zero(stage=3, gather="blocks") passes shards: gather those no fs.gather block owns.
-        tensors = _gather.gather_unowned(self, dict(params))
+        tensors = dict(params)
+        sharding = _context.SHARDING.get()
+        if sharding is not None:
+            tensors = sharding.gather_unowned(self.module, self.wrapped, tensors, self)
         if state is None:
             # Frozen buffers: pass copies so an in-place update (BatchNorm) can be detected
             # without ever touching the module's own buffers.
@@ -808,7 +811,7 @@ def _as_loss_scale(loss_scale: Any) -> Any:
     if loss_scale is None:
         return None
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        from fsharding.transforms.loss_scale import StaticLossScale
+        from fsharding.precision import StaticLossScale
 
         return StaticLossScale(loss_scale)
     if not (hasattr(loss_scale, "scale") and hasattr(loss_scale, "unscale")):

@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -45,8 +44,9 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fsharding import _context
 from fsharding import tree as _tree
-from fsharding.transforms import gather as _gather
+from fsharding.parallel import gather as _gather
 
 __all__ = ["MemoryReport", "memory_report"]
 
@@ -184,9 +184,7 @@ def memory_report(step: Any, params: PyTree, opt_state: Any, batch: Any) -> Memo
 # measurement
 # --------------------------------------------------------------------------------------
 
-_MEASURE: contextvars.ContextVar[_Measure | None] = contextvars.ContextVar(
-    "fsharding_memory_measure", default=None
-)
+_MEASURE = _context.MEMORY_MEASURE
 
 
 def observe_grads(grads: list[Any], *, reduced: bool = False) -> None:

@@ -80,7 +80,7 @@ def as_loss_scale(loss_scale: Any, api: str) -> Any:
     if loss_scale is None:
         return None
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        from fsharding.transforms.loss_scale import StaticLossScale
+        from fsharding.precision import StaticLossScale
 
         return StaticLossScale(loss_scale)
     if not all(hasattr(loss_scale, a) for a in ("scale", "unscale", "adjust", "loss_scale")):

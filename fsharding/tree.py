@@ -35,6 +35,8 @@ __all__ = [
     "all_finite",
     "is_floating",
     "local_tensor",
+    "is_dtensor",
+    "storage_key",
 ]
 
 PyTree = Any
@@ -212,12 +214,44 @@ def check_same_structure(
         )
 
 
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (checked without importing
+    DTensor's module, which costs a second on first import; none can exist before it is).
+
+    Example:
+        >>> import torch
+        >>> from fsharding import tree
+        >>> tree.is_dtensor(torch.ones(2))
+        False
+    """
+    return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
+
+
+def storage_key(t: Any) -> tuple[torch.device, int] | None:
+    """The identity of the storage behind tensor ``t``: ``(device, address of its first
+    byte)``, the same for every view of one storage; None for a non-tensor, a tensor with no
+    storage (a subclass such as DTensor: take :func:`local_tensor` first) or an empty tensor.
+    Computed without building a storage object (cheap enough for a dispatch-mode hot path).
+
+    Example:
+        >>> import torch
+        >>> from fsharding import tree
+        >>> x = torch.zeros(4, 4)
+        >>> key = tree.storage_key(x)
+        >>> tree.storage_key(x[1:]) == key, tree.storage_key(x.clone()) == key
+        (True, False)
+    """
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return None
+    try:
+        return t.device, t.data_ptr() - t.storage_offset() * t.element_size()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
+        return None
+
+
 def local_tensor(x: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, or ``x`` itself for a plain tensor."""
-    to_local = getattr(x, "to_local", None)
-    if to_local is not None and type(x).__name__ == "DTensor":
-        return to_local()
-    return x
+    return x.to_local() if is_dtensor(x) else x
 
 
 def nbytes(tree: PyTree) -> int:

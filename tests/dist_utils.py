@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fsharding.launch import launch
+from fsharding.parallel.launch import launch
 
 TIMEOUT = 120.0  # a hang fails the test instead of the suite
 

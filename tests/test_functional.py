@@ -558,7 +558,7 @@ def test_wrap_mapping_with_unmatched_classes_warns_and_raises_only_if_none_match
 
 
 def test_loss_scale_number_is_a_static_scale():
-    from fsharding.transforms.loss_scale import StaticLossScale
+    from fsharding.precision import StaticLossScale
 
     p = {"w": torch.randn(4, dtype=torch.float64)}
     f = lambda p: (p["w"] ** 3).sum()

@@ -19,7 +19,7 @@ import fsharding as fs
 from fsharding import optim
 from fsharding.memory import MemoryReport, memory_report
 from fsharding.models.gpt import GPT, Block, GPTConfig
-from fsharding.transforms.gather import gather
+from fsharding.parallel.gather import gather
 from tests.dist_utils import run
 
 CFG = GPTConfig(vocab_size=7, seq_len=5, d_model=6, n_layers=3, n_heads=2, mlp_ratio=2)

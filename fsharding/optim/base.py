@@ -15,13 +15,13 @@ place.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
+from fsharding import _context
 from fsharding import tree as _tree
 
 __all__ = [
@@ -202,19 +202,13 @@ def global_norm(updates: PyTree) -> torch.Tensor:
     return total.sqrt()
 
 
-_SHARDED_NORM: contextvars.ContextVar[Callable[[list[torch.Tensor]], torch.Tensor] | None] = (
-    contextvars.ContextVar("fs_sharded_norm", default=None)
-)
+_SHARDED_NORM = _context.SHARDED_NORM
 
 
-_SHARDED_LEAF_NORMS: contextvars.ContextVar[
-    Callable[[list[int], torch.Tensor], torch.Tensor] | None
-] = contextvars.ContextVar("fs_sharded_leaf_norms", default=None)
+_SHARDED_LEAF_NORMS = _context.SHARDED_LEAF_NORMS
 
 
-_REDUCE_ALL: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = (
-    contextvars.ContextVar("fs_reduce_all", default=None)
-)
+_REDUCE_ALL = _context.REDUCE_ALL
 
 
 @contextlib.contextmanager
@@ -479,7 +473,7 @@ def apply_updates_(params: PyTree, updates: PyTree) -> PyTree:
 # donation
 # --------------------------------------------------------------------------------------
 
-_DONATING: contextvars.ContextVar[bool] = contextvars.ContextVar("fs_donating", default=False)
+_DONATING = _context.DONATING
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ not the batch mean once the token counts differ.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -21,15 +20,14 @@ import einops
 import optree
 import torch
 
+from fsharding import _context
 from fsharding import tree as _tree
 
 __all__ = ["accumulate", "PerMicrobatch", "reporting_weights"]
 
 # fs.zero's hook: the outermost accumulate with weights reports them before any microbatch
 # runs (so the ranks can weight each other's contributions: the global token mean).
-_REPORT: contextvars.ContextVar[Callable[[list[float]], None] | None] = contextvars.ContextVar(
-    "fs_accumulate_report_weights", default=None
-)
+_REPORT = _context.ACCUMULATE_REPORT
 
 
 @contextlib.contextmanager

@@ -437,7 +437,7 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
 
     On an ``optim.GradientTransformation``: fp32 master weights for the params stored in
     float16 / bfloat16 (pure half-precision training); see
-    :func:`fsharding.transforms.amp_optim.master_weights`.
+    :func:`fsharding.optim.master_weights.master_weights`.
 
     Args:
         fn_or_optimizer: the function or optimizer; omit it to get a decorator.
@@ -464,7 +464,7 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
     if fn_or_optimizer is None:
         return functools.partial(amp, policy=pol)
     if isinstance(fn_or_optimizer, GradientTransformation):
-        from fsharding.transforms.amp_optim import master_weights
+        from fsharding.optim.master_weights import master_weights
 
         return master_weights(fn_or_optimizer, pol)
     if isinstance(fn_or_optimizer, torch.nn.Module):

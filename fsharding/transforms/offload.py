@@ -26,13 +26,12 @@ hook would shadow checkpoint's (torch runs only the innermost hook) and silently
 recompute off. A selective remat policy's cached outputs bypass the hooks; to offload what a
 policy saves use ``fs.policies.save_and_offload_only_these_names``.
 
-On an ``optim.GradientTransformation``, see :mod:`fsharding.transforms.offload_optim`.
+On an ``optim.GradientTransformation``, see :mod:`fsharding.optim.offload`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 import tempfile
@@ -44,6 +43,7 @@ import optree
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fsharding import _context
 from fsharding._compat import top_saved_tensors_hooks
 from fsharding.optim.base import GradientTransformation
 from fsharding.transforms import remat as _remat
@@ -101,7 +101,7 @@ def offload(
     if fn_or_optimizer is None:
         return functools.partial(offload, to=to, chunk_bytes=chunk_bytes)
     if isinstance(fn_or_optimizer, GradientTransformation):
-        from fsharding.transforms.offload_optim import offload_optimizer
+        from fsharding.optim.offload import offload_optimizer
 
         return offload_optimizer(fn_or_optimizer, target, chunk_bytes)
     if not callable(fn_or_optimizer):
@@ -181,7 +181,7 @@ def _offload_fn(fn: F, target: str) -> F:
 
 
 # Records of what was offloaded (tests and introspection): (source data_ptr, nbytes, path).
-_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("fs_offload_record")
+_RECORD = _context.OFFLOAD_RECORD
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ What fsharding adds around torch's checkpoint:
   ``fs.functional(model, wrap=...)`` after a forward that wrote none of its params,
   buffers and plain tensor attributes of its modules (counters, caches; also in list,
   tuple or dict attributes) and, under a selective policy, no other tensor
-  (:mod:`~fsharding.transforms.region_state`). Full remat of such a block does not watch
+  (:mod:`~fsharding.transforms._region_state`). Full remat of such a block does not watch
   tensors it reaches only as globals or by closure: hold them as module attributes;
 * the forward's context variables and ``fs.amp`` op rule are in force again during
   recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
@@ -59,24 +59,21 @@ from torch.utils import checkpoint as _ckpt
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from fsharding import _context
+from fsharding.transforms import _region_state
 from fsharding.transforms import policies as _policies
-from fsharding.transforms import region_state as _region_state
+from fsharding.transforms._region_state import _OP_INFO, _PASS, _SEEDED, _op_info, _storage_key
+from fsharding.transforms._region_state import consumes_rng as _consumes_rng
 from fsharding.transforms.policies import Offloadable
-from fsharding.transforms.region_state import _OP_INFO, _PASS, _SEEDED, _op_info, _storage_key
-from fsharding.transforms.region_state import consumes_rng as _consumes_rng
 
 __all__ = ["remat", "checkpoint_name"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # The remat regions whose function is running on this thread, innermost last.
-_FRAMES: contextvars.ContextVar[tuple[_Frame, ...]] = contextvars.ContextVar(
-    "fsharding_remat_frames", default=()
-)
+_FRAMES = _context.REMAT_FRAMES
 # Set by fsharding.introspect while it measures saved activations (forward only).
-_RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "fsharding_saved_recorder", default=None
-)
+_RECORDER = _context.SAVED_RECORDER
 
 
 def _in_remat() -> bool:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import run
 
 from fsharding import optim
 from fsharding.optim import base
+from tests.dist_utils import run
 
 NAN = float("nan")
 

@@ -482,7 +482,7 @@ def test_a_saved_random_draw_is_recomputed_so_later_draws_replay(save):
 def test_attention_kernels_count_as_random_draws_only_with_dropout():
     """CUDA's fused attention kernels draw their dropout mask themselves (no CPU kernel
     takes dropout_p > 0, so this checks the rule on the schemas)."""
-    from fsharding.transforms.region_state import consumes_rng
+    from fsharding.transforms._region_state import consumes_rng
 
     q = torch.empty(0)
     eff = torch.ops.aten._scaled_dot_product_efficient_attention.default

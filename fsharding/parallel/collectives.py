@@ -30,7 +30,6 @@ For library code: :func:`bind_mesh` makes a mesh current (``fs.shard`` uses it a
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import time
 import warnings
@@ -40,7 +39,8 @@ from typing import Any
 import optree
 import torch
 
-from fsharding.mesh import Mesh
+from fsharding import _context
+from fsharding.parallel.mesh import Mesh
 
 __all__ = [
     "psum",
@@ -57,9 +57,7 @@ __all__ = [
 
 AxisName = str | tuple[str, ...]
 
-_CURRENT: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
-    "fsharding_mesh", default=None
-)
+_CURRENT = _context.MESH
 _LAST: list[Mesh | None] = [None]  # the last mesh bound, for recomputation during backward
 
 
@@ -189,7 +187,7 @@ def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
     if not _SETTLE_WARNED:  # a reference kept elsewhere (e.g. a Work object): say so once
         _SETTLE_WARNED = True
         warnings.warn(
-            f"fsharding.collectives.settle: a collective's tensor was still referenced by "
+            f"fsharding.parallel.collectives.settle: a collective's tensor was still referenced by "
             f"another owner after {_SETTLE_S:g} s (an fsharding bug: a Work object or buffer "
             "kept alive); continuing. Please report it.",
             RuntimeWarning,

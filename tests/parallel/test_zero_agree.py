@@ -475,7 +475,7 @@ def init_buckets_worker(stage):
     torch.cat of the pending leaves with it)."""
     import torch.distributed as dist
 
-    from fsharding.transforms import zero_layout as lay
+    from fsharding.parallel import _buckets as lay
 
     rank = torch.distributed.get_rank()
     mesh = fs.Mesh(dp=2)

@@ -23,7 +23,7 @@ count does not advance) and adjusts the scale.
 
 Example:
     >>> import torch
-    >>> from fsharding.transforms.loss_scale import DynamicLossScale
+    >>> from fsharding.precision import DynamicLossScale
     >>> s = DynamicLossScale(loss_scale=8.0, period=2)
     >>> s.scale(torch.tensor(1.0)).item(), s.unscale(torch.tensor(8.0)).item()
     (8.0, 1.0)
@@ -99,7 +99,7 @@ class NoOpLossScale(NamedTuple):
 
     Example:
         >>> import torch
-        >>> from fsharding.transforms.loss_scale import NoOpLossScale
+        >>> from fsharding.precision import NoOpLossScale
         >>> NoOpLossScale().scale(torch.tensor(3.0)).item()
         3.0
     """
@@ -134,7 +134,7 @@ class StaticLossScale(_StaticFields):
 
     Example:
         >>> import torch
-        >>> from fsharding.transforms.loss_scale import StaticLossScale
+        >>> from fsharding.precision import StaticLossScale
         >>> s = StaticLossScale(128.0)
         >>> s.scale(torch.tensor(2.0)).item(), s.adjust(False).loss_scale
         (256.0, 128.0)
@@ -199,7 +199,7 @@ class DynamicLossScale(_DynamicFields):
 
     Example:
         >>> import torch
-        >>> from fsharding.transforms.loss_scale import DynamicLossScale
+        >>> from fsharding.precision import DynamicLossScale
         >>> s = DynamicLossScale()
         >>> s.loss_scale, s.adjust(torch.tensor(False)).loss_scale
         (65536.0, 32768.0)

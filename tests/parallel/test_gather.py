@@ -23,10 +23,10 @@ import fsharding as fs
 from fsharding import optim
 from fsharding.memory import memory_report
 from fsharding.models.gpt import GPT, Block, GPTConfig
-from fsharding.transforms import gather as G
-from fsharding.transforms import gather_reshard as R
-from fsharding.transforms import zero_layout as L
-from fsharding.transforms.gather import gather
+from fsharding.parallel import _buckets as L
+from fsharding.parallel import _gather_reshard as R
+from fsharding.parallel import gather as G
+from fsharding.parallel.gather import gather
 from tests.dist_utils import run
 
 # Uneven on purpose: 7 vocab rows, 5 positions, 18-row qkv, 12-row fc do not divide by 4.

@@ -19,7 +19,6 @@ with a selective policy.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,11 +26,11 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as _ckpt
 
+from fsharding import _context
+
 __all__ = ["known_state", "current"]
 
-_STATE: contextvars.ContextVar[tuple[tuple[torch.Tensor, ...], nn.Module | None] | None] = (
-    contextvars.ContextVar("fsharding_region_state", default=None)
-)
+_STATE = _context.REGION_STATE
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ import optree
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import raises, run
 
-from fsharding.mesh import Mesh, P, from_local
+from fsharding.parallel.mesh import Mesh, P, from_local
+from tests.dist_utils import raises, run
 
 # --------------------------------------------------------------------------------------
 # P
@@ -93,7 +93,7 @@ def test_mesh_errors():
 def _mesh_worker():
     from torch.distributed.tensor import Replicate, Shard
 
-    import fsharding.mesh as fsm
+    import fsharding.parallel.mesh as fsm
 
     rank = dist.get_rank()
     mesh = Mesh(dp=2, tp=2)
@@ -140,9 +140,9 @@ def test_device_mesh_on_four_ranks():
 
 
 def _torchrun_env_worker(port: int):
-    import fsharding.mesh as fsm
-    from fsharding.collectives import psum
-    from fsharding.transforms.shard import shard
+    import fsharding.parallel.mesh as fsm
+    from fsharding.parallel.collectives import psum
+    from fsharding.parallel.shard import shard
 
     dist.destroy_process_group()  # pretend torchrun started us: env set, no group yet
     import os

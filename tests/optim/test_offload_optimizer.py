@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import fsharding as fs
 from fsharding import optim
+from fsharding.optim._offload_disk import DiskLeaf
 from fsharding.transforms.offload import offload
-from fsharding.transforms.offload_disk import DiskLeaf
 
 OPTIMIZERS = {
     "adamw": lambda: optim.adamw(

@@ -42,31 +42,27 @@ once on entry, with the same autograd all-gather, and keeps them until backward.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 import optree
 import torch
 from torch.autograd.function import once_differentiable
 
-from fsharding.transforms import gather_reshard as _reshard
-from fsharding.transforms import zero_layout as _lay
+from fsharding import _context
+from fsharding.parallel import _buckets as _lay
+from fsharding.parallel import _gather_reshard as _reshard
 
 __all__ = ["gather"]
 
 Axis = str | tuple[str, ...]
 F = TypeVar("F", bound=Callable[..., Any])
 
-_SHARDING: contextvars.ContextVar[Sharding | None] = contextvars.ContextVar(
-    "fsharding_sharding", default=None
-)
-_TRACKER: contextvars.ContextVar[LiveBytes | None] = contextvars.ContextVar(
-    "fsharding_gathered_tracker", default=None
-)
+_SHARDING = _context.SHARDING
+_TRACKER = _context.GATHERED_TRACKER
 _CASTS = frozenset({"ToCopyBackward0", "AliasBackward0"})  # what fs.amp does to a param
 
 
@@ -247,7 +243,7 @@ class Sharding:
         group: the process group of ``axis``.
         layouts: storage id of a local shard (``untyped_storage()._cdata``: shared by the
             detached aliases ``value_and_grad`` makes, distinct even for empty shards) ->
-            its :class:`~fsharding.transforms.zero_layout.LeafLayout`.
+            its :class:`~fsharding.parallel._buckets.LeafLayout`.
         rank: this rank's index in ``group``.
         fulls: at stage 2 (params stored full), storage id of a shard -> its full tensor:
             the forward "gather" reads it without communicating; backward reduce-scatters.
@@ -263,6 +259,27 @@ class Sharding:
     gathers: int = 0
     fulls: dict[int, torch.Tensor] | None = None  # stage 2: the full params, held locally
     last_reshard: Any = None  # weakref to the latest gather(reshard_after_forward=True) call
+
+    def gather_unowned(
+        self,
+        module: torch.nn.Module,
+        wrapped: Mapping[str, tuple[torch.nn.Module, Callable[..., Any]]],
+        tensors: dict[str, torch.Tensor],
+        cache_key: Any,
+    ) -> dict[str, torch.Tensor]:
+        """For ``fs.functional``'s apply (which finds this sharding in
+        ``_context.SHARDING``): gathers the entries of ``tensors`` (``module``'s params by
+        name) that no gather-marked block of ``wrapped`` (submodule name -> (submodule,
+        transform)) owns; those blocks gather their own. ``cache_key``: a weak-referenceable
+        object alive as long as ``module`` and ``wrapped`` stay as they are (the apply's
+        runner): which names are owned is computed once per key."""
+        owned = _OWNED.get(cache_key)
+        if owned is None:
+            owned = _OWNED[cache_key] = _owned_names(module, wrapped)
+        names = [k for k in tensors if k not in owned]
+        out = dict(tensors)
+        out.update(zip(names, gather_list(self, [tensors[k] for k in names])))
+        return out
 
     def check_axis(self, axis: Axis, api: str) -> None:
         names = (axis,) if isinstance(axis, str) else axis
@@ -419,30 +436,13 @@ def gather_tree(s: Sharding, tree: Any) -> Any:
 _OWNED: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
-def gather_unowned(runner: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For ``fs.functional``'s apply: gathers the entries of ``tensors`` (params by name)
-    that no gather-marked wrapped block owns. Identity outside a sharded step."""
-    s = _SHARDING.get()
-    if s is None:
-        return tensors
-    owned = _OWNED.get(runner)
-    if owned is None:
-        owned = _OWNED[runner] = _owned_names(runner)
-    names = [k for k in tensors if k not in owned]
-    out = dict(tensors)
-    out.update(zip(names, gather_list(s, [tensors[k] for k in names])))
-    return out
-
-
-def _owned_names(runner: Any) -> frozenset[str]:
-    """Param names used only inside wrapped blocks whose transform gathers."""
-    prefixes = tuple(
-        name + "." for name, (sub, t) in runner.wrapped.items() if marks_gather(t, sub)
-    )
+def _owned_names(module: torch.nn.Module, wrapped: Mapping[str, tuple[Any, Any]]) -> frozenset[str]:
+    """Param names of ``module`` used only inside wrapped blocks whose transform gathers."""
+    prefixes = tuple(name + "." for name, (sub, t) in wrapped.items() if marks_gather(t, sub))
     if not prefixes:
         return frozenset()
     aliases: dict[int, list[str]] = {}
-    for n, p in runner.module.named_parameters(remove_duplicate=False):
+    for n, p in module.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
     owned = [ns for ns in aliases.values() if all(n.startswith(prefixes) for n in ns)]
     return frozenset(n for ns in owned for n in ns)

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import fsharding as fs
 from fsharding import optim
+from fsharding.optim.master_weights import AmpState
+from fsharding.precision import DynamicLossScale
 from fsharding.transforms.amp import Policy, amp
-from fsharding.transforms.amp_optim import AmpState
-from fsharding.transforms.loss_scale import DynamicLossScale
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 PURE = Policy.parse("pure_bf16")

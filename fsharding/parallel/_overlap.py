@@ -1,6 +1,6 @@
 """fs.zero's gradient reduction overlapped with backward (``gather="boundary"``, stages 0-3).
 
-While the grad function runs, :mod:`~fsharding.transforms.grad_taps` hands each param's
+While the grad function runs, :mod:`~fsharding._context` hands each param's
 gradient over as soon as autograd has it. When every gradient of a bucket has arrived the
 bucket is packed and its collective launched asynchronously (stage 0: all-reduce; stages
 1-3: reduce-scatter), while backward goes on with earlier layers: DDP's reducer, without
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fsharding.transforms import grad_taps as _taps
-from fsharding.transforms import zero_layout as _lay
+from fsharding import _context as _taps
+from fsharding.parallel import _buckets as _lay
 
 __all__ = ["Overlap", "enabled"]
 

@@ -222,7 +222,7 @@ def hsdp_worker(rows_per_rank):
 
 def gpt_blocks_worker(axis):
     """The GPT of test_gather under stage 3 gather='blocks' on 4 ranks (uneven shapes)."""
-    from tests.transforms import test_gather as tg
+    from tests.parallel import test_gather as tg
 
     world = torch.distributed.get_world_size()
     mesh = fs.Mesh({"dp": world}) if axis == "dp" else fs.Mesh({"replicate": 2, "shard": 2})
@@ -307,7 +307,7 @@ def bad_input_worker():
     params, state = blocks.init(make_params())
     msgs["no_gather"] = raises(lambda: blocks.step(params, state, b), ValueError)
     # fs.gather naming an axis the mesh does not have
-    from fsharding.transforms.gather import gather
+    from fsharding.parallel.gather import gather
 
     wrong = fs.value_and_grad(lambda p, b: gather(loss_fn, axis="tp")(p, b))
     blocks = fs.zero(wrong, opt, mesh=mesh, stage=3, gather="blocks")
@@ -395,7 +395,7 @@ def test_layout_round_trips_like_the_collectives(shapes, world, bucket_bytes):
     """The bucket packing, with the collectives simulated in one process: gathering every
     rank's rows gives the full tensors; reduce-scattering full tensors gives each rank its
     rows of the sum (uneven dims, empty trailing ranks, several buckets)."""
-    from fsharding.transforms import zero_layout as L
+    from fsharding.parallel import _buckets as L
 
     g = torch.Generator().manual_seed(len(shapes) * 10 + world)
     fulls = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fsharding import tree as _tree
-from fsharding.collectives import settle, use_counts
+from fsharding.parallel.collectives import settle, use_counts
 
 __all__ = [
     "LeafLayout",
@@ -195,7 +195,7 @@ def dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
 
 # torch's functional collective ops (out of place; the op layer of
 # torch.distributed._functional_collectives, the same in torch 2.6 and 2.13), called directly
-# as in fsharding.collectives. Several are issued before the first is waited on.
+# as in fsharding.parallel.collectives. Several are issued before the first is waited on.
 _C = torch.ops._c10d_functional
 
 

@@ -133,7 +133,7 @@ def launch(
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         boot = (
             f"import sys; sys.path.insert(0, {pkg_root!r}); "
-            f"from fsharding.launch import _child_main; _child_main()"
+            f"from fsharding.parallel.launch import _child_main; _child_main()"
         )
         for rank in range(nprocs):
             cmd = [sys.executable, "-c", boot, workdir, str(rank), str(nprocs)]

@@ -10,11 +10,11 @@ import functools
 
 import pytest
 import torch
-from dist_utils import assert_close, raises, run
 
-from fsharding.collectives import all_gather, axis_index, pmean, psum
-from fsharding.mesh import Mesh, P, from_local
-from fsharding.transforms.shard import shard
+from fsharding.parallel.collectives import all_gather, axis_index, pmean, psum
+from fsharding.parallel.mesh import Mesh, P, from_local
+from fsharding.parallel.shard import shard
+from tests.dist_utils import assert_close, raises, run
 
 F64 = torch.float64
 

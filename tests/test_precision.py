@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import fsharding as fs
 from fsharding import optim
+from fsharding.precision import DynamicLossScale, NoOpLossScale, StaticLossScale
 from fsharding.transforms.amp import amp
-from fsharding.transforms.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
 
 
 def jmp_reference(finite_seq, loss_scale, period, factor, min_loss_scale):

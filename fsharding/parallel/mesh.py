@@ -7,7 +7,7 @@ over ``"dp"``, dim 1 whole). ``fs.shard``, the collectives and ``fs.zero`` take 
 In a plain process with no process group, a mesh whose axes all have size 1 is a *local
 mesh*: no ``DeviceMesh`` exists (torch cannot build one without a group), collectives are
 identities and ``fs.shard`` runs its function once. The same code then runs unchanged under
-``torchrun`` or :func:`fsharding.launch` with bigger axes.
+``torchrun`` or :func:`fsharding.parallel.launch` with bigger axes.
 
 For library code built on a mesh: ``mesh.group(axis)`` is the ``ProcessGroup`` of one axis
 (None on a local mesh), ``mesh.device_mesh`` the torch ``DeviceMesh`` (None on a local
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fsharding.launch import LaunchError, launch
+from fsharding.parallel.launch import LaunchError, launch
 
 __all__ = ["Mesh", "P", "from_local", "launch", "LaunchError"]
 

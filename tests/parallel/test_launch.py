@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsharding.launch import LaunchError, launch
+from fsharding.parallel.launch import LaunchError, launch
 
 
 def _state():

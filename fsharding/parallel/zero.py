@@ -72,16 +72,16 @@ import optree
 import torch
 import torch.distributed as dist
 
+from fsharding import _context as _taps
 from fsharding import memory as _memory
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
+from fsharding.parallel import _buckets as _lay
+from fsharding.parallel import _overlap
+from fsharding.parallel import gather as _gather
 from fsharding.step import Step, TrainState, as_loss_scale, check_params_arg, train_step
 from fsharding.step import split_value as _split_value
 from fsharding.transforms import accumulate as _acc
-from fsharding.transforms import gather as _gather
-from fsharding.transforms import grad_taps as _taps
-from fsharding.transforms import zero_layout as _lay
-from fsharding.transforms import zero_overlap as _overlap
 
 __all__ = ["zero"]
 

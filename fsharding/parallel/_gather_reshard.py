@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fsharding._compat import top_saved_tensors_hooks
-from fsharding.collectives import settle
-from fsharding.transforms import zero_layout as _lay
+from fsharding.parallel import _buckets as _lay
+from fsharding.parallel.collectives import settle
 
 if TYPE_CHECKING:
-    from fsharding.transforms.gather import Sharding, _Plan
+    from fsharding.parallel.gather import Sharding, _Plan
 
 __all__ = ["PREFETCH", "Reshard"]
 

@@ -51,7 +51,7 @@ import torch
 
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
-from fsharding.transforms.offload_disk import DiskLeaf, _Arena, _dummy, _plan, _take
+from fsharding.optim._offload_disk import DiskLeaf, _Arena, _dummy, _plan, _take
 
 __all__ = ["offload_optimizer"]
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import run
+
+from tests.dist_utils import run
 
 ROUNDS = 40
 
@@ -20,7 +21,7 @@ ROUNDS = 40
 def _counts_worker() -> dict[str, list[tuple[int, int, int]]]:
     import torch.distributed as dist
 
-    from fsharding import collectives as C
+    from fsharding.parallel import collectives as C
 
     group = dist.group.WORLD
     ops = {
@@ -53,7 +54,7 @@ def test_settle_waits_for_a_reference_held_elsewhere():
     import threading
     import time
 
-    from fsharding.collectives import settle, use_counts
+    from fsharding.parallel.collectives import settle, use_counts
 
     t = torch.ones(3)
     before = use_counts([t])

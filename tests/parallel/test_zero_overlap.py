@@ -19,7 +19,7 @@ import torch
 import fsharding as fs
 from fsharding import optim
 from tests.dist_utils import run
-from tests.transforms.test_zero import global_batches, loss_fn, make_params
+from tests.parallel.test_zero import global_batches, loss_fn, make_params
 
 STEPS = 4
 
@@ -88,7 +88,8 @@ def _counting(grad_fn, log):
 
 
 def _worker(world: int) -> dict:
-    from fsharding.transforms import zero_layout, zero_overlap
+    from fsharding.parallel import _buckets as zero_layout
+    from fsharding.parallel import _overlap as zero_overlap
 
     assert not zero_overlap.enabled(torch.distributed.group.WORLD)  # gloo: off by default
     zero_overlap.ENABLED = True  # (NCCL's default) tested here, on gloo

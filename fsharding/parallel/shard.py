@@ -34,14 +34,14 @@ import optree
 import torch
 
 from fsharding import tree as _tree
-from fsharding.collectives import (
+from fsharding.parallel.collectives import (
     _AllGather,
     _AllReduceSum,
     _raw_all_gather,
     _raw_all_reduce,
     bind_mesh,
 )
-from fsharding.mesh import Mesh, P, check_spec, check_spec_shape, entry_axes, placements
+from fsharding.parallel.mesh import Mesh, P, check_spec, check_spec_shape, entry_axes, placements
 
 __all__ = ["shard"]
 
@@ -83,8 +83,8 @@ def shard(
 
     Example:
         >>> import torch
-        >>> from fsharding.mesh import Mesh, P
-        >>> from fsharding.collectives import all_gather
+        >>> from fsharding.parallel.mesh import Mesh, P
+        >>> from fsharding.parallel.collectives import all_gather
         >>> w = torch.arange(4.0)
         >>> f = shard(lambda t: (all_gather(t, "dp", tiled=True) * w).sum(),
         ...           mesh=Mesh(dp=1), in_specs=P("dp"), out_specs=P())

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import run
 
-from fsharding.collectives import (
+from fsharding.parallel.collectives import (
     all_gather,
     axis_index,
     axis_size,
@@ -24,8 +23,9 @@ from fsharding.collectives import (
     psum,
     psum_scatter,
 )
-from fsharding.mesh import Mesh, P
-from fsharding.transforms.shard import shard
+from fsharding.parallel.mesh import Mesh, P
+from fsharding.parallel.shard import shard
+from tests.dist_utils import run
 
 # name -> (per-rank op on the block x, reference for rank (d, t) from Xg[d, t] = block)
 CASES = {
