@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,6 +38,7 @@ import optree
 import torch
 
 from fsharding import _context
+from fsharding._compat import settle, use_counts
 from fsharding.parallel.mesh import Mesh
 
 __all__ = [
@@ -142,68 +141,6 @@ def _map(fn: Any, x: Any, api: str) -> Any:
 # directly: funcol's Python wrappers pass eager results through a custom op whose first call
 # imports torch._dynamo, seconds per process; and their names changed in torch 2.12.
 _C = torch.ops._c10d_functional
-
-# How long settle() waits at most for a backend thread to drop a finished collective.
-_SETTLE_S = 2.0
-
-
-def use_counts(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-    """``(tensor, its C++ use count now)`` for each of ``tensors``: taken before a collective,
-    what :func:`settle` waits to come back to."""
-    if not _HAS_USE_COUNT or _compiling():
-        return []
-    return [(t, t._use_count()) for t in tensors if t.device.type == "cpu"]
-
-
-def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
-    """Waits (releasing the GIL) until a finished CPU collective's work object has let go of
-    ``pending``'s tensors: each ``(tensor, count)`` until ``tensor``'s C++ use count is at
-    most ``count`` (1 for a tensor the collective returned), for at most ``_SETTLE_S``.
-
-    Why: gloo runs every collective on a worker thread, which drops the work (and its
-    references to the input and output tensors) a little after the waiting thread has
-    returned. On torch >= 2.9 a tensor seen by Python keeps its PyObject alive while other
-    C++ references exist (c10/util/intrusive_ptr.h, "PyObject preservation"), so that last
-    drop decrefs the PyObject, which takes the GIL on the worker thread. If the interpreter
-    has begun finalizing by then (a script whose last statement is a collective, under
-    torchrun), taking the GIL ends the thread inside the work's noexcept destructor:
-    ``terminate called without an active exception``, SIGABRT at exit. After settle no work
-    holds Python-visible tensors, so nothing is left for a worker thread to do at exit.
-    CUDA tensors are skipped (NCCL's watchdog drops its works later; waiting for it would
-    synchronise with the GPU)."""
-    if not _HAS_USE_COUNT or _compiling():
-        return
-    pending = [(t, n) for t, n in pending if t.device.type == "cpu"]
-    if all(t._use_count() <= n for t, n in pending):
-        return
-    deadline = time.monotonic() + _SETTLE_S
-    delay = 0.0
-    while time.monotonic() < deadline:
-        time.sleep(delay)  # releases the GIL, which the worker's decref needs
-        if all(t._use_count() <= n for t, n in pending):
-            return
-        delay = min(1e-3, max(1e-6, 2 * delay))
-    global _SETTLE_WARNED
-    if not _SETTLE_WARNED:  # a reference kept elsewhere (e.g. a Work object): say so once
-        _SETTLE_WARNED = True
-        warnings.warn(
-            f"fsharding.parallel.collectives.settle: a collective's tensor was still referenced by "
-            f"another owner after {_SETTLE_S:g} s (an fsharding bug: a Work object or buffer "
-            "kept alive); continuing. Please report it.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
-_SETTLE_WARNED = False
-
-
-_HAS_USE_COUNT = hasattr(torch.Tensor, "_use_count")
-
-
-def _compiling() -> bool:
-    """Under torch.compile the collectives are traced: nothing to wait for."""
-    return torch.compiler.is_compiling()
 
 
 def _returned(out: torch.Tensor, before: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
