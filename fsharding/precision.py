@@ -1,9 +1,19 @@
-"""Loss scaling for float16 training: jmp's three loss scales on torch tensors.
+"""Precision: jmp's two halves, a mixed-precision ``Policy`` and the loss scales.
 
-float16 has 5 exponent bits: gradients below ~6e-8 flush to zero. Multiplying the loss by a
-large scale before backward lifts them into range; dividing the gradients by the same scale
-afterwards restores their values. A dynamic scale searches for the largest scale that keeps
-the gradients finite (jmp's rule, torch ``GradScaler``'s defaults)::
+This module owns the dtype vocabulary of fsharding: :class:`Policy` (which dtype params are
+stored in, which dtype computation runs in, which dtype outputs come back in), its short
+string form and its parsing (jmp's ``"p=f32,c=bf16,o=f32"`` grammar plus shorthands), the
+casts a policy applies, and the three loss scales for float16 training
+(:class:`NoOpLossScale`, :class:`StaticLossScale`, :class:`DynamicLossScale`). Applying a
+policy to a function is ``fs.amp`` (``transforms/amp``); float32 master weights for an
+optimizer are ``fs.amp(optimizer)`` (``optim/master_weights``). Both read the policy from
+here; this module imports only ``fsharding.tree``.
+
+Loss scaling: float16 has 5 exponent bits, so gradients below ~6e-8 flush to zero.
+Multiplying the loss by a large scale before backward lifts them into range; dividing the
+gradients by the same scale afterwards restores their values. A dynamic scale searches for
+the largest scale that keeps the gradients finite (jmp's rule, torch ``GradScaler``'s
+defaults)::
 
     if all_finite(grads):                      # adjust(True)
         counter += 1
@@ -22,9 +32,10 @@ step (params and optimizer state come back bit-identical, so a learning-rate sch
 count does not advance) and adjusts the scale.
 
 Example:
-    >>> import torch
-    >>> from fsharding.precision import DynamicLossScale
-    >>> s = DynamicLossScale(loss_scale=8.0, period=2)
+    >>> import torch, fsharding as fs
+    >>> str(fs.Policy.parse("bf16"))
+    'p=f32,c=bf16,o=f32'
+    >>> s = fs.DynamicLossScale(loss_scale=8.0, period=2)
     >>> s.scale(torch.tensor(1.0)).item(), s.unscale(torch.tensor(8.0)).item()
     (8.0, 1.0)
     >>> s.adjust(True).adjust(True).loss_scale, s.adjust(False).loss_scale
@@ -33,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, TypeVar, Union
 
@@ -41,9 +53,183 @@ import torch
 
 from fsharding import tree as _tree
 
-__all__ = ["LossScale", "NoOpLossScale", "StaticLossScale", "DynamicLossScale"]
+__all__ = [
+    "Policy",
+    "LossScale",
+    "NoOpLossScale",
+    "StaticLossScale",
+    "DynamicLossScale",
+]
 
 T = TypeVar("T")
+
+# --------------------------------------------------------------------------------------
+# the policy
+# --------------------------------------------------------------------------------------
+
+# The half-precision dtypes: what the op rule upcasts and master weights shadow.
+HALF = (torch.float16, torch.bfloat16)
+
+# dtype -> spellings; the first is the one __str__ writes.
+_DTYPE_NAMES: dict[torch.dtype, tuple[str, ...]] = {
+    torch.float32: ("f32", "float32", "full"),
+    torch.bfloat16: ("bf16", "bfloat16"),
+    torch.float16: ("f16", "float16", "half"),
+    torch.float64: ("f64", "float64", "double"),
+}
+_NAME_TO_DTYPE = {n: dt for dt, names in _DTYPE_NAMES.items() for n in names}
+_KEYS = {
+    "p": "param_dtype",
+    "params": "param_dtype",
+    "c": "compute_dtype",
+    "compute": "compute_dtype",
+    "o": "output_dtype",
+    "output": "output_dtype",
+}
+_SHORTHANDS = {
+    "fp32": "p=f32,c=f32,o=f32",
+    "bf16": "p=f32,c=bf16,o=f32",
+    "fp16": "p=f32,c=f16,o=f32",
+    "pure_bf16": "p=bf16,c=bf16,o=bf16",
+}
+
+
+def _parse_dtype(value: Any, where: str) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
+        return value
+    if isinstance(value, str) and value.strip() in _NAME_TO_DTYPE:
+        return _NAME_TO_DTYPE[value.strip()]
+    raise ValueError(
+        f"{where}: unknown dtype {value!r}; use a floating torch.dtype or one of "
+        f"{', '.join(sorted(_NAME_TO_DTYPE))}."
+    )
+
+
+def _cast_floating(tree: T, dtype: torch.dtype) -> T:
+    """Casts floating-point tensor leaves to ``dtype`` (differentiably; others unchanged)."""
+    return optree.tree_map(
+        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+        tree,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A mixed-precision policy (jmp's): the dtypes of params, computation and outputs.
+
+    Args:
+        param_dtype: the dtype params are stored in.
+        compute_dtype: the dtype ``fs.amp`` computes in.
+        output_dtype: the dtype ``fs.amp`` returns outputs in.
+        Each is a floating ``torch.dtype`` or a name (``"f32"``, ``"bf16"``, ...).
+
+    Raises:
+        ValueError: a dtype is not float16, bfloat16, float32 or float64.
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> p = fs.Policy.parse("params=float32,compute=bfloat16")
+        >>> str(p), fs.Policy.parse("bf16") == fs.Policy(torch.float32, "bf16", "f32")
+        ('p=f32,c=bf16,o=bf16', True)
+        >>> p.cast_to_compute({"w": torch.ones(2), "i": torch.arange(2)})["w"].dtype
+        torch.bfloat16
+    """
+
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    output_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for field in ("param_dtype", "compute_dtype", "output_dtype"):
+            dt = _parse_dtype(getattr(self, field), f"fs.Policy: {field}")
+            object.__setattr__(self, field, dt)
+
+    @classmethod
+    def parse(cls, policy: str) -> Policy:
+        """Parses jmp's policy grammar (``jmp.get_policy``) or a shorthand.
+
+        ``"params=float32,compute=bfloat16,output=float32"``; keys ``p``/``params``,
+        ``c``/``compute``, ``o``/``output``; dtype names ``f32``/``float32``/``full``,
+        ``bf16``/``bfloat16``, ``f16``/``float16``/``half``, ``f64``/``float64``/``double``.
+        Omitted params are float32, omitted compute follows params, omitted output follows
+        compute. A bare dtype name is that dtype for params, compute and output, as in jmp:
+        ``"float16"``, ``"half"``, ``"float32"``, ``"full"``, ``"bfloat16"``, ``"f16"``,
+        ``"f32"``, ``"float64"``. Shorthands: ``"fp32"`` (all f32), ``"bf16"``
+        (p=f32,c=bf16,o=f32), ``"fp16"`` (p=f32,c=f16,o=f32), ``"pure_bf16"`` (all bf16).
+
+        The one difference from jmp: a bare ``"bf16"`` is the shorthand above (float32
+        params and outputs, bfloat16 compute: what PyTorch autocast and DeepSpeed users
+        mean by bf16), where ``jmp.get_policy("bf16")`` is bfloat16 everywhere; spell that
+        ``"bfloat16"`` or ``"pure_bf16"``. (``"half"`` is always float16, torch's ``half``;
+        jmp picks bfloat16 on TPU, which torch does not target. ``str`` writes ``f32`` where
+        jmp writes ``full``; both parse.)
+
+        Raises:
+            ValueError: an unknown key, dtype name or shorthand, or a repeated key; the
+                message lists the valid ones.
+
+        Example:
+            >>> import fsharding as fs
+            >>> str(fs.Policy.parse("c=f16")), str(fs.Policy.parse("float16"))
+            ('p=f32,c=f16,o=f16', 'p=f16,c=f16,o=f16')
+            >>> str(fs.Policy.parse("bf16")), str(fs.Policy.parse("bfloat16"))
+            ('p=f32,c=bf16,o=f32', 'p=bf16,c=bf16,o=bf16')
+        """
+        if not isinstance(policy, str):
+            raise TypeError(f"fs.Policy.parse: policy must be a str, got {policy!r}.")
+        text = _SHORTHANDS.get(policy.strip(), policy)
+        if "=" not in text:
+            if text.strip() in _NAME_TO_DTYPE:  # jmp: a bare dtype name is all three
+                dt = _NAME_TO_DTYPE[text.strip()]
+                return cls(dt, dt, dt)
+            raise ValueError(
+                f"fs.Policy.parse: unknown policy {policy!r}; use a shorthand "
+                f"({', '.join(repr(s) for s in _SHORTHANDS)}), a dtype name for all three "
+                f"({', '.join(repr(n) for n in _NAME_TO_DTYPE if n not in _SHORTHANDS)}) or "
+                f"'key=dtype,...' with keys p/params, c/compute, o/output (e.g. "
+                f"'p=f32,c=bf16,o=f32')."
+            )
+        found: dict[str, torch.dtype] = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            field = _KEYS.get(key)
+            if not sep or field is None:
+                raise ValueError(
+                    f"fs.Policy.parse: unknown key {key!r} in {policy!r}; valid keys are "
+                    f"{', '.join(_KEYS)} (as key=dtype, comma-separated)."
+                )
+            if field in found:
+                raise ValueError(f"fs.Policy.parse: {field} given twice in {policy!r}.")
+            found[field] = _parse_dtype(value, f"fs.Policy.parse: {key}= in {policy!r}")
+        p = found.get("param_dtype", torch.float32)
+        c = found.get("compute_dtype", p)
+        return cls(p, c, found.get("output_dtype", c))
+
+    def __str__(self) -> str:
+        n = lambda dt: _DTYPE_NAMES[dt][0]  # noqa: E731
+        return f"p={n(self.param_dtype)},c={n(self.compute_dtype)},o={n(self.output_dtype)}"
+
+    def cast_to_param(self, tree: T) -> T:
+        """Casts floating tensor leaves to ``param_dtype``."""
+        return _cast_floating(tree, self.param_dtype)
+
+    def cast_to_compute(self, tree: T) -> T:
+        """Casts floating tensor leaves to ``compute_dtype``."""
+        return _cast_floating(tree, self.compute_dtype)
+
+    def cast_to_output(self, tree: T) -> T:
+        """Casts floating tensor leaves to ``output_dtype``."""
+        return _cast_floating(tree, self.output_dtype)
+
+    def with_output_dtype(self, output_dtype: torch.dtype | str) -> Policy:
+        """The same policy with another output dtype."""
+        return dataclasses.replace(self, output_dtype=output_dtype)
+
+
+# --------------------------------------------------------------------------------------
+# the loss scales
+# --------------------------------------------------------------------------------------
 
 
 def _scale(tree: T, factor: float) -> T:
@@ -98,9 +284,8 @@ class NoOpLossScale(NamedTuple):
     """The loss scale that does nothing (``loss_scale`` is 1): for bfloat16 and float32.
 
     Example:
-        >>> import torch
-        >>> from fsharding.precision import NoOpLossScale
-        >>> NoOpLossScale().scale(torch.tensor(3.0)).item()
+        >>> import torch, fsharding as fs
+        >>> fs.NoOpLossScale().scale(torch.tensor(3.0)).item()
         3.0
     """
 
@@ -133,9 +318,8 @@ class StaticLossScale(_StaticFields):
         loss_scale: a positive finite number.
 
     Example:
-        >>> import torch
-        >>> from fsharding.precision import StaticLossScale
-        >>> s = StaticLossScale(128.0)
+        >>> import torch, fsharding as fs
+        >>> s = fs.StaticLossScale(128.0)
         >>> s.scale(torch.tensor(2.0)).item(), s.adjust(False).loss_scale
         (256.0, 128.0)
     """
@@ -198,9 +382,8 @@ class DynamicLossScale(_DynamicFields):
         ValueError: a number is out of range (the message names it).
 
     Example:
-        >>> import torch
-        >>> from fsharding.precision import DynamicLossScale
-        >>> s = DynamicLossScale()
+        >>> import torch, fsharding as fs
+        >>> s = fs.DynamicLossScale()
         >>> s.loss_scale, s.adjust(torch.tensor(False)).loss_scale
         (65536.0, 32768.0)
     """

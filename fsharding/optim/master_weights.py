@@ -1,5 +1,8 @@
 """``fs.amp`` on an optimizer: float32 master weights for half-precision params.
 
+This module owns :func:`master_weights` (what ``fs.amp(optimizer, policy=...)`` returns)
+and its state, :class:`AmpState`; the ``fs.Policy`` it reads is ``fsharding.precision``'s.
+
 In pure bfloat16 (or float16) training the params themselves are half precision, and an
 update smaller than half a unit in the last place of a param is lost: ``256 + 1`` is 256 in
 bfloat16. ``fs.amp(optimizer, policy="pure_bf16")`` keeps a float32 *master* copy of every
@@ -31,7 +34,7 @@ import torch
 
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
-from fsharding.transforms.amp import HALF, Policy
+from fsharding.precision import HALF, Policy
 
 __all__ = ["AmpState", "master_weights"]
 
@@ -71,10 +74,9 @@ def master_weights(
         ``params``.
 
     Example:
-        >>> import torch
+        >>> import torch, fsharding as fs
         >>> from fsharding import optim
-        >>> from fsharding.transforms.amp import amp
-        >>> tx = amp(optim.sgd(1.0), policy="pure_bf16")
+        >>> tx = fs.amp(optim.sgd(1.0), policy="pure_bf16")
         >>> params = {"w": torch.zeros(1, dtype=torch.bfloat16)}
         >>> state = tx.init(params)
         >>> for g in (-256.0, -1.0, 256.0):

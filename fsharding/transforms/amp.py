@@ -1,6 +1,11 @@
-"""Mixed precision: a ``Policy`` of three dtypes and ``amp``, which applies it.
+"""``fs.amp``: runs a function (or an optimizer) under a mixed-precision ``fs.Policy``.
 
-A :class:`Policy` (jmp's) names the dtype params are stored in, the dtype the computation
+This module owns the transform and its op rule; the policy itself (its dtypes, string form
+and casts) and the loss scales live in ``fsharding.precision``, and ``fs.amp(optimizer)``
+is ``optim/master_weights``. :func:`recompute_context` is here because only this module
+knows the rule: ``fs.remat`` uses it to recompute in the forward's precision.
+
+An ``fs.Policy`` (jmp's) names the dtype params are stored in, the dtype the computation
 runs in and the dtype outputs are returned in. ``fs.amp(f, policy=...)`` runs ``f`` under a
 policy: every floating tensor leaf of every argument is cast to ``compute_dtype`` on entry
 (a differentiable cast: gradients come back in each argument's own dtype), outputs are cast
@@ -56,7 +61,6 @@ params that matmuls save for backward are the same ones autocast caches.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
@@ -67,168 +71,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from fsharding.optim.base import GradientTransformation
+from fsharding.optim.master_weights import master_weights
+from fsharding.precision import HALF, Policy
 
-__all__ = ["Policy", "amp", "recompute_context"]
+__all__ = ["amp", "recompute_context"]
 
 T = TypeVar("T")
-
-HALF = (torch.float16, torch.bfloat16)
-
-# dtype -> spellings; the first is the one __str__ writes.
-_DTYPE_NAMES: dict[torch.dtype, tuple[str, ...]] = {
-    torch.float32: ("f32", "float32", "full"),
-    torch.bfloat16: ("bf16", "bfloat16"),
-    torch.float16: ("f16", "float16", "half"),
-    torch.float64: ("f64", "float64", "double"),
-}
-_NAME_TO_DTYPE = {n: dt for dt, names in _DTYPE_NAMES.items() for n in names}
-_KEYS = {
-    "p": "param_dtype",
-    "params": "param_dtype",
-    "c": "compute_dtype",
-    "compute": "compute_dtype",
-    "o": "output_dtype",
-    "output": "output_dtype",
-}
-_SHORTHANDS = {
-    "fp32": "p=f32,c=f32,o=f32",
-    "bf16": "p=f32,c=bf16,o=f32",
-    "fp16": "p=f32,c=f16,o=f32",
-    "pure_bf16": "p=bf16,c=bf16,o=bf16",
-}
-
-
-def _parse_dtype(value: Any, where: str) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
-        return value
-    if isinstance(value, str) and value.strip() in _NAME_TO_DTYPE:
-        return _NAME_TO_DTYPE[value.strip()]
-    raise ValueError(
-        f"{where}: unknown dtype {value!r}; use a floating torch.dtype or one of "
-        f"{', '.join(sorted(_NAME_TO_DTYPE))}."
-    )
-
-
-def _cast_floating(tree: T, dtype: torch.dtype) -> T:
-    """Casts floating-point tensor leaves to ``dtype`` (differentiably; others unchanged)."""
-    return optree.tree_map(
-        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
-        tree,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-    """A mixed-precision policy (jmp's): the dtypes of params, computation and outputs.
-
-    Args:
-        param_dtype: the dtype params are stored in.
-        compute_dtype: the dtype ``fs.amp`` computes in.
-        output_dtype: the dtype ``fs.amp`` returns outputs in.
-        Each is a floating ``torch.dtype`` or a name (``"f32"``, ``"bf16"``, ...).
-
-    Raises:
-        ValueError: a dtype is not float16, bfloat16, float32 or float64.
-
-    Example:
-        >>> import torch
-        >>> from fsharding.transforms.amp import Policy
-        >>> p = Policy.parse("params=float32,compute=bfloat16")
-        >>> str(p), Policy.parse("bf16") == Policy(torch.float32, "bf16", "f32")
-        ('p=f32,c=bf16,o=bf16', True)
-        >>> p.cast_to_compute({"w": torch.ones(2), "i": torch.arange(2)})["w"].dtype
-        torch.bfloat16
-    """
-
-    param_dtype: torch.dtype
-    compute_dtype: torch.dtype
-    output_dtype: torch.dtype
-
-    def __post_init__(self) -> None:
-        for field in ("param_dtype", "compute_dtype", "output_dtype"):
-            dt = _parse_dtype(getattr(self, field), f"fs.Policy: {field}")
-            object.__setattr__(self, field, dt)
-
-    @classmethod
-    def parse(cls, policy: str) -> Policy:
-        """Parses jmp's policy grammar (``jmp.get_policy``) or a shorthand.
-
-        ``"params=float32,compute=bfloat16,output=float32"``; keys ``p``/``params``,
-        ``c``/``compute``, ``o``/``output``; dtype names ``f32``/``float32``/``full``,
-        ``bf16``/``bfloat16``, ``f16``/``float16``/``half``, ``f64``/``float64``/``double``.
-        Omitted params are float32, omitted compute follows params, omitted output follows
-        compute. A bare dtype name is that dtype for params, compute and output, as in jmp:
-        ``"float16"``, ``"half"``, ``"float32"``, ``"full"``, ``"bfloat16"``, ``"f16"``,
-        ``"f32"``, ``"float64"``. Shorthands: ``"fp32"`` (all f32), ``"bf16"``
-        (p=f32,c=bf16,o=f32), ``"fp16"`` (p=f32,c=f16,o=f32), ``"pure_bf16"`` (all bf16).
-
-        The one difference from jmp: a bare ``"bf16"`` is the shorthand above (float32
-        params and outputs, bfloat16 compute: what PyTorch autocast and DeepSpeed users
-        mean by bf16), where ``jmp.get_policy("bf16")`` is bfloat16 everywhere; spell that
-        ``"bfloat16"`` or ``"pure_bf16"``. (``"half"`` is always float16, torch's ``half``;
-        jmp picks bfloat16 on TPU, which torch does not target. ``str`` writes ``f32`` where
-        jmp writes ``full``; both parse.)
-
-        Raises:
-            ValueError: an unknown key, dtype name or shorthand, or a repeated key; the
-                message lists the valid ones.
-
-        Example:
-            >>> str(Policy.parse("c=f16")), str(Policy.parse("float16"))
-            ('p=f32,c=f16,o=f16', 'p=f16,c=f16,o=f16')
-            >>> str(Policy.parse("bf16")), str(Policy.parse("bfloat16"))
-            ('p=f32,c=bf16,o=f32', 'p=bf16,c=bf16,o=bf16')
-        """
-        if not isinstance(policy, str):
-            raise TypeError(f"fs.Policy.parse: policy must be a str, got {policy!r}.")
-        text = _SHORTHANDS.get(policy.strip(), policy)
-        if "=" not in text:
-            if text.strip() in _NAME_TO_DTYPE:  # jmp: a bare dtype name is all three
-                dt = _NAME_TO_DTYPE[text.strip()]
-                return cls(dt, dt, dt)
-            raise ValueError(
-                f"fs.Policy.parse: unknown policy {policy!r}; use a shorthand "
-                f"({', '.join(repr(s) for s in _SHORTHANDS)}), a dtype name for all three "
-                f"({', '.join(repr(n) for n in _NAME_TO_DTYPE if n not in _SHORTHANDS)}) or "
-                f"'key=dtype,...' with keys p/params, c/compute, o/output (e.g. "
-                f"'p=f32,c=bf16,o=f32')."
-            )
-        found: dict[str, torch.dtype] = {}
-        for part in text.split(","):
-            key, sep, value = part.partition("=")
-            key = key.strip()
-            field = _KEYS.get(key)
-            if not sep or field is None:
-                raise ValueError(
-                    f"fs.Policy.parse: unknown key {key!r} in {policy!r}; valid keys are "
-                    f"{', '.join(_KEYS)} (as key=dtype, comma-separated)."
-                )
-            if field in found:
-                raise ValueError(f"fs.Policy.parse: {field} given twice in {policy!r}.")
-            found[field] = _parse_dtype(value, f"fs.Policy.parse: {key}= in {policy!r}")
-        p = found.get("param_dtype", torch.float32)
-        c = found.get("compute_dtype", p)
-        return cls(p, c, found.get("output_dtype", c))
-
-    def __str__(self) -> str:
-        n = lambda dt: _DTYPE_NAMES[dt][0]  # noqa: E731
-        return f"p={n(self.param_dtype)},c={n(self.compute_dtype)},o={n(self.output_dtype)}"
-
-    def cast_to_param(self, tree: T) -> T:
-        """Casts floating tensor leaves to ``param_dtype``."""
-        return _cast_floating(tree, self.param_dtype)
-
-    def cast_to_compute(self, tree: T) -> T:
-        """Casts floating tensor leaves to ``compute_dtype``."""
-        return _cast_floating(tree, self.compute_dtype)
-
-    def cast_to_output(self, tree: T) -> T:
-        """Casts floating tensor leaves to ``output_dtype``."""
-        return _cast_floating(tree, self.output_dtype)
-
-    def with_output_dtype(self, output_dtype: torch.dtype | str) -> Policy:
-        """The same policy with another output dtype."""
-        return dataclasses.replace(self, output_dtype=output_dtype)
 
 
 def _as_policy(policy: Any, api: str) -> Policy:
@@ -370,11 +218,15 @@ def recompute_context() -> contextlib.AbstractContextManager:
     ``amp`` region it does nothing.
 
     Example:
-        >>> import torch
-        >>> ctx = recompute_context()  # outside amp: nothing to re-establish
-        >>> with ctx:
-        ...     torch.ones(2, dtype=torch.bfloat16).sum().dtype
+        >>> import torch, fsharding as fs
+        >>> x = torch.ones(2, 2)
+        >>> ctx = fs.amp(recompute_context, policy="bf16")()  # taken inside an amp region
+        >>> with ctx:  # re-enters its rule: matmuls in bfloat16
+        ...     (x @ x).dtype
         torch.bfloat16
+        >>> with recompute_context():  # taken outside amp: nothing to re-establish
+        ...     (x @ x).dtype
+        torch.float32
     """
     return _Reenter(
         [m.compute_dtype for m in _get_current_function_mode_stack() if isinstance(m, _OpRule)]
@@ -437,11 +289,11 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
 
     On an ``optim.GradientTransformation``: fp32 master weights for the params stored in
     float16 / bfloat16 (pure half-precision training); see
-    :func:`fsharding.optim.master_weights.master_weights`.
+    ``optim/master_weights``.
 
     Args:
         fn_or_optimizer: the function or optimizer; omit it to get a decorator.
-        policy: an :class:`Policy` or a string for :meth:`Policy.parse` (default ``"bf16"``:
+        policy: an ``fs.Policy`` or a string for ``fs.Policy.parse`` (default ``"bf16"``:
             params and outputs float32, compute bfloat16).
 
     Returns:
@@ -453,8 +305,7 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
 
     Example:
         >>> import torch, fsharding as fs
-        >>> from fsharding.transforms.amp import amp
-        >>> f = amp(lambda w, x: x @ w, policy="bf16")
+        >>> f = fs.amp(lambda w, x: x @ w, policy="bf16")
         >>> w = torch.ones(3, 2, requires_grad=True)
         >>> out = f(w, torch.ones(4, 3))
         >>> out.dtype, fs.grad(lambda w: f(w, torch.ones(4, 3)).sum())(w).dtype
@@ -464,8 +315,6 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
     if fn_or_optimizer is None:
         return functools.partial(amp, policy=pol)
     if isinstance(fn_or_optimizer, GradientTransformation):
-        from fsharding.optim.master_weights import master_weights
-
         return master_weights(fn_or_optimizer, pol)
     if isinstance(fn_or_optimizer, torch.nn.Module):
         raise TypeError(

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import fsharding as fs
 from fsharding import optim
 from fsharding.optim.master_weights import AmpState
-from fsharding.precision import DynamicLossScale
-from fsharding.transforms.amp import Policy, amp
+from fsharding.precision import DynamicLossScale, Policy
+from fsharding.transforms.amp import amp
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 PURE = Policy.parse("pure_bf16")

@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointError, checkpoint
 
 import fsharding as fs
-from fsharding.transforms.amp import Policy, amp, recompute_context
+from fsharding.precision import Policy
+from fsharding.transforms.amp import amp, recompute_context
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 SPELLINGS = {
