@@ -37,6 +37,18 @@ reduce-scattered in the param dtype (FSDP2's ``param_dtype`` / ``reduce_dtype``)
 as gather-owned (the ``_fs_gathers`` attribute, kept by ``functools.wraps`` through remat,
 amp and offload); its ``apply`` gathers the other params (embeddings, head, final norm)
 once on entry, with the same autograd all-gather, and keeps them until backward.
+
+This module owns all of ``fs.gather``:
+
+* :func:`gather`, the public transform;
+* :class:`Sharding`, what ``fs.zero(gather="blocks")`` binds in ``_context.SHARDING`` while
+  ``grad_fn`` runs (:func:`call_sharded`), and :func:`gather_list`, the autograd all-gather
+  of the shards found in a list of leaves (bucketed by ``parallel/_buckets``);
+* the saved-tensor hooks of ``reshard_after_forward=True`` (``_Reshard``);
+* the apply-entry gather of ``fs.functional`` (:meth:`Sharding.gather_unowned`, which
+  :func:`marks_gather` tells which blocks gather their own params);
+* :class:`LiveBytes`, the gathered full params alive, which ``fs.memory_report`` reads
+  (:func:`track_gathered`; ``fs.zero`` finds it with :func:`current_tracker`).
 """
 
 from __future__ import annotations
@@ -50,11 +62,15 @@ from typing import Any, TypeVar, overload
 
 import optree
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fsharding import _context
+from fsharding import tree as _tree
+from fsharding._compat import settle, top_saved_tensors_hooks
 from fsharding.parallel import _buckets as _lay
-from fsharding.parallel import _gather_reshard as _reshard
+from fsharding.transforms import remat as _remat
 
 __all__ = ["gather"]
 
@@ -143,6 +159,10 @@ def gather(
     return gathered
 
 
+gather._fs_gathers = True  # type: ignore[attr-defined]  # wrap={Block: fs.gather}
+gather._fs_transform = True  # type: ignore[attr-defined]  # fs.remat(fs.gather) composes
+
+
 def _call_gathered(
     block_fn: Callable[..., Any],
     axis: Axis,
@@ -155,7 +175,7 @@ def _call_gathered(
     if sharding is None:
         return block_fn(block_params, *args, **kwargs)
     sharding.check_axis(axis, "fs.gather")
-    reshard = _reshard.Reshard.wanted(sharding) if reshard_after_forward else None
+    reshard = _Reshard.wanted(sharding) if reshard_after_forward else None
     leaves, treedef = optree.tree_flatten(block_params)
     block_params = optree.tree_unflatten(treedef, gather_list(sharding, leaves, reshard))
     del leaves
@@ -163,9 +183,6 @@ def _call_gathered(
         return block_fn(block_params, *args, **kwargs)
     with torch.autograd.graph.saved_tensors_hooks(reshard.pack, reshard.unpack):
         return block_fn(block_params, *args, **kwargs)
-
-
-gather._fs_gathers = True  # type: ignore[attr-defined]  # wrap={Block: fs.gather}
 
 
 def _check_axis_arg(axis: Any) -> None:
@@ -188,19 +205,17 @@ class LiveBytes:
     gather allocates, which is when the peak can grow)."""
 
     def __init__(self) -> None:
-        self._live: dict[tuple[str, int], tuple[Any, int]] = {}
+        self._live: dict[tuple[torch.device, int], tuple[StorageWeakRef, int]] = {}
         self.peak = 0
-        self.gathered_bytes = 0  # total ever gathered
 
     def add(self, tensors: list[torch.Tensor]) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
+        """Counts ``tensors`` (gathered full params, each its own storage) as alive."""
         self._live = {k: v for k, v in self._live.items() if not v[0].expired()}
         for t in tensors:
-            st = t.untyped_storage()
-            if st.nbytes():
-                self._live[_key(t)] = (StorageWeakRef(st), st.nbytes())
-                self.gathered_bytes += st.nbytes()
+            key = _tree.storage_key(t)
+            if key is not None:
+                st = t.untyped_storage()
+                self._live[key] = (StorageWeakRef(st), st.nbytes())
         self.peak = max(self.peak, self.current)
 
     @property
@@ -209,12 +224,9 @@ class LiveBytes:
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in a gathered storage that is still alive."""
-        v = self._live.get(_key(t))
+        key = _tree.storage_key(t)
+        v = self._live.get(key) if key is not None else None
         return v is not None and not v[0].expired()
-
-
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
 
 
 @contextlib.contextmanager
@@ -229,6 +241,7 @@ def track_gathered() -> Iterator[LiveBytes]:
 
 
 def current_tracker() -> LiveBytes | None:
+    """The tracker of the innermost :func:`track_gathered`, else None."""
     return _TRACKER.get()
 
 
@@ -322,7 +335,7 @@ class Sharding:
 
 
 @contextlib.contextmanager
-def sharding(s: Sharding) -> Iterator[Sharding]:
+def _bind_sharding(s: Sharding) -> Iterator[Sharding]:
     """Binds ``s`` while ``grad_fn`` runs (remat recomputation re-enters it by itself)."""
     token = _SHARDING.set(s)
     try:
@@ -341,7 +354,7 @@ _HOW = (
 def call_sharded(s: Sharding, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with ``s`` bound (``fs.zero``'s ``gather="blocks"``); a
     function that never gathers raises (its grads would be those of the shards)."""
-    with sharding(s):
+    with _bind_sharding(s):
         try:
             out = fn(*args, **kwargs)
         except (RuntimeError, IndexError) as e:  # what shape mismatches raise
@@ -405,9 +418,7 @@ class _GatherRows(torch.autograd.Function):
         return (None, *_lay.reduce_scatter_buckets(plan.scatter_buckets, g, plan.group, device))
 
 
-def gather_list(
-    s: Sharding, leaves: list[Any], reshard: _reshard.Reshard | None = None
-) -> list[Any]:
+def gather_list(s: Sharding, leaves: list[Any], reshard: _Reshard | None = None) -> list[Any]:
     """``leaves`` with every shard (or cast of one) replaced by its full tensor; with
     ``reshard``, it learns the full tensors (to pack them for backward as references)."""
     found = [(i, *hit) for i, x in enumerate(leaves) if (hit := s.find(x)) is not None]
@@ -424,9 +435,163 @@ def gather_list(
     return out
 
 
-def gather_tree(s: Sharding, tree: Any) -> Any:
-    leaves, treedef = optree.tree_flatten(tree)
-    return optree.tree_unflatten(treedef, gather_list(s, leaves))
+# --------------------------------------------------------------------------------------
+# gather(block, reshard_after_forward=True): full params re-gathered in backward
+# --------------------------------------------------------------------------------------
+#
+# Saved-tensor hooks installed around the block keep each saved view of a gathered full
+# param as a reference (index, size, stride, offset); its first unpack in backward
+# all-gathers the block's shards once more (one bucketed collective), later unpacks of the
+# same block reuse that copy, and it is dropped when every reference has been unpacked.
+# Saved tensors that are not gathered params go to the hook that was in force outside the
+# block (fs.offload, fs.memory_report), so those keep working. Inside a remat region nothing
+# is installed (checkpoint's hook must stay innermost, and the region saves no params).
+
+
+class _Saved:
+    """A saved view of a gathered full param, kept as a reference (no data)."""
+
+    __slots__ = ("index", "size", "stride", "offset")
+
+    def __init__(self, index: int, t: torch.Tensor):
+        self.index, self.size, self.stride, self.offset = (
+            index,
+            t.size(),
+            t.stride(),
+            t.storage_offset(),
+        )
+
+
+class _Outer:
+    """A saved tensor packed by the saved-tensor hook that was in force outside the block."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+# Backward prefetch: None = where the backend gathers into the output in place (NCCL). On
+# gloo an all-gather in flight also holds gloo's own flattened input and output copies:
+# prefetching one block there kept ~3 blocks' bytes more alive (GPT small: +11 MiB peak RSS
+# per rank) for little overlap on CPU cores the compute already uses. (Tests set it.)
+_PREFETCH: bool | None = None
+
+
+def _prefetches(group: Any) -> bool:
+    if _PREFETCH is not None:
+        return _PREFETCH
+    return dist.get_backend(group) != "gloo"
+
+
+class _Reshard:
+    """``gather(reshard_after_forward=True)``: saved-tensor hooks that keep views of the
+    block's gathered full params as references and all-gather them again (once, for all of
+    the block's params) when backward first unpacks one; the copy is dropped when backward
+    has unpacked every reference. Other saved tensors go to the hook in force outside
+    (``fs.offload``, ``fs.memory_report``), or are kept as usual.
+
+    Backward prefetch (FSDP2's; not on gloo, see ``_PREFETCH``): when a block re-gathers,
+    the all-gather of the block that ran before it in forward (next in backward) is launched
+    without waiting, so it overlaps this block's backward; at most two blocks' full params
+    exist at once. Every rank runs the same graph, so every rank launches the same
+    collectives in the same order.
+    """
+
+    def __init__(self, outer: tuple[Callable, Callable] | None, prev: Any):
+        self.outer = outer
+        self.prev = prev  # weakref to the reshard of the block before, or None
+        self.index: dict[tuple[torch.device, int], tuple[int, torch.dtype]] = {}
+        self.plan: _Plan | None = None
+        self.shards: list[torch.Tensor] = []
+        self.cache: list[torch.Tensor] | None = None
+        self.pending: list | None = None  # a launched (prefetched) all-gather
+        self.packed = 0
+        self.left = 0
+
+    @staticmethod
+    def wanted(s: Sharding) -> _Reshard | None:
+        """A reshard for this call, or None where it has no effect (stage 2, no grad, or
+        inside a checkpoint region, whose hook must stay innermost)."""
+        if s.fulls is not None or not torch.is_grad_enabled() or _remat._in_remat():
+            return None
+        top = top_saved_tensors_hooks()
+        name = getattr(top[0], "__qualname__", "") if top is not None else ""
+        if name.startswith(("_checkpoint_hook.", "_recomputation_hook.")):
+            return None
+        r = _Reshard(top, s.last_reshard)
+        s.last_reshard = weakref.ref(r)
+        return r
+
+    def learn(self, plan: _Plan, shards: list[torch.Tensor], fulls: tuple) -> None:
+        if plan.fulls is not None or self.plan is not None:
+            return
+        self.plan, self.shards = plan, [t.detach() for t in shards]
+        keys = [_tree.storage_key(f) for f in fulls]
+        self.index = {k: (i, f.dtype) for i, (k, f) in enumerate(zip(keys, fulls)) if k is not None}
+
+    def pack(self, t: torch.Tensor) -> Any:
+        key = _tree.storage_key(t)  # None: empty, or no storage (tensor subclasses)
+        hit = self.index.get(key) if key is not None else None
+        if hit is not None and hit[1] == t.dtype:
+            self.packed += 1
+            self.left += 1
+            return _Saved(hit[0], t)
+        if self.outer is not None:
+            return _Outer(self.outer[0](t))
+        return t
+
+    def unpack(self, x: Any) -> torch.Tensor:
+        if isinstance(x, _Outer):
+            return self.outer[1](x.value)  # type: ignore[index]
+        if not isinstance(x, _Saved):
+            return x
+        fulls = self.cache
+        if fulls is None:
+            fulls = self.cache = self._regather()
+        self.left -= 1
+        if self.left <= 0:  # every reference unpacked: drop ours (a second backward regathers)
+            self.cache, self.left = None, self.packed
+        return fulls[x.index].as_strided(x.size, x.stride, x.offset)
+
+    def _launch(self) -> None:
+        plan = self.plan
+        assert plan is not None
+        with torch.no_grad():
+            cast = [s.to(d) for s, d in zip(self.shards, plan.dtypes)]
+            self.pending = _lay.start_all_gather(
+                plan.gather_buckets, cast, plan.group, self.shards[0].device
+            )
+        if plan.tracker is not None:  # the buffers being gathered into count from now
+            plan.tracker.add([out for _, out in self.pending])
+
+    def _regather(self) -> list[torch.Tensor]:
+        if self.pending is None:
+            self._launch()
+        pending, self.pending = self.pending, None
+        fulls = _lay.finish_all_gather(pending, len(self.shards))  # type: ignore[arg-type]
+        if self.plan.tracker is not None:  # type: ignore[union-attr]
+            self.plan.tracker.add(fulls)  # type: ignore[union-attr]
+        prev = self.prev() if self.prev is not None else None
+        if (  # prefetch the next block of backward, if its backward has not started
+            _prefetches(self.plan.group)  # type: ignore[union-attr]
+            and prev is not None
+            and prev.packed
+            and prev.cache is None
+            and prev.pending is None
+            and prev.left == prev.packed
+        ):
+            prev._launch()
+        return fulls
+
+    def __del__(self) -> None:
+        pending = getattr(self, "pending", None)
+        if pending:  # prefetched but never needed (e.g. backward stopped early): finish it
+            with contextlib.suppress(Exception):
+                for _, out in pending:
+                    torch.ops._c10d_functional.wait_tensor(out)
+                # and let gloo's worker drop it now, not during interpreter exit
+                settle([(out, 1) for _, out in pending if out.device.type == "cpu"])
 
 
 # --------------------------------------------------------------------------------------
@@ -480,6 +645,3 @@ def marks_gather(transform: Callable[..., Any], block: torch.nn.Module | None = 
             )
         raise
     return bool(getattr(wrapped, "_fs_gathers", False))
-
-
-gather._fs_transform = True  # type: ignore[attr-defined]  # fs.remat(fs.gather) composes

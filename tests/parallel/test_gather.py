@@ -24,7 +24,6 @@ from fsharding import optim
 from fsharding.memory import memory_report
 from fsharding.models.gpt import GPT, Block, GPTConfig
 from fsharding.parallel import _buckets as L
-from fsharding.parallel import _gather_reshard as R
 from fsharding.parallel import gather as G
 from fsharding.parallel.gather import gather
 from tests.dist_utils import run
@@ -206,7 +205,7 @@ def check_random_trees(rank, world, group):
         def f(p, x, extra):
             return nonlinear(p, x) + (extra * x).sum()
 
-        with G.sharding(s):
+        with G._bind_sharding(s):
             loss, (gp, ge) = fs.value_and_grad(fs.remat(gather(f)), argnums=(0, 2))(
                 fs.tree.unflatten(treedef, local), xs[rank], outside
             )
@@ -225,7 +224,7 @@ def check_random_trees(rank, world, group):
         assert s.gathers == 2  # forward and the remat recomputation
         # reshard_after_forward: the same grads, also from a second backward of the graph
         params = [t.detach().requires_grad_(t.dim() > 0) for t in local]
-        with G.sharding(s):
+        with G._bind_sharding(s):
             y = gather(f, reshard_after_forward=True)(
                 fs.tree.unflatten(treedef, params), xs[rank], outside
             )
@@ -273,11 +272,11 @@ def gather_worker():
         "remat_dots": lambda f: fs.remat(gather(f), policy=fs.policies.dots_saveable),
         "no_remat": gather,
         "reshard": gather(reshard_after_forward=True),
-        "reshard_prefetch": gather(reshard_after_forward=True),  # (R.PREFETCH forced on)
+        "reshard_prefetch": gather(reshard_after_forward=True),  # (G._PREFETCH forced on)
         "boundary": lambda f: fs.remat(gather(f)),
     }
     for name, transform in variants.items():
-        R.PREFETCH = True if name == "reshard_prefetch" else None  # None: off on gloo
+        G._PREFETCH = True if name == "reshard_prefetch" else None  # None: off on gloo
         apply, params = fs.functional(model, wrap={Block: transform})
         mode = "boundary" if name == "boundary" else "blocks"
         step = fs.zero(
@@ -294,7 +293,7 @@ def gather_worker():
             "params": rep.params,
             "saved": rep.saved_activations,
         }
-    R.PREFETCH = None
+    G._PREFETCH = None
 
     # a deeper model: reshard_after_forward holds one block's full params (two with the
     # backward prefetch), not all four
@@ -306,10 +305,10 @@ def gather_worker():
     )
     q, s = step.init(params4)
     for prefetch in (None, True):
-        R.PREFETCH = prefetch
+        G._PREFETCH = prefetch
         rep = memory_report(step, q, s, {k: v[:ROWS] for k, v in batches[0].items()})
         out[f"reshard4_{prefetch}"] = rep.gathered_params
-    R.PREFETCH = None
+    G._PREFETCH = None
 
     # accumulate inside zero: each microbatch reduce-scatters its grads per block (stage 3
     # gathers per microbatch too; stage 2 holds full params and only reduce-scatters)
