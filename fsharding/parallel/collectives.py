@@ -1,10 +1,12 @@
-"""Differentiable named-axis collectives (JAX's ``psum``, ``all_gather``, ...).
+"""Differentiable named-axis collectives (JAX's ``psum``, ``all_gather``, ...): ``fs.psum``,
+``fs.pmean``, ``fs.pmax``, ``fs.all_gather``, ``fs.psum_scatter``, ``fs.ppermute``,
+``fs.axis_index``, ``fs.axis_size``, and the current mesh they read.
 
 They are called inside ``fs.shard`` (or any code run under :func:`bind_mesh`) with a mesh
-axis name; the mesh comes from the context. Each takes a tensor or a pytree of tensors.
-Built on torch's functional collectives (``torch.ops._c10d_functional``, the ops under
-``torch.distributed._functional_collectives``), wrapped in autograd Functions with JAX's
-transposes (``shard_map(check_rep=False)``):
+axis name; the mesh comes from the context (``_context.MESH``). Each takes a tensor or a
+pytree of tensors. Built on torch's functional collectives (``torch.ops._c10d_functional``,
+the ops under ``torch.distributed._functional_collectives``), wrapped in autograd Functions
+with JAX's transposes (``shard_map(check_rep=False)``):
 
 =================  =========================================
 collective         backward
@@ -24,7 +26,12 @@ axes for ``psum``/``pmean``/``pmax``/``all_gather``/``psum_scatter``/``axis_inde
 
 For library code: :func:`bind_mesh` makes a mesh current (``fs.shard`` uses it around
 ``fn``), :func:`current_mesh` reads it. During a backward pass with no mesh bound (e.g. a
-``remat`` region recomputing a collective) the most recently bound mesh is used.
+``remat`` region recomputing a collective) the most recently bound mesh is used. The
+autograd Functions over one process group (``_AllReduceSum``, ``_AllGather``, ...) and the
+raw waited collectives (``_raw_all_reduce``, ...) are ``fs.shard``'s building blocks too.
+Each returns only after gloo's worker thread has let go of its tensors (``settle``, in
+``fsharding._compat``: no SIGABRT at exit); ``settle`` and ``use_counts`` are importable from
+here as well.
 """
 
 from __future__ import annotations
@@ -62,16 +69,10 @@ _LAST: list[Mesh | None] = [None]  # the last mesh bound, for recomputation duri
 
 @contextlib.contextmanager
 def bind_mesh(mesh: Mesh) -> Iterator[Mesh]:
-    """Makes ``mesh`` the current mesh of the named-axis collectives in this context.
-
-    Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     axis_size("dp"), psum(torch.ones(2), "dp").tolist()
-        (1, [1.0, 1.0])
-    """
+    """Makes ``mesh`` the current mesh of the named-axis collectives in this context
+    (``fs.shard`` binds its mesh around ``fn``)."""
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"bind_mesh: mesh must be an Mesh, got {type(mesh).__name__}.")
+        raise TypeError(f"bind_mesh: mesh must be an fs.Mesh, got {type(mesh).__name__}.")
     token = _CURRENT.set(mesh)
     _LAST[0] = mesh
     try:
@@ -81,12 +82,8 @@ def bind_mesh(mesh: Mesh) -> Iterator[Mesh]:
 
 
 def current_mesh() -> Mesh | None:
-    """The mesh bound by the innermost ``fs.shard`` / :func:`bind_mesh`, else None.
-
-    Example:
-        >>> current_mesh() is None
-        True
-    """
+    """The mesh bound by the innermost ``fs.shard`` / :func:`bind_mesh`, else None (in a
+    backward pass with none bound: the last mesh bound, for remat's recomputation)."""
     mesh = _CURRENT.get()
     if mesh is None and torch._C._current_graph_task_id() != -1:
         mesh = _LAST[0]  # inside a backward pass (remat recomputation)
@@ -258,9 +255,11 @@ def psum(x: Any, axis_name: AxisName) -> Any:
     "dp")`` is the axis size). Its transpose is ``psum`` (JAX ``check_rep=False``).
 
     Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     psum({"a": torch.tensor(3.0)}, "dp")["a"].item(), psum(1, "dp")
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: (fs.psum({"a": x}, "dp"), fs.psum(1, "dp")),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P(), out_specs=fs.P())
+        >>> total, n = f(torch.tensor(3.0))
+        >>> total["a"].item(), n
         (3.0, 1)
     """
     mesh, names = _axes(axis_name, "fs.psum")
@@ -280,9 +279,10 @@ def pmean(x: Any, axis_name: AxisName) -> Any:
     """The mean of ``x`` over the ranks of ``axis_name`` (``psum(x) / axis_size``).
 
     Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     pmean(torch.tensor([2.0, 4.0]), "dp").tolist()
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: fs.pmean(x, "dp"),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P("dp"), out_specs=fs.P())
+        >>> f(torch.tensor([2.0, 4.0])).tolist()
         [2.0, 4.0]
     """
     mesh, names = _axes(axis_name, "fs.pmean")
@@ -299,9 +299,10 @@ def pmax(x: Any, axis_name: AxisName) -> Any:
     ``torch.amax``), summed over the ranks' cotangents.
 
     Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     pmax(torch.tensor([1.0, -1.0]), "dp").tolist()
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: fs.pmax(x, "dp"),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P("dp"), out_specs=fs.P())
+        >>> f(torch.tensor([1.0, -1.0])).tolist()
         [1.0, -1.0]
     """
     mesh, names = _axes(axis_name, "fs.pmax")
@@ -331,9 +332,10 @@ def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = Fals
     :func:`psum_scatter`.
 
     Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     all_gather(torch.ones(2, 3), "dp").shape
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: fs.all_gather(x, "dp"),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P("dp"), out_specs=fs.P())
+        >>> f(torch.ones(2, 3)).shape
         torch.Size([1, 2, 3])
     """
     api = "fs.all_gather"
@@ -363,9 +365,10 @@ def psum_scatter(
     the axis size and is removed. The transpose is :func:`all_gather`.
 
     Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     psum_scatter(torch.ones(1, 3), "dp").shape
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: fs.psum_scatter(x, "dp"),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P(), out_specs=fs.P("dp"))
+        >>> f(torch.ones(1, 3)).shape
         torch.Size([3])
     """
     api = "fs.psum_scatter"
@@ -396,11 +399,11 @@ def ppermute(x: Any, axis_name: str, perm: Sequence[tuple[int, int]]) -> Any:
     unique. The transpose is the inverse permutation. One axis only.
 
     Example:
-        >>> import torch
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     ppermute(torch.ones(2), "dp", [(0, 0)]).tolist(), ppermute(
-        ...         torch.ones(2), "dp", []).tolist()
-        ([1.0, 1.0], [0.0, 0.0])
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: (fs.ppermute(x, "dp", [(0, 0)]), fs.ppermute(x, "dp", [])),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P("dp"), out_specs=fs.P("dp"))
+        >>> [y.tolist() for y in f(torch.ones(2))]
+        [[1.0, 1.0], [0.0, 0.0]]
     """
     api = "fs.ppermute"
     mesh, names = _axes(axis_name, api)
@@ -437,8 +440,10 @@ def axis_index(axis_name: AxisName) -> int:
     """This rank's index along ``axis_name`` (a Python int; row-major over a tuple).
 
     Example:
-        >>> with bind_mesh(Mesh(dp=1)):
-        ...     axis_index("dp")
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: fs.axis_index("dp"),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P(), out_specs=fs.P())
+        >>> f(torch.ones(1))
         0
     """
     mesh, names = _axes(axis_name, "fs.axis_index")
@@ -452,8 +457,10 @@ def axis_size(axis_name: AxisName) -> int:
     """The number of ranks along ``axis_name`` (the product over a tuple).
 
     Example:
-        >>> with bind_mesh(Mesh(dp=1, tp=1)):
-        ...     axis_size(("dp", "tp"))
+        >>> import torch, fsharding as fs
+        >>> f = fs.shard(lambda x: fs.axis_size(("dp", "tp")),
+        ...              mesh=fs.Mesh(dp=1, tp=1), in_specs=fs.P(), out_specs=fs.P())
+        >>> f(torch.ones(1))
         1
     """
     mesh, names = _axes(axis_name, "fs.axis_size")

@@ -1,4 +1,5 @@
-"""``fs.launch``: run one function on N fresh local processes, each in a process group.
+"""``fs.launch`` and ``fs.LaunchError``: run one function on N fresh local processes, each in
+a process group (the caller's side, then the child's side: ``_child_main``).
 
 For tests, notebooks and single-machine experiments (multi-node runs use ``torchrun``).
 Each rank is a *fresh* interpreter started with ``subprocess`` (never ``fork``, and never a
@@ -19,6 +20,7 @@ calling thread).
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 import pickle
 import selectors
@@ -30,7 +32,11 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
+
+import torch
+import torch.distributed as dist
 
 __all__ = ["launch", "LaunchError"]
 
@@ -96,12 +102,13 @@ def launch(
         TypeError: ``fn`` or ``args`` cannot be pickled, or a bad ``nprocs``/``timeout``.
 
     Example:
+        >>> import fsharding as fs
         >>> def work(scale):
         ...     import torch, torch.distributed as dist
         ...     t = torch.tensor([float(dist.get_rank())])
         ...     dist.all_reduce(t)
         ...     return scale * t.item()
-        >>> launch(work, 2, 10.0, timeout=60)
+        >>> fs.launch(work, 2, 10.0, timeout=60)
         [10.0, 10.0]
     """
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
@@ -112,7 +119,7 @@ def launch(
         )
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"fs.launch: backend must be None or a str like 'gloo', got {backend!r}.")
-    import cloudpickle
+    import cloudpickle  # (imported on first use, not by `import fsharding`)
 
     workdir = tempfile.mkdtemp(prefix="fsharding-launch-")
     procs: list[subprocess.Popen[bytes]] = []
@@ -338,11 +345,6 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _init_group(workdir: str, rank: int, nprocs: int, backend: str, timeout: float) -> Any:
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
     if not backend:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         backend = "nccl" if gpus >= nprocs else "gloo"
@@ -365,8 +367,6 @@ def _init_group(workdir: str, rank: int, nprocs: int, backend: str, timeout: flo
 def _die_with_parent(parent: int) -> None:
     """Linux: SIGKILL this rank when the caller dies (e.g. a restarted notebook kernel)."""
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
         pass
@@ -387,7 +387,6 @@ def _child_main() -> None:
         store = _init_group(workdir, rank, nprocs, backend, timeout)
         result = fn(*args)
         import cloudpickle
-        import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
@@ -396,8 +395,6 @@ def _child_main() -> None:
         # rank closes its sockets while a peer may still be reading from them.
         store.set(f"fsharding/done/{rank}", b"1")
         store.wait([f"fsharding/done/{r}" for r in range(nprocs)])
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are failures too
         when = time.monotonic()

@@ -1,19 +1,22 @@
-"""Meshes and partition specs: the vocabulary of SPMD code.
+"""Meshes and partition specs: the vocabulary of SPMD code (``fs.Mesh``, ``fs.P``,
+``fs.from_local``).
 
-A :class:`Mesh` names the axes of the processes (``Mesh(dp=2, tp=2)``); a :class:`P`
-(PartitionSpec) says which tensor dim is split over which axes (``P("dp", None)``: dim 0
+A :class:`Mesh` names the axes of the processes (``fs.Mesh(dp=2, tp=2)``); a :class:`P`
+(PartitionSpec) says which tensor dim is split over which axes (``fs.P("dp", None)``: dim 0
 over ``"dp"``, dim 1 whole). ``fs.shard``, the collectives and ``fs.zero`` take both.
 
 In a plain process with no process group, a mesh whose axes all have size 1 is a *local
 mesh*: no ``DeviceMesh`` exists (torch cannot build one without a group), collectives are
 identities and ``fs.shard`` runs its function once. The same code then runs unchanged under
-``torchrun`` or :func:`fsharding.parallel.launch` with bigger axes.
+``torchrun`` or ``fs.launch`` with bigger axes.
 
 For library code built on a mesh: ``mesh.group(axis)`` is the ``ProcessGroup`` of one axis
 (None on a local mesh), ``mesh.device_mesh`` the torch ``DeviceMesh`` (None on a local
 mesh), ``mesh[axis]`` the sub-mesh (a :class:`Mesh`; its ``device_mesh`` is the 1-D
 ``DeviceMesh`` that DTensors sharded over that axis live on), ``mesh.coordinate`` this
-rank's index along each axis.
+rank's index along each axis; :func:`check_spec`, :func:`check_spec_shape` and
+:func:`placements` check a spec against a mesh and a tensor and turn it into DTensor
+placements (``fs.shard`` and ``fs.from_local`` share them).
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from fsharding.parallel.launch import LaunchError, launch
-
-__all__ = ["Mesh", "P", "from_local", "launch", "LaunchError"]
+__all__ = ["Mesh", "P", "from_local"]
 
 AxisEntry = str | tuple[str, ...] | None
 
@@ -43,10 +45,11 @@ class P(tuple):
 
     Example:
         >>> import optree
-        >>> spec = P("dp", None, ("dp2", "tp"))
+        >>> import fsharding as fs
+        >>> spec = fs.P("dp", None, ("dp2", "tp"))
         >>> spec, spec[0], len(spec), spec.axes
         (P('dp', None, ('dp2', 'tp')), 'dp', 3, ('dp', 'dp2', 'tp'))
-        >>> optree.tree_leaves({"w": P("dp")})
+        >>> optree.tree_leaves({"w": fs.P("dp")})
         [P('dp',)]
     """
 
@@ -125,7 +128,7 @@ def _device_type() -> str:
 
 
 class Mesh:
-    """A named grid of processes: ``Mesh(dp=2, tp=2)`` or ``Mesh({"dp": 2, "tp": 2})``.
+    """A named grid of processes: ``fs.Mesh(dp=2, tp=2)`` or ``fs.Mesh({"dp": 2, "tp": 2})``.
 
     With a process group, the mesh is a torch ``DeviceMesh`` over the default group
     (``"cuda"`` for NCCL, ``"cpu"`` for gloo); the product of the axis sizes must equal the
@@ -144,7 +147,8 @@ class Mesh:
         RuntimeError: an axis is bigger than 1 but there is no process group.
 
     Example:
-        >>> mesh = Mesh(dp=1)
+        >>> import fsharding as fs
+        >>> mesh = fs.Mesh(dp=1)
         >>> mesh, mesh.shape, mesh.size, mesh.is_local, mesh.coordinate
         (Mesh(dp=1, local), {'dp': 1}, 1, True, {'dp': 0})
         >>> print(mesh.device_mesh, mesh.group("dp"))
@@ -181,8 +185,6 @@ class Mesh:
                 f"fs.Mesh: the mesh {dict(shape)} has {size} positions but the world size is "
                 f"{world}. Pick axis sizes whose product is {world}."
             )
-        from torch.distributed.device_mesh import init_device_mesh
-
         self._device_mesh = init_device_mesh(
             _device_type(), tuple(shape.values()), mesh_dim_names=tuple(shape)
         )
@@ -192,9 +194,10 @@ class Mesh:
         """Wraps an existing torch ``DeviceMesh`` that has ``mesh_dim_names``.
 
         Example:
+            >>> import fsharding as fs
             >>> from torch.distributed.device_mesh import init_device_mesh
             >>> dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))  # doctest: +SKIP
-            >>> Mesh.from_device_mesh(dm)  # doctest: +SKIP
+            >>> fs.Mesh.from_device_mesh(dm)  # doctest: +SKIP
             Mesh(dp=2, tp=2)
         """
         names = getattr(device_mesh, "mesh_dim_names", None)
@@ -336,7 +339,7 @@ def check_spec_shape(spec: P, mesh: Mesh, shape: Iterable[int], api: str, where:
 
 def placements(spec: P, mesh: Mesh, api: str, where: str) -> list[Any]:
     """The DTensor placements of ``spec`` on ``mesh.device_mesh`` (one per mesh axis)."""
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard  # (a second to import: on first use)
 
     out: list[Any] = [Replicate()] * len(mesh.axis_names)
     for dim, entry in enumerate(spec):
@@ -376,8 +379,9 @@ def from_local(x: torch.Tensor, mesh: Mesh, spec: P) -> torch.Tensor:
             than ``x.ndim``, or lists a dim's axes out of mesh order.
 
     Example:
+        >>> import torch, fsharding as fs
         >>> x = torch.ones(2, 3)
-        >>> from_local(x, Mesh(dp=1), P("dp")) is x
+        >>> fs.from_local(x, fs.Mesh(dp=1), fs.P("dp")) is x
         True
     """
     api = "fs.from_local"
@@ -393,7 +397,7 @@ def from_local(x: torch.Tensor, mesh: Mesh, spec: P) -> torch.Tensor:
         )
     if mesh.is_local:
         return x
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # (a second to import: on first use)
 
     return DTensor.from_local(
         x, mesh.device_mesh, placements(spec, mesh, api, "x"), run_check=False

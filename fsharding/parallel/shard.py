@@ -21,6 +21,11 @@ blocks, with the named-axis collectives (``fs.psum``, ``fs.all_gather``, ...) bo
   communication, deterministically from the identical inputs.
 
 On a local mesh ``fn`` runs once on the whole arguments and collectives are identities.
+
+This module owns ``fs.shard``: matching specs to argument and output pytrees, slicing the
+inputs (``_Split``) and assembling the outputs (``_Assemble``), and ``check=True``'s
+replication check. The specs' own checks live with ``fs.P`` (``parallel/mesh``), the
+collectives with ``fs.psum`` (``parallel/collectives``).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from fsharding.parallel.mesh import Mesh, P, check_spec, check_spec_shape, entry
 
 __all__ = ["shard"]
 
-API = "fs.shard"
+_API = "fs.shard"
 
 
 def shard(
@@ -82,12 +87,10 @@ def shard(
             arguments.
 
     Example:
-        >>> import torch
-        >>> from fsharding.parallel.mesh import Mesh, P
-        >>> from fsharding.parallel.collectives import all_gather
+        >>> import torch, fsharding as fs
         >>> w = torch.arange(4.0)
-        >>> f = shard(lambda t: (all_gather(t, "dp", tiled=True) * w).sum(),
-        ...           mesh=Mesh(dp=1), in_specs=P("dp"), out_specs=P())
+        >>> f = fs.shard(lambda t: (fs.all_gather(t, "dp", tiled=True) * w).sum(),
+        ...              mesh=fs.Mesh(dp=1), in_specs=fs.P("dp"), out_specs=fs.P())
         >>> x = torch.ones(4, requires_grad=True)
         >>> f(x).backward()
         >>> x.grad.tolist()
@@ -98,20 +101,20 @@ def shard(
             shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check=check
         )
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"{API}: mesh must be an fs.Mesh, got {type(mesh).__name__}.")
+        raise TypeError(f"{_API}: mesh must be an fs.Mesh, got {type(mesh).__name__}.")
     if not isinstance(check, bool):
-        raise TypeError(f"{API}: check must be a bool, got {check!r}.")
+        raise TypeError(f"{_API}: check must be a bool, got {check!r}.")
     if isinstance(in_specs, list):
         in_specs = tuple(in_specs)
     for what, specs in (("in_specs", in_specs), ("out_specs", out_specs)):
         for path, spec in _tree.leaves_with_path(specs):
-            check_spec(spec, mesh, API, f"{what}{'' if path == '<root>' else path}")
+            check_spec(spec, mesh, _API, f"{what}{'' if path == '<root>' else path}")
 
     @functools.wraps(fn)
     def sharded(*args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise TypeError(
-                f"{API}: the sharded function takes positional arguments only (got keywords "
+                f"{_API}: the sharded function takes positional arguments only (got keywords "
                 f"{sorted(kwargs)}); pass them positionally with a spec each, or close over them."
             )
         leaves, treedef = optree.tree_flatten(args)
@@ -162,7 +165,7 @@ def _match(specs: Any, tree: Any, what: str, root: str) -> list[tuple[str, P]]:
         if t_is_leaf or type(s) is not type(t):
             got = "None" if s is None else f"a {type(s).__name__}"
             raise ValueError(
-                f"{API}: {what} does not match {root} at {path}: {what} has {got} there, "
+                f"{_API}: {what} does not match {root} at {path}: {what} has {got} there, "
                 f"{root} has {_short(t) if t_is_leaf else 'a ' + type(t).__name__}. Make "
                 f"{what} a prefix of the {root} pytree with fs.P leaves (one P covers a whole "
                 f"subtree; fs.P() is replicated)."
@@ -170,7 +173,7 @@ def _match(specs: Any, tree: Any, what: str, root: str) -> list[tuple[str, P]]:
         fs_, ft = optree.tree_flatten_one_level(s), optree.tree_flatten_one_level(t)
         if list(fs_.entries) != list(ft.entries):
             raise ValueError(
-                f"{API}: {what} does not match {root} at {path}: entries "
+                f"{_API}: {what} does not match {root} at {path}: entries "
                 f"{list(fs_.entries)} in {what} vs {list(ft.entries)} in {root}. Make "
                 f"{what} a prefix of the {root} pytree."
             )
@@ -269,12 +272,12 @@ def _in_plan(x: Any, path: str, spec: P, mesh: Mesh) -> Callable[[Any], Any] | N
     if not isinstance(x, torch.Tensor):
         if spec.axes:
             raise TypeError(
-                f"{API}: {path} is a {type(x).__name__}, which cannot be split by {spec!r}; "
+                f"{_API}: {path} is a {type(x).__name__}, which cannot be split by {spec!r}; "
                 f"give non-tensor leaves the spec fs.P()."
             )
         return None
-    check_spec_shape(spec, mesh, x.shape, API, path)
-    if type(x).__name__ == "DTensor":
+    check_spec_shape(spec, mesh, x.shape, _API, path)
+    if _tree.is_dtensor(x):
         _check_dtensor(x, path, spec, mesh)
         plan = _plan(spec, mesh, x.shape, split=False)
         return lambda t: _Split.apply(t.to_local(), plan)
@@ -297,15 +300,15 @@ def _check_dtensor(x: Any, path: str, spec: P, mesh: Mesh) -> None:
         or any(a not in mesh.axis_names or mesh.shape[a] != dm.size(i) for i, a in enumerate(names))
     ):
         raise ValueError(
-            f"{API}: the DTensor {path} lives on {dm}, which is not {mesh!r} or one of its "
+            f"{_API}: the DTensor {path} lives on {dm}, which is not {mesh!r} or one of its "
             f"sub-meshes. {fix}"
         )
     missing = [a for a in spec.axes if a not in names]
     sub = Mesh.from_device_mesh(dm)
-    want = None if missing else placements(P(*_restrict(spec, names)), sub, API, path)
+    want = None if missing else placements(P(*_restrict(spec, names)), sub, _API, path)
     if want is None or tuple(x.placements) != tuple(want):
         raise ValueError(
-            f"{API}: the DTensor {path} has placements {tuple(x.placements)} on axes {names}, "
+            f"{_API}: the DTensor {path} has placements {tuple(x.placements)} on axes {names}, "
             f"which is not the layout of its spec {spec!r} (placements {want}). {fix}"
         )
 
@@ -318,18 +321,18 @@ def _check_output(y: Any, path: str, spec: P, mesh: Mesh) -> None:
     if not isinstance(y, torch.Tensor):
         if spec.axes:
             raise TypeError(
-                f"{API}: {path} is a {type(y).__name__}, which cannot be assembled "
+                f"{_API}: {path} is a {type(y).__name__}, which cannot be assembled "
                 f"by {spec!r}; give non-tensor outputs the spec fs.P()."
             )
         return
-    if type(y).__name__ == "DTensor":
+    if _tree.is_dtensor(y):
         raise TypeError(
-            f"{API}: {path} is a DTensor; fn works on local blocks, so return "
+            f"{_API}: {path} is a DTensor; fn works on local blocks, so return "
             f"local tensors (DTensor.to_local()) and describe them with out_specs."
         )
     if len(spec) > y.dim():
         raise ValueError(
-            f"{API}: the out_specs entry {spec!r} for {path} has {len(spec)} entries but the "
+            f"{_API}: the out_specs entry {spec!r} for {path} has {len(spec)} entries but the "
             f"block has {y.dim()} dims (shape {tuple(y.shape)}). Drop trailing entries."
         )
 
@@ -368,7 +371,7 @@ def _check_replicated(mesh: Mesh, outs: list[tuple[str, P, Any]]) -> None:
     for i, (path, _, y) in enumerate(outs):
         if not torch.equal(both[i], -both[len(outs) + i]):
             raise ValueError(
-                f"{API}(check=True): {path} has different shapes on different ranks "
+                f"{_API}(check=True): {path} has different shapes on different ranks "
                 f"(this rank: {tuple(y.shape)}); fn must return the same shapes everywhere."
             )
     names = mesh.axis_names
@@ -390,7 +393,7 @@ def _check_replicated(mesh: Mesh, outs: list[tuple[str, P, Any]]) -> None:
         i, j = bad[0]
         path, spec = outs[i][0], outs[i][1]
         raise ValueError(
-            f"{API}(check=True): {path} has spec {spec!r}, which leaves out axis "
+            f"{_API}(check=True): {path} has spec {spec!r}, which leaves out axis "
             f"{names[j]!r}, but its value differs across that axis (max abs difference "
             f"{stats[i, j].item():.3g}). Reduce it over {names[j]!r} inside fn (fs.psum / "
             f"fs.pmean / fs.all_gather), or name {names[j]!r} in its out_specs entry."
