@@ -254,6 +254,18 @@ def psum(x: Any, axis_name: AxisName) -> Any:
     ``x`` is a tensor or a pytree of tensors (a Python number counts the ranks: ``psum(1,
     "dp")`` is the axis size). Its transpose is ``psum`` (JAX ``check_rep=False``).
 
+    Args:
+        x: a tensor or a pytree of tensors (or a Python number), this rank's value.
+        axis_name: a mesh axis name, or a tuple of them.
+
+    Returns:
+        The sum, with ``x``'s structure, shapes and dtypes.
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice.
+        TypeError: a bad ``axis_name``, or a leaf of ``x`` that is not a tensor.
+
     Example:
         >>> import torch, fsharding as fs
         >>> f = fs.shard(lambda x: (fs.psum({"a": x}, "dp"), fs.psum(1, "dp")),
@@ -278,6 +290,18 @@ def psum(x: Any, axis_name: AxisName) -> Any:
 def pmean(x: Any, axis_name: AxisName) -> Any:
     """The mean of ``x`` over the ranks of ``axis_name`` (``psum(x) / axis_size``).
 
+    Args:
+        x: a tensor or a pytree of tensors, this rank's value.
+        axis_name: a mesh axis name, or a tuple of them (the first major).
+
+    Returns:
+        The mean, with ``x``'s structure, shapes and dtypes.
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice.
+        TypeError: a bad ``axis_name``, or a leaf of ``x`` that is not a tensor.
+
     Example:
         >>> import torch, fsharding as fs
         >>> f = fs.shard(lambda x: fs.pmean(x, "dp"),
@@ -297,6 +321,18 @@ def pmax(x: Any, axis_name: AxisName) -> Any:
 
     Its gradient goes to the ranks holding the maximum (split evenly among ties, like
     ``torch.amax``), summed over the ranks' cotangents.
+
+    Args:
+        x: a tensor or a pytree of tensors, this rank's value.
+        axis_name: a mesh axis name, or a tuple of them (the first major).
+
+    Returns:
+        The elementwise maximum, with ``x``'s structure, shapes and dtypes.
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice.
+        TypeError: a bad ``axis_name``, or a leaf of ``x`` that is not a tensor.
 
     Example:
         >>> import torch, fsharding as fs
@@ -331,6 +367,21 @@ def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = Fals
     ``tiled=True`` concatenates them along the existing dim ``axis``. The transpose is
     :func:`psum_scatter`.
 
+    Args:
+        x: a tensor or a pytree of tensors, this rank's value.
+        axis_name: a mesh axis name, or a tuple of them (the first major).
+        axis: where the blocks go: a new dim (``tiled=False``) or an existing one.
+        tiled: concatenate along ``axis`` instead of stacking.
+
+    Returns:
+        Every rank's ``x``, in rank order along ``axis``.
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice, or an ``axis`` out
+            of range.
+        TypeError: a bad ``axis_name``, or a leaf of ``x`` that is not a tensor.
+
     Example:
         >>> import torch, fsharding as fs
         >>> f = fs.shard(lambda x: fs.all_gather(x, "dp"),
@@ -363,6 +414,21 @@ def psum_scatter(
     ``tiled=True``: dim ``scatter_dimension`` (divisible by the axis size) is cut into
     blocks, rank ``i`` keeps block ``i`` of the sum. ``tiled=False``: that dim must equal
     the axis size and is removed. The transpose is :func:`all_gather`.
+
+    Args:
+        x: a tensor or a pytree of tensors, this rank's value.
+        axis_name: a mesh axis name, or a tuple of them (the first major).
+        scatter_dimension: the dim cut into one block per rank.
+        tiled: keep the dim (its size divided by the axis size) instead of removing it.
+
+    Returns:
+        This rank's block of the sum.
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice, or a
+            ``scatter_dimension`` of the wrong size.
+        TypeError: a bad ``axis_name``, or a leaf of ``x`` that is not a tensor.
 
     Example:
         >>> import torch, fsharding as fs
@@ -397,6 +463,19 @@ def ppermute(x: Any, axis_name: str, perm: Sequence[tuple[int, int]]) -> Any:
 
     A rank that is no pair's ``dst`` gets zeros. Sources and destinations must each be
     unique. The transpose is the inverse permutation. One axis only.
+
+    Args:
+        x: a tensor or a pytree of tensors, this rank's value.
+        axis_name: one mesh axis name.
+        perm: ``(src, dst)`` pairs of axis indices.
+
+    Returns:
+        What ``x``'s source rank sent (zeros where none did).
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an unknown axis, several axes, or a bad ``perm``.
+        TypeError: ``perm`` is not a sequence of pairs.
 
     Example:
         >>> import torch, fsharding as fs
@@ -439,6 +518,17 @@ def ppermute(x: Any, axis_name: str, perm: Sequence[tuple[int, int]]) -> Any:
 def axis_index(axis_name: AxisName) -> int:
     """This rank's index along ``axis_name`` (a Python int; row-major over a tuple).
 
+    Args:
+        axis_name: a mesh axis name, or a tuple of them (the first major).
+
+    Returns:
+        This rank's index, in ``[0, axis_size(axis_name))``.
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice.
+        TypeError: a bad ``axis_name``.
+
     Example:
         >>> import torch, fsharding as fs
         >>> f = fs.shard(lambda x: fs.axis_index("dp"),
@@ -455,6 +545,17 @@ def axis_index(axis_name: AxisName) -> int:
 
 def axis_size(axis_name: AxisName) -> int:
     """The number of ranks along ``axis_name`` (the product over a tuple).
+
+    Args:
+        axis_name: a mesh axis name, or a tuple of them.
+
+    Returns:
+        The axis size (the product of the sizes over a tuple).
+
+    Raises:
+        RuntimeError: called outside ``fs.shard`` (no mesh bound).
+        ValueError: an axis the mesh does not have, or one given twice.
+        TypeError: a bad ``axis_name``.
 
     Example:
         >>> import torch, fsharding as fs

@@ -71,3 +71,11 @@ def test_settle_waits_for_a_reference_held_elsewhere():
     waited = time.monotonic() - t0
     th.join()
     assert t._use_count() == before[0][1] and 0.03 < waited < 1.0
+
+
+def test_settle_lives_in_compat_and_is_importable_from_collectives():
+    # optim/ (below parallel/) needs it too: one function, reachable from both layers
+    from fsharding import _compat
+    from fsharding.parallel import collectives
+
+    assert collectives.settle is _compat.settle and collectives.use_counts is _compat.use_counts
