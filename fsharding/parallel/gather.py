@@ -258,8 +258,12 @@ class Sharding:
             detached aliases ``value_and_grad`` makes, distinct even for empty shards) ->
             its :class:`~fsharding.parallel._buckets.LeafLayout`.
         rank: this rank's index in ``group``.
+        tracker: the :class:`LiveBytes` of ``fs.memory_report``, or None.
+        gathers: how many gathers ran (:func:`call_sharded` checks that some did).
         fulls: at stage 2 (params stored full), storage id of a shard -> its full tensor:
             the forward "gather" reads it without communicating; backward reduce-scatters.
+        last_reshard: a weakref to the latest ``_Reshard`` (``reshard_after_forward=True``
+            call): the next call's keeps it, to prefetch its all-gather in backward.
     """
 
     axis: str
