@@ -1,5 +1,9 @@
 """Offload: keep what ``fn`` saves for backward, or an optimizer's state, on CPU or on disk.
 
+This module owns ``fs.offload`` (its arguments and dispatch) and the offload of a
+function's saved activations (saved-tensor hooks, host copies, files); on an
+``optim.GradientTransformation`` it returns ``optim/offload``'s offloaded optimizer.
+
 ``fs.offload(f, to=...)`` runs ``f`` under ``torch.autograd.graph.saved_tensors_hooks``: each
 tensor autograd saves for backward during ``f`` is moved to ``to`` when it is saved and
 brought back when backward needs it.
@@ -26,7 +30,8 @@ hook would shadow checkpoint's (torch runs only the innermost hook) and silently
 recompute off. A selective remat policy's cached outputs bypass the hooks; to offload what a
 policy saves use ``fs.policies.save_and_offload_only_these_names``.
 
-On an ``optim.GradientTransformation``, see :mod:`fsharding.optim.offload`.
+On an ``optim.GradientTransformation`` the state lives on ``to`` and the update runs there;
+see ``fsharding.optim.offload``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from fsharding import _context
 from fsharding._compat import top_saved_tensors_hooks
 from fsharding.optim.base import GradientTransformation
+from fsharding.optim.offload import offload_optimizer
 from fsharding.transforms import remat as _remat
 
 __all__ = ["offload"]
@@ -101,8 +107,6 @@ def offload(
     if fn_or_optimizer is None:
         return functools.partial(offload, to=to, chunk_bytes=chunk_bytes)
     if isinstance(fn_or_optimizer, GradientTransformation):
-        from fsharding.optim.offload import offload_optimizer
-
         return offload_optimizer(fn_or_optimizer, target, chunk_bytes)
     if not callable(fn_or_optimizer):
         raise TypeError(

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import fsharding as fs
 from fsharding import optim
-from fsharding.optim._offload_disk import DiskLeaf
+from fsharding.optim.offload import DiskLeaf
 from fsharding.transforms.offload import offload
 
 OPTIMIZERS = {
