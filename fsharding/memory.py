@@ -1,5 +1,12 @@
 """``fs.memory_report``: what one training step holds and sends, per rank, measured.
 
+This module owns the measurement of one step: :class:`MemoryReport` and
+:func:`memory_report`, the saved-activation, gradient and communication counters behind
+them. While a report measures, its measurement (``_Measure``) is in force as
+``_context.MEMORY_MEASURE``: steps below this layer that know more than autograd shows
+(``fs.zero``: its grads before and after the reduction) report to it through
+``_Measure.observe_grads``, without importing this module.
+
 ``memory_report(step, params, opt_state, batch)`` runs ``step.step`` once (results dropped;
 ``step`` is pure, so nothing is changed) and reports, for this rank:
 
@@ -151,7 +158,7 @@ def memory_report(step: Any, params: PyTree, opt_state: Any, batch: Any) -> Memo
             f"{type(step).__name__}."
         )
     measure = _Measure(params)
-    token = _MEASURE.set(measure)
+    token = _context.MEMORY_MEASURE.set(measure)
     try:
         with contextlib.ExitStack() as stack:
             tracker = stack.enter_context(_gather.track_gathered())
@@ -164,7 +171,7 @@ def memory_report(step: Any, params: PyTree, opt_state: Any, batch: Any) -> Memo
             out = step.step(params, opt_state, batch)
         del out
     finally:
-        _MEASURE.reset(token)
+        _context.MEMORY_MEASURE.reset(token)
     initialized = dist.is_available() and dist.is_initialized()
     return MemoryReport(
         rank=dist.get_rank() if initialized else 0,
@@ -184,21 +191,6 @@ def memory_report(step: Any, params: PyTree, opt_state: Any, batch: Any) -> Memo
 # measurement
 # --------------------------------------------------------------------------------------
 
-_MEASURE = _context.MEMORY_MEASURE
-
-
-def observe_grads(grads: list[Any], *, reduced: bool = False) -> None:
-    """Called by ``fs.zero``: the grads ``grad_fn`` returned, then (``reduced=True``) the
-    grads the optimizer update reads. A no-op unless a report is being measured."""
-    m = _MEASURE.get()
-    if m is None:
-        return
-    if reduced:
-        m.grads = _tree.nbytes(grads)
-    else:
-        m.zero_reported = True
-        m.backward_grads = max(m.backward_grads, _tree.nbytes(grads))
-
 
 class _Saved:
     """What the pack hook stores: the tensor, and its storage's release on drop."""
@@ -214,6 +206,8 @@ class _Saved:
 
 
 class _Measure:
+    """One report's counters (in force as ``_context.MEMORY_MEASURE`` while it measures)."""
+
     def __init__(self, params: PyTree):
         self.param_keys = {
             _storage_key(_tree.local_tensor(x))
@@ -227,6 +221,15 @@ class _Measure:
         self.backward_grads = 0
         self.grads: int | None = None
         self.zero_reported = False
+
+    def observe_grads(self, grads: list[Any], *, reduced: bool = False) -> None:
+        """Called by a step that reports its grads (``fs.zero``): the grads ``grad_fn``
+        returned, then (``reduced=True``) the grads the optimizer update reads."""
+        if reduced:
+            self.grads = _tree.nbytes(grads)
+        else:
+            self.zero_reported = True
+            self.backward_grads = max(self.backward_grads, _tree.nbytes(grads))
 
     def pack(self, t: torch.Tensor) -> _Saved:
         key = _storage_key(t)
@@ -261,13 +264,8 @@ class _Measure:
 
 
 def _storage_key(t: Any) -> Any:
-    if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor:
-        return None
-    try:
-        st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return (str(t.device), st.data_ptr()) if st.nbytes() else None
+    """``tree.storage_key`` of a plain tensor; None for subclasses (DTensor, Parameter, ...)."""
+    return _tree.storage_key(t) if type(t) is torch.Tensor else None
 
 
 class _GradCapture(TorchFunctionMode):

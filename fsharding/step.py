@@ -1,8 +1,24 @@
-"""Training steps: ``Step(init, step, gather)`` for one process (``train_step``).
+"""Training steps: ``Step``, ``TrainState``, ``fs.train_step`` and the one update tail.
 
-A ``Step`` is an immutable triple of pure functions. ``fs.zero`` returns the same triple for
-data-parallel training, so swapping ``train_step`` for ``zero`` changes no other line of a
-training loop.
+This module owns what every training step shares, whatever produces its grads:
+
+* the :class:`Step` triple ``(init, step, gather)`` and :class:`TrainState` (optimizer
+  state plus a loss scale);
+* :func:`train_step`, the one-process step;
+* the update tail every step ends with, written once in :func:`update_tail`: the metrics
+  (``loss``, ``grad_norm``, ``lr``, ``aux``, ``loss_scale``, ``skipped``), the loss-scale
+  skip (a step whose grads are not all finite returns params and optimizer state
+  bit-identical and an adjusted scale) and the optimizer update with donation
+  (:func:`apply_update`). ``fs.train_step``, ``fs.zero`` and ``fs.pipeline`` call it with
+  their own grads; an SPMD step supplies how every rank agrees on the finite check
+  (``reduce_all``) and, where its state is stored otherwise, how the update runs
+  (``update``);
+* the checks and conversions of a step's arguments (:func:`check_params_arg`,
+  :func:`as_loss_scale`, :func:`split_state`, :func:`split_value`,
+  :func:`stack_microbatches`).
+
+``fs.zero`` returns the same ``Step`` triple for data-parallel training, so swapping
+``fs.train_step`` for ``fs.zero`` changes no other line of a training loop.
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ import torch
 
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
+from fsharding.precision import StaticLossScale
+from fsharding.transforms.accumulate import PerMicrobatch
 
 __all__ = ["Step", "TrainState", "train_step", "stack_microbatches"]
 
@@ -56,10 +74,6 @@ def _check_params(params: PyTree, api: str) -> None:
             )
 
 
-def _is_finite(grads: PyTree) -> bool:
-    return bool(_tree.all_finite(grads))
-
-
 def check_params_arg(params: Any, api: str) -> None:
     """Raises when ``params`` is a module or an iterator of its parameters, not a pytree."""
     what = None
@@ -80,8 +94,6 @@ def as_loss_scale(loss_scale: Any, api: str) -> Any:
     if loss_scale is None:
         return None
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        from fsharding.precision import StaticLossScale
-
         return StaticLossScale(loss_scale)
     if not all(hasattr(loss_scale, a) for a in ("scale", "unscale", "adjust", "loss_scale")):
         raise TypeError(
@@ -90,6 +102,20 @@ def as_loss_scale(loss_scale: Any, api: str) -> Any:
             f"{loss_scale!r} of type {type(loss_scale).__name__}."
         )
     return loss_scale
+
+
+def split_state(opt_state: Any, loss_scale: Any, api: str) -> tuple[Any, Any]:
+    """``(optimizer state, current loss scale)`` from a step's ``opt_state``: with a loss
+    scale (``loss_scale`` not None) it is the ``TrainState`` that ``init`` returned, else
+    the optimizer state itself (scale None)."""
+    if loss_scale is None:
+        return opt_state, None
+    if not isinstance(opt_state, TrainState):
+        raise TypeError(
+            f"{api}: with loss_scale=, opt_state must be the fs.TrainState returned by init, "
+            f"got {type(opt_state).__name__}."
+        )
+    return opt_state.opt, opt_state.loss_scale
 
 
 def split_value(value: Any, api: str) -> tuple[torch.Tensor, Any, bool]:
@@ -123,8 +149,6 @@ def stack_microbatches(aux: Any) -> Any:
     bool leaves). Auxes whose structures or leaf shapes differ between microbatches stay
     the list. Any other aux is returned unchanged.
     """
-    from fsharding.transforms.accumulate import PerMicrobatch
-
     if not isinstance(aux, PerMicrobatch):
         return aux
     entries = [stack_microbatches(a) for a in aux]
@@ -238,47 +262,130 @@ def train_step(
     def step(
         params: PyTree, opt_state: Any, batch: Any, *, donate: bool = False
     ) -> tuple[PyTree, Any, dict[str, Any]]:
-        if loss_scale is not None:
-            if not isinstance(opt_state, TrainState):
-                raise TypeError(
-                    "fs.train_step.step: with loss_scale=, opt_state must be the "
-                    f"fs.TrainState returned by init, got {type(opt_state).__name__}."
-                )
-            opt, scale = opt_state.opt, opt_state.loss_scale
-            value, grads = grad_fn(params, batch, loss_scale=scale)
-        else:
-            opt, scale = opt_state, None
-            value, grads = grad_fn(params, batch)
-        loss, aux, has_aux = split_value(value, "fs.train_step.step")
-        _tree.check_same_structure(
-            params, grads, names=("params", "grads"), api="fs.train_step.step"
-        )
-        metrics: dict[str, Any] = {"loss": loss, "grad_norm": _optim.global_norm(grads)}
-        if has_aux:
-            metrics["aux"] = aux
-        lr = _optim.learning_rate(optimizer, opt)
-        if lr is not None:
-            metrics["lr"] = lr
-        if scale is not None:
-            finite = _is_finite(grads)
-            new_scale = scale.adjust(finite)
-            metrics["loss_scale"] = scale.loss_scale
-            metrics["skipped"] = not finite
-            if not finite:
-                return params, TrainState(opt=opt, loss_scale=new_scale), metrics
-        donating = _optim.donation() if donate else contextlib.nullcontext()
-        with donating:
-            updates, opt = optimizer.update(grads, opt, params)
+        api = "fs.train_step.step"
+        opt, scale = split_state(opt_state, loss_scale, api)
+        kw = {"loss_scale": scale} if scale is not None else {}
+        value, grads = grad_fn(params, batch, **kw)
+        loss, aux, has_aux = split_value(value, api)
+        _tree.check_same_structure(params, grads, names=("params", "grads"), api=api)
+        grad_norm = _optim.global_norm(grads)
+        owned = [grads]  # the tail's alone: freed once the optimizer has read them
         del grads
-        if donate:
-            params = _optim.apply_updates_(params, updates)
-        else:
-            params = _optim.apply_updates(params, updates)
-        if scale is not None:
-            return params, TrainState(opt=opt, loss_scale=new_scale), metrics
-        return params, opt, metrics
+        return update_tail(
+            optimizer,
+            params,
+            opt,
+            owned,
+            loss=loss,
+            grad_norm=grad_norm,
+            has_aux=has_aux,
+            aux=aux,
+            loss_scale=scale,
+            donate=donate,
+        )
 
     def gather(params: PyTree) -> PyTree:
         return params
 
     return Step(init=init, step=step, gather=gather)
+
+
+# --------------------------------------------------------------------------------------
+# the update tail (train_step, zero, pipeline)
+# --------------------------------------------------------------------------------------
+
+
+def update_tail(
+    optimizer: _optim.GradientTransformation,
+    params: PyTree,
+    opt: Any,
+    grads: list[Any],
+    *,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    has_aux: bool = False,
+    aux: Any = None,
+    loss_scale: Any = None,
+    donate: bool = False,
+    reduce_all: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    update: Callable[[Any, bool], tuple[PyTree, Any]] | None = None,
+) -> tuple[PyTree, Any, dict[str, Any]]:
+    """The end of every training step: metrics, the loss-scale skip, the update.
+
+    Args:
+        optimizer: the step's ``optim.GradientTransformation`` (its learning rate is read
+            from ``opt``).
+        params: the params the step was given (returned as they are by a skipped step).
+        opt: the optimizer state the step was given (without the loss scale).
+        grads: a one-element list holding the (reduced) grads. The tail takes them out of
+            it, so that, when the caller keeps no other reference, the grads are freed as
+            soon as the optimizer has read them (before new params are allocated).
+        loss: the step's loss metric.
+        grad_norm: the global grad norm (before clipping).
+        has_aux: whether ``aux`` is a metric (a ``has_aux`` grad function).
+        aux: the aux metric.
+        loss_scale: the current ``fs.LossScale``, or None (no loss scaling: no skip).
+        donate: whether the step may update params and optimizer state in place.
+        reduce_all: for a step over several ranks, ``reduce_all(flag) -> flag`` takes a
+            0-dim int32 tensor (1: the grads this rank holds are finite) and returns the
+            MIN over every rank that holds other grads, so all ranks skip together (as
+            ``optim.sharded_norm``'s ``reduce_all``).
+        update: ``update(grads, donate) -> (params, opt)`` for a step that stores its
+            state otherwise (``fs.zero``: DTensor shards); default :func:`apply_update`.
+
+    Returns:
+        ``(params, opt_state, metrics)`` as ``Step.step`` returns them: ``opt_state`` is a
+        ``TrainState`` with the adjusted scale when ``loss_scale`` is given. Metrics, in
+        order: ``loss``, ``grad_norm``, ``aux`` (with ``has_aux``), ``lr`` (when the
+        optimizer has one), ``loss_scale`` and ``skipped`` (with a loss scale).
+    """
+    metrics: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm}
+    if has_aux:
+        metrics["aux"] = aux
+    lr = _optim.learning_rate(optimizer, opt)
+    if lr is not None:
+        metrics["lr"] = lr
+    if loss_scale is not None:
+        finite = _tree.all_finite(grads[0])
+        if reduce_all is not None:
+            finite = reduce_all(finite.to(torch.int32))
+        finite = bool(finite)
+        new_scale = loss_scale.adjust(finite)
+        metrics["loss_scale"] = loss_scale.loss_scale
+        metrics["skipped"] = not finite
+        if not finite:  # the same tensors back: nothing updated, no schedule count
+            return params, TrainState(opt=opt, loss_scale=new_scale), metrics
+    if update is None:
+        params, opt = apply_update(optimizer, grads.pop(), opt, params, donate=donate)
+    else:
+        params, opt = update(grads.pop(), donate)
+    if loss_scale is not None:
+        return params, TrainState(opt=opt, loss_scale=new_scale), metrics
+    return params, opt, metrics
+
+
+def apply_update(
+    optimizer: _optim.GradientTransformation,
+    grads: PyTree,
+    opt: Any,
+    params: PyTree,
+    *,
+    donate: bool = False,
+    within: contextlib.AbstractContextManager[Any] | None = None,
+) -> tuple[PyTree, Any]:
+    """``(new params, new optimizer state)``: ``optimizer.update`` then the updates added.
+
+    ``donate=True`` is the one in-place path (``optim.donation`` and
+    ``optim.apply_updates_``): the old state and params are updated in place, the updates
+    may live in the grads' buffers. ``within`` is entered around ``optimizer.update``
+    (``fs.zero``: ``optim.sharded_norm``, so decisions over all the grads are global). The
+    grads are dropped before the updates are applied: when the caller holds no other
+    reference, their memory is free again before new params are allocated.
+    """
+    donating = _optim.donation() if donate else contextlib.nullcontext()
+    with within or contextlib.nullcontext(), donating:
+        updates, opt = optimizer.update(grads, opt, params)
+    del grads
+    if donate:
+        return _optim.apply_updates_(params, updates), opt
+    return _optim.apply_updates(params, updates), opt

@@ -234,3 +234,47 @@ def test_donated_step_updates_the_module_through_functional_params():
         for k, v in model.state_dict().items():
             assert torch.equal(v, p[k] if donate else before[k]), (donate, k)
             assert not torch.equal(p[k], before[k])
+
+
+def test_update_tail_skips_on_every_rank_when_reduce_all_says_so():
+    """The one update tail (train_step, zero, pipeline): a step that some rank finds not
+    finite (``reduce_all``'s MIN) returns params and state as given, the scale backed off,
+    and runs no update; otherwise the step's ``update`` runs, once, and the state comes
+    back in a TrainState with the scale adjusted."""
+    from fsharding.step import update_tail
+
+    tx = plain_sgd(0.1)
+    params = {"w": torch.ones(2)}
+    opt = tx.init(params)
+    calls = []
+
+    def update(grads, donate):
+        calls.append((grads, donate))
+        return {"w": params["w"] - 0.1 * grads["w"]}, opt
+
+    scale = fs.DynamicLossScale(8.0)
+    for others_finite, want_skip in ((0, True), (1, False)):
+        grads = {"w": torch.ones(2)}
+        p, s, m = update_tail(
+            tx,
+            params,
+            opt,
+            [grads],
+            loss=torch.tensor(1.0),
+            grad_norm=torch.tensor(2.0),
+            loss_scale=scale,
+            donate=True,
+            reduce_all=lambda flag, x=others_finite: torch.minimum(flag, torch.tensor(x)),
+            update=update,
+        )
+        assert list(m) == ["loss", "grad_norm", "loss_scale", "skipped"]
+        assert m["skipped"] is want_skip and m["loss_scale"] == 8.0
+        assert s.loss_scale == scale.adjust(not want_skip)
+        if want_skip:
+            assert p is params and s.opt is opt and not calls
+        else:
+            assert len(calls) == 1 and calls[0][0] is grads and calls[0][1] is True
+            assert torch.equal(p["w"], torch.full((2,), 0.9))
+    with pytest.raises(TypeError, match=r"fs\.train_step\.step: with loss_scale=, opt_state"):
+        step = fs.train_step(fs.value_and_grad(lambda p, b: p["w"].sum()), tx, loss_scale=8.0)
+        step.step(params, opt, None)

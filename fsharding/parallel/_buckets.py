@@ -1,4 +1,18 @@
-"""Dim-0 shard layout and bucketed collectives for ``fs.zero``.
+"""The dim-0 shard layout of ``fs.zero`` / ``fs.gather`` and the bucketed collectives on it.
+
+This module owns one concept: where each rank's rows of a sharded leaf live, and how whole
+buckets of such leaves move between ranks in one collective each. It has three parts:
+
+* the layout: :class:`LeafLayout` (a leaf's global shape and padded chunk),
+  :func:`shard_rows` and :func:`row_views` (a rank's rows of a full tensor);
+* the buckets: :class:`Bucket` (leaves of one dtype packed into a flat rank-major buffer)
+  built by :func:`make_buckets`, and :func:`flat_buckets` for plain all-reduces;
+* the collectives on them: all-gather (:func:`all_gather_buckets`), reduce-scatter
+  (:func:`reduce_scatter_buckets`), each also in a start / finish pair so several buckets
+  are in flight before the first wait; :func:`all_reduce_mean` over several process
+  groups in turn (hybrid sharding's replicate axes); and the sums of squared norms over the
+  shards (:func:`sq_reduce`, :func:`leaf_sq_reduce`). Every one returns only after gloo's
+  worker has let go of its tensors (``collectives.settle``).
 
 Each sharded leaf of global shape ``(n, *rest)`` is split like ``torch.chunk`` (and like
 DTensor's ``Shard(0)``): chunk ``c = ceil(n / N)``; rank ``r`` owns rows
@@ -6,46 +20,36 @@ DTensor's ``Shard(0)``): chunk ``c = ceil(n / N)``; rank ``r`` owns rows
 is padded to ``c`` rows and leaves are packed into flat per-dtype buckets laid out rank-major
 (``[N, S]``), so one ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` moves a whole
 bucket. Padding lives only in these transient buffers: returned tensors never show it.
-
-The collectives run on torch's functional c10d ops (all-gather, reduce-scatter: several
-buckets in flight before the first wait) and ``dist.all_reduce``; :func:`all_reduce_mean`
-reduces over several process groups in turn (hybrid sharding's replicate axes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from fsharding import tree as _tree
 from fsharding.parallel.collectives import settle, use_counts
 
 __all__ = [
     "LeafLayout",
+    "shard_rows",
+    "row_views",
     "Bucket",
     "make_buckets",
-    "row_views",
-    "shard_rows",
+    "flat_buckets",
     "all_gather_buckets",
     "start_all_gather",
     "finish_all_gather",
     "reduce_scatter_buckets",
+    "start_reduce_scatter",
+    "finish_reduce_scatter",
     "all_reduce_mean",
     "sq_reduce",
     "leaf_sq_reduce",
-    "flat_buckets",
-    "finish_reduce_scatter",
-    "start_reduce_scatter",
-    "dp_axes",
-    "materialize",
-    "init_leaf",
-    "is_dtensor",
-    "dtensor_api",
 ]
 
 # Bytes of one collective's whole buffer (N rank segments for a bucket): DDP's 25 MB order.
@@ -173,32 +177,6 @@ class Bucket:
         ]
 
 
-def dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
-    """The data-parallel axes (shard axis last), validated against the mesh."""
-    names = tuple(getattr(mesh, "axis_names", ()))
-    axes = (axis,) if isinstance(axis, str) else axis
-    if not isinstance(axes, tuple) or not axes or not all(isinstance(a, str) for a in axes):
-        raise TypeError(
-            f"fs.zero: axis must be a mesh axis name or a tuple of them (replicate axes first, "
-            f"the shard axis last), got {axis!r}."
-        )
-    for a in axes:
-        if a not in names:
-            raise ValueError(
-                f"fs.zero: axis={a!r} is not an axis of the mesh; its axes are {list(names)}. "
-                "Pass axis= one of them (e.g. fs.Mesh(dp=2) and axis='dp')."
-            )
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"fs.zero: axis={axis!r} repeats an axis.")
-    return axes
-
-
-# torch's functional collective ops (out of place; the op layer of
-# torch.distributed._functional_collectives, the same in torch 2.6 and 2.13), called directly
-# as in fsharding.parallel.collectives. Several are issued before the first is waited on.
-_C = torch.ops._c10d_functional
-
-
 def make_buckets(layouts: Sequence[LeafLayout], bucket_bytes: int | None = None) -> list[Bucket]:
     """Groups layouts by dtype into buckets whose whole buffer (every rank's segment) holds
     at most ``bucket_bytes`` (a segment at least ``MIN_SEGMENT_BYTES``; a bigger leaf gets
@@ -220,6 +198,28 @@ def make_buckets(layouts: Sequence[LeafLayout], bucket_bytes: int | None = None)
         b.offsets.append(b.numel)
         b.numel += size
     return buckets
+
+
+def flat_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int | None = None) -> list:
+    """Index lists of ``tensors`` flattened together for one all-reduce each: by dtype, in
+    order, at most ``bucket_bytes`` (a bigger tensor alone)."""
+    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    by_dtype: dict[torch.dtype, list[list[int]]] = {}
+    for i, t in enumerate(tensors):
+        chunks = by_dtype.setdefault(t.dtype, [[]])
+        cur = chunks[-1]
+        if cur and sum(tensors[j].numel() for j in cur) * t.element_size() > bucket_bytes:
+            chunks.append(cur := [])
+        cur.append(i)
+    return [idx for chunks in by_dtype.values() for idx in chunks if idx]
+
+
+# ----------------------------------------------------------------------------- collectives
+
+# torch's functional collective ops (out of place; the op layer of
+# torch.distributed._functional_collectives, the same in torch 2.6 and 2.13), called directly
+# as in fsharding.parallel.collectives. Several are issued before the first is waited on.
+_C = torch.ops._c10d_functional
 
 
 def all_gather_buckets(
@@ -300,20 +300,6 @@ def finish_reduce_scatter(bucket: Bucket, out: torch.Tensor, rank: int) -> list[
     return bucket.unpack_scattered(out, rank)
 
 
-def flat_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int | None = None) -> list:
-    """Index lists of ``tensors`` flattened together for one all-reduce each: by dtype, in
-    order, at most ``bucket_bytes`` (a bigger tensor alone)."""
-    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
-    by_dtype: dict[torch.dtype, list[list[int]]] = {}
-    for i, t in enumerate(tensors):
-        chunks = by_dtype.setdefault(t.dtype, [[]])
-        cur = chunks[-1]
-        if cur and sum(tensors[j].numel() for j in cur) * t.element_size() > bucket_bytes:
-            chunks.append(cur := [])
-        cur.append(i)
-    return [idx for chunks in by_dtype.values() for idx in chunks if idx]
-
-
 def all_reduce_mean(
     tensors: Sequence[torch.Tensor],
     groups: Sequence[dist.ProcessGroup],
@@ -349,7 +335,7 @@ def all_reduce_mean(
     return out  # type: ignore[return-value]
 
 
-# ----------------------------------------------------------------------------- norms
+# ------------------------------------------------------------------ norms over the shards
 
 
 def sq_reduce(sq_per_leaf: list[torch.Tensor], layouts: Sequence, group: Any) -> torch.Tensor:
@@ -383,42 +369,3 @@ def leaf_sq_reduce(
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
     settle(before)
     return torch.where(sharded, part, sq)
-
-
-# ----------------------------------------------------------------------------- init, DTensor
-
-
-def materialize(params: Any, init_fn: Callable | None) -> Any:
-    """``params`` with every meta-device leaf replaced by ``init_fn(path, meta)``."""
-    pairs = _tree.leaves_with_path(params)
-    return _tree.unflatten(_tree.structure(params), [init_leaf(p, x, init_fn) for p, x in pairs])
-
-
-def init_leaf(path: str, x: Any, init_fn: Callable | None) -> Any:
-    """``x``, or for a meta-device leaf ``init_fn(path, x)`` (checked against ``x``)."""
-    if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
-        return x
-    if init_fn is None:
-        raise ValueError(
-            f"fs.zero.init: params leaf {path} is on the meta device; pass "
-            "init_fn=lambda path, meta: <full tensor> to initialise it leaf by leaf."
-        )
-    t = init_fn(path, x)
-    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
-        raise ValueError(
-            f"fs.zero.init: init_fn returned {got} for params leaf {path}, whose meta tensor "
-            f"is {x.dtype} {tuple(x.shape)}; return a full tensor of that shape and dtype."
-        )
-    return t
-
-
-def is_dtensor(x: Any) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
-
-
-def dtensor_api() -> tuple[Any, Any]:
-    """``(DTensor, Shard)``, imported on first use."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    return DTensor, Shard

@@ -1,5 +1,10 @@
 """fs.zero's gradient reduction overlapped with backward (``gather="boundary"``, stages 0-3).
 
+This module owns :class:`Overlap` (one step's reduction started bucket by bucket from
+gradient taps during backward, checked and agreed by every rank afterwards) and the
+switch :data:`ENABLED` / :func:`enabled`. It is given what it reduces and over which groups
+explicitly; it knows nothing of ``fs.zero``'s state.
+
 While the grad function runs, :mod:`~fsharding._context` hands each param's
 gradient over as soon as autograd has it. When every gradient of a bucket has arrived the
 bucket is packed and its collective launched asynchronously (stage 0: all-reduce; stages
@@ -21,13 +26,15 @@ On by default except on gloo (:data:`ENABLED`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from fsharding import _context as _taps
+from fsharding import _context
 from fsharding.parallel import _buckets as _lay
+from fsharding.parallel.collectives import settle, use_counts
 
 __all__ = ["Overlap", "enabled"]
 
@@ -49,8 +56,18 @@ def enabled(group: Any, device: torch.device | None = None) -> bool:
 class Overlap:
     """One step's tapped reduction of the full grads of ``leaves`` (the grad_fn's params).
 
-    ``live=False``: probe only. Stages 1-3 reduce-scatter ``z.buckets`` over ``z.group``;
-    stage 0 all-reduces flat buckets over the only data-parallel group.
+    Args:
+        leaves: the params the grad function differentiates (full tensors), in leaf order.
+        live: False: probe only (tap and check, launch nothing).
+        group: the process group the buckets are reduced over (the shard axis).
+        agree_groups: every data-parallel group; whether the overlapped result is used is
+            agreed over all of them.
+        device: the device of the agreement flag (the params').
+        buckets: stages 1-3: the buckets of the sharded leaves, reduce-scattered (a sum)
+            over ``group``. None (stage 0): flat per-dtype buckets of every leaf,
+            all-reduced over ``group`` and divided by ``divisor``.
+        layouts: with ``buckets``, each leaf's layout (None: a leaf not sharded).
+        divisor: stage 0: the number of data-parallel ranks (the mean's divisor).
 
     Every rank issues the same collectives in the same order, whatever its graph: buckets
     are launched strictly in one fixed sequence (last bucket first, backward's usual
@@ -60,16 +77,31 @@ class Overlap:
     was launched), so no rank falls back alone.
     """
 
-    def __init__(self, z: Any, leaves: list[torch.Tensor], live: bool) -> None:
-        self.z, self.live = z, live
+    def __init__(
+        self,
+        leaves: list[torch.Tensor],
+        *,
+        live: bool,
+        group: dist.ProcessGroup,
+        agree_groups: Sequence[dist.ProcessGroup],
+        device: torch.device,
+        buckets: Sequence[_lay.Bucket] | None = None,
+        layouts: Sequence[_lay.LeafLayout | None] = (),
+        divisor: int = 1,
+    ) -> None:
+        self.live = live
+        self.group, self.agree_groups, self.device = group, list(agree_groups), device
+        self.rank = dist.get_rank(group)
+        self.divisor = divisor
         self.n = len(leaves)
         self.shapes = [x.shape for x in leaves]
         self.tapped: dict[int, tuple[torch.Tensor, int]] = {}
         self.ok, self.agreed = True, False
-        self.scatter = z.stage >= 1
-        if self.scatter:  # bucket members: leaf positions (not layout indices)
-            pos = {lay.index: i for i, lay in enumerate(z.layouts) if lay is not None}
-            self.members = [[pos[lay.index] for lay in b.layouts] for b in z.buckets]
+        self.buckets = list(buckets) if buckets is not None else None
+        if self.buckets is not None:  # bucket members: leaf positions (not layout indices)
+            pos = {lay.index: i for i, lay in enumerate(layouts) if lay is not None}
+            self.members = [[pos[lay.index] for lay in b.layouts] for b in self.buckets]
+            self.n_sharded = len(pos)
         else:
             self.members = _lay.flat_buckets(leaves)
         self.bucket_of = {i: b for b, m in enumerate(self.members) for i in m}
@@ -78,7 +110,7 @@ class Overlap:
         self.next = 0  # position in ``order`` of the next bucket to launch
         self.pending: dict[int, Any] = {}
         self.lock = threading.Lock()  # hooks of CUDA leaves run on autograd's device thread
-        self.taps: _taps.Taps | None = _taps.Taps(leaves, self._on_grad)
+        self.taps: _context.Taps | None = _context.Taps(leaves, self._on_grad)
 
     def _on_grad(self, i: int, g: torch.Tensor) -> None:
         with self.lock:
@@ -98,13 +130,14 @@ class Overlap:
                 self.next += 1
 
     def _launch(self, b: int, ordered: list[torch.Tensor]) -> None:
-        z = self.z
-        if self.scatter:
-            bucket = z.buckets[b]
-            self.pending[b] = _lay.start_reduce_scatter(bucket, ordered, z.group, z.device)
+        if self.buckets is not None:
+            bucket = self.buckets[b]
+            self.pending[b] = _lay.start_reduce_scatter(bucket, ordered, self.group, self.device)
         else:
             flat = torch.cat([g.reshape(-1) for g in ordered])
-            self.pending[b] = (flat, dist.all_reduce(flat, group=z.group, async_op=True))
+            before = use_counts([flat])
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            self.pending[b] = (flat, work, before)
 
     def valid(self, g: list[torch.Tensor]) -> bool:
         """Whether the returned grads ``g`` are the tapped ones, untouched since (this
@@ -125,18 +158,20 @@ class Overlap:
                 for b in self.order[self.next :]:
                     self._launch(b, [g[j] for j in self.members[b]])
                 self.next = len(self.order)
-        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.z.device)
-        for group in self.z.dp_groups:
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.device)
+        before = use_counts([flag])
+        for group in self.agree_groups:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            settle(before)  # gloo's worker has dropped the work (no SIGABRT at exit)
         self.agreed = bool(flag.item())
         if not (self.agreed and self.live):
             for b in list(self.pending):  # launched, not to be used: let them end
                 self._wait(b)
             return None
-        if self.scatter:
-            shards: list[Any] = [None] * sum(lay is not None for lay in self.z.layouts)
+        if self.buckets is not None:
+            shards: list[Any] = [None] * self.n_sharded
             for b in range(len(self.members)):
-                for lay, x in zip(self.z.buckets[b].layouts, self._wait(b)):
+                for lay, x in zip(self.buckets[b].layouts, self._wait(b)):
                     shards[lay.index] = x
             return shards
         out = list(g)
@@ -146,12 +181,13 @@ class Overlap:
         return out
 
     def _wait(self, b: int) -> list[torch.Tensor]:
-        z, pending = self.z, self.pending.pop(b)
-        if self.scatter:
-            return _lay.finish_reduce_scatter(z.buckets[b], pending, z.rank)
-        flat, work = pending
+        if self.buckets is not None:
+            return _lay.finish_reduce_scatter(self.buckets[b], self.pending.pop(b), self.rank)
+        flat, work, before = self.pending.pop(b)
         work.wait()
-        flat.div_(z.dp)
+        del work  # (a Work left referenced holds the bucket settle waits for)
+        settle(before)  # gloo's worker has dropped the work (no SIGABRT at exit)
+        flat.div_(self.divisor)
         out, off = [], 0
         for j in self.members[b]:
             n = self.shapes[j].numel()

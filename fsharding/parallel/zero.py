@@ -1,5 +1,12 @@
 """``fs.zero``: data-parallel training steps with ZeRO stages 0-3.
 
+This module owns the data-parallel step: validating ``fs.zero``'s arguments, ``init``
+(materialising meta params, agreeing on rank 0's values, sharding), the step's schedule of
+reductions and gathers, token-weighted means over ranks, and ``gather``. The dim-0 layout
+and bucketed collectives it runs are ``parallel/_buckets``; the reduction overlapped with
+backward is ``parallel/_overlap``; the metrics, loss-scale skip and update it ends with are
+``fs.train_step``'s (``step.update_tail``).
+
 The same ``Step(init, step, gather)`` as ``fs.train_step``, data parallel over one mesh
 axis (or several: HSDP). Compute runs on plain local tensors with explicit bucketed
 collectives; DTensor is used only for what is *stored* sharded (params at stage 3,
@@ -30,7 +37,7 @@ stage          communication                                 held per rank
 
 "After ``grad_fn``" is where the reduction ends. On NCCL (not gloo, where it bought no
 time) each bucket's collective starts inside backward as soon as its grads exist
-(``zero_overlap``), whenever the grads ``grad_fn`` returns are exactly those backward
+(``parallel/_overlap``), whenever the grads ``grad_fn`` returns are exactly those backward
 produced (not under ``fs.accumulate`` or a loss scale).
 
 ``gather="blocks"``: ``grad_fn`` receives rank-local shards and every use of params goes
@@ -63,7 +70,6 @@ the params are gathered per microbatch too): no full-size gradient ever exists.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -72,15 +78,24 @@ import optree
 import torch
 import torch.distributed as dist
 
-from fsharding import _context as _taps
-from fsharding import memory as _memory
+from fsharding import _context
 from fsharding import tree as _tree
 from fsharding.optim import base as _optim
 from fsharding.parallel import _buckets as _lay
 from fsharding.parallel import _overlap
 from fsharding.parallel import gather as _gather
-from fsharding.step import Step, TrainState, as_loss_scale, check_params_arg, train_step
-from fsharding.step import split_value as _split_value
+from fsharding.parallel.collectives import settle, use_counts
+from fsharding.step import (
+    Step,
+    TrainState,
+    apply_update,
+    as_loss_scale,
+    check_params_arg,
+    split_state,
+    split_value,
+    train_step,
+    update_tail,
+)
 from fsharding.transforms import accumulate as _acc
 
 __all__ = ["zero"]
@@ -192,23 +207,75 @@ def zero(
             f"fs.zero: gather must be 'boundary' or 'blocks', got {gather!r}. 'blocks' "
             "gathers params per fs.gather block (stages 2 and 3)."
         )
-    if gather == "blocks" and stage < 2:
+    if gather == "blocks" and stage < 2:  # grads are sharded in backward from stage 2
         raise ValueError(
             f"fs.zero: gather='blocks' needs stage 2 or 3 (grads reduce-scattered), got "
             f"stage={stage}; at stages 0/1 grads are all-reduced once per step."
         )
     loss_scale = as_loss_scale(loss_scale, "fs.zero")
-    axes = _lay.dp_axes(mesh, axis)
+    axes = _dp_axes(mesh, axis)
     dp = math.prod(mesh.shape[a] for a in axes)
     if mesh.device_mesh is None or dp == 1:
         local = train_step(grad_fn, optimizer, loss_scale=loss_scale)
 
         def init_local(params: PyTree, *, init_fn: Callable | None = None) -> tuple:
             check_params_arg(params, "fs.zero.init")
-            return local.init(_lay.materialize(params, init_fn))
+            return local.init(_materialize(params, init_fn))
 
         return Step(init=init_local, step=local.step, gather=local.gather)
     return _ZeRO(grad_fn, optimizer, mesh, axes, stage, loss_scale, gather == "blocks").as_step()
+
+
+def _dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
+    """The data-parallel axes (shard axis last), validated against the mesh."""
+    names = tuple(getattr(mesh, "axis_names", ()))
+    axes = (axis,) if isinstance(axis, str) else axis
+    if not isinstance(axes, tuple) or not axes or not all(isinstance(a, str) for a in axes):
+        raise TypeError(
+            f"fs.zero: axis must be a mesh axis name or a tuple of them (replicate axes first, "
+            f"the shard axis last), got {axis!r}."
+        )
+    for a in axes:
+        if a not in names:
+            raise ValueError(
+                f"fs.zero: axis={a!r} is not an axis of the mesh; its axes are {list(names)}. "
+                "Pass axis= one of them (e.g. fs.Mesh(dp=2) and axis='dp')."
+            )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"fs.zero: axis={axis!r} repeats an axis.")
+    return axes
+
+
+def _materialize(params: Any, init_fn: Callable | None) -> Any:
+    """``params`` with every meta-device leaf replaced by ``init_fn(path, meta)``."""
+    pairs = _tree.leaves_with_path(params)
+    return _tree.unflatten(_tree.structure(params), [_init_leaf(p, x, init_fn) for p, x in pairs])
+
+
+def _init_leaf(path: str, x: Any, init_fn: Callable | None) -> Any:
+    """``x``, or for a meta-device leaf ``init_fn(path, x)`` (checked against ``x``)."""
+    if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
+        return x
+    if init_fn is None:
+        raise ValueError(
+            f"fs.zero.init: params leaf {path} is on the meta device; pass "
+            "init_fn=lambda path, meta: <full tensor> to initialise it leaf by leaf."
+        )
+    t = init_fn(path, x)
+    if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+        raise ValueError(
+            f"fs.zero.init: init_fn returned {got} for params leaf {path}, whose meta tensor "
+            f"is {x.dtype} {tuple(x.shape)}; return a full tensor of that shape and dtype."
+        )
+    return t
+
+
+def _observe_grads(grads: list, *, reduced: bool = False) -> None:
+    """Tells a ``fs.memory_report`` measuring this step (if any) about the grads."""
+    measure = _context.MEMORY_MEASURE.get()
+    if measure is not None:
+        measure.observe_grads(grads, reduced=reduced)
 
 
 def _blank_cpu(x: Any) -> Any:
@@ -232,21 +299,22 @@ def _scale_(g: list, f: float, keep: list) -> list:
     ``fs.accumulate``'s buffer): no copy. Out of place for expanded or overlapping ones,
     ones sharing memory with another grad or with ``keep`` (the params), or that require
     grad."""
-    seen = {x.untyped_storage().data_ptr() for x in keep if isinstance(x, torch.Tensor)}
+    seen = {_tree.storage_key(x) for x in keep}
     out, groups = list(g), {}
     for i, x in enumerate(g):
         if not _tree.is_floating(x):
             continue
-        ptr = x.untyped_storage().data_ptr()
+        key = _tree.storage_key(x)
         base = x._base if x._is_view() else None
         if (
             x.is_contiguous()
             and not x.requires_grad
             and not (base is not None and base.requires_grad)
             and not x.is_inference()
-            and ptr not in seen
+            and key is not None
+            and key not in seen
         ):
-            seen.add(ptr)
+            seen.add(key)
             groups.setdefault((x.device, x.dtype), []).append(x)
         else:
             out[i] = x * f
@@ -258,11 +326,34 @@ def _scale_(g: list, f: float, keep: list) -> list:
 
 
 class _ZeRO:
-    """The distributed implementation behind :func:`zero` (one instance per Step)."""
+    """The distributed implementation behind :func:`zero` (one instance per Step).
 
-    def __init__(self, grad_fn, optimizer, mesh, axes, stage, loss_scale, blocks) -> None:
+    What the stage shards, named once (stage 2 differs from stage 1 only in allowing
+    ``gather="blocks"``, whose grads are sharded during backward too):
+
+    * ``state_sharded`` (stages 1-3): the optimizer state is stored as shards and each rank
+      updates only its rows of the params;
+    * ``grads_sharded`` (stages 1-3): so the grads are reduce-scattered (each rank keeps the
+      rows it updates), not all-reduced, and their norm is summed over the shards;
+    * ``params_sharded`` (stage 3): the params are stored as shards (DTensors), gathered
+      around ``grad_fn`` or per ``fs.gather`` block; at stages 0-2 they are stored full.
+    """
+
+    def __init__(
+        self,
+        grad_fn: Callable,
+        optimizer: _optim.GradientTransformation,
+        mesh: Any,
+        axes: tuple[str, ...],
+        stage: int,
+        loss_scale: Any,
+        blocks: bool,
+    ) -> None:
         self.grad_fn, self.opt, self.mesh = grad_fn, optimizer, mesh
-        self.stage, self.loss_scale, self.blocks = stage, loss_scale, blocks
+        self.loss_scale, self.blocks = loss_scale, blocks
+        self.state_sharded = stage >= 1
+        self.grads_sharded = stage >= 1
+        self.params_sharded = stage == 3
         self.axes, self.axis = axes, axes[-1]
         self.group = mesh.group(self.axis)
         self.dmesh = mesh[self.axis].device_mesh
@@ -297,7 +388,8 @@ class _ZeRO:
         self.overlap = None if _overlap.enabled(self.group, self.device) else False
 
     def _to_dtensor(self, local: torch.Tensor, lay: _lay.LeafLayout) -> torch.Tensor:
-        DTensor, Shard = _lay.dtensor_api()
+        from torch.distributed.tensor import DTensor, Shard  # (seconds to import: on first use)
+
         full = torch.empty(lay.shape, device="meta")
         return DTensor.from_local(
             local, self.dmesh, [Shard(0)], run_check=False, shape=lay.shape, stride=full.stride()
@@ -306,7 +398,7 @@ class _ZeRO:
     def _local(self, x: Any) -> Any:
         # the DTensor's own local tensor (not to_local()'s autograd view): a donated step
         # updates it in place and _dtensors then returns the same DTensor
-        return x._local_tensor if _lay.is_dtensor(x) else x
+        return x._local_tensor if _tree.is_dtensor(x) else x
 
     def _shard_leaves(self, leaves: list) -> list:
         return [
@@ -330,7 +422,7 @@ class _ZeRO:
     @staticmethod
     def _wrappers(tree: Any) -> dict[int, Any]:
         """id of each DTensor leaf's local tensor -> the DTensor (see ``_dtensors``)."""
-        return {id(x._local_tensor): x for x in optree.tree_leaves(tree) if _lay.is_dtensor(x)}
+        return {id(x._local_tensor): x for x in optree.tree_leaves(tree) if _tree.is_dtensor(x)}
 
     def _wrap_state(self, state: Any, local_params: list, reuse: dict | None = None) -> Any:
         """DTensor-wrap the param-shaped subtrees of an optimizer state built on shards."""
@@ -366,7 +458,7 @@ class _ZeRO:
                 )
         meta = [x.device.type == "meta" for _, x in pairs]
         if any(meta) and init_fn is None:
-            _lay.init_leaf(pairs[meta.index(True)][0], pairs[meta.index(True)][1], None)  # raises
+            _init_leaf(*pairs[meta.index(True)], None)  # raises
         self._plan(params)
         if any(meta):
             self.device = next(
@@ -378,7 +470,7 @@ class _ZeRO:
         pending: list[tuple[int, torch.Tensor]] = []  # materialised, not yet broadcast
         size = 0
         for i, (path, x) in enumerate(pairs):
-            t = _lay.init_leaf(path, x, init_fn).detach()
+            t = _init_leaf(path, x, init_fn).detach()
             nbytes = t.numel() * t.element_size()
             if pending and size + nbytes > _lay.BUCKET_BYTES:  # flush before it overflows
                 self._agree_init(pending, local, full)
@@ -389,12 +481,12 @@ class _ZeRO:
             if size >= _lay.BUCKET_BYTES or i == n - 1:  # (a big leaf goes alone, uncopied)
                 self._agree_init(pending, local, full)
                 pending, size = [], 0
-        if self.stage == 0:
+        if not self.state_sharded:
             params_out = self._tree(full)
             opt = self.opt.init(params_out)
         else:
             opt = self._wrap_state(self.opt.init(self._tree(local)), local)
-            params_out = self._tree(self._dtensors(local) if self.stage == 3 else full)
+            params_out = self._tree(self._dtensors(local) if self.params_sharded else full)
         if self.loss_scale is not None:
             return params_out, TrainState(opt=opt, loss_scale=self.loss_scale)
         return params_out, opt
@@ -417,14 +509,16 @@ class _ZeRO:
                 flat, direct = self._direct_buffer(ts[0], pending[idx[0]][0], src)
             else:
                 flat, direct = torch.cat([t.reshape(-1) for t in ts]), False
+            before = use_counts([flat])
             for g in self.dp_groups:  # shard axis, then replicas: all get rank (0, ..., 0)'s
                 dist.broadcast(flat, src=dist.get_global_rank(g, 0), group=g)
+                settle(before)  # gloo's worker has dropped the work (no SIGABRT at exit)
             off = 0
             for j, t in zip(idx, ts):
                 view = flat[off : off + t.numel()].view(t.shape)
                 off += t.numel()
                 lay = self.layouts[pending[j][0]]
-                if self.stage == 3 and lay is not None:
+                if self.params_sharded and lay is not None:
                     synced[j] = view  # only its rows are kept (a copy)
                 elif src:  # rank 0's own values: left as they are
                     synced[j] = t
@@ -439,7 +533,7 @@ class _ZeRO:
             del flat
         for (i, _), t in zip(pending, synced):
             lay = self.layouts[i]
-            if self.stage == 3 and lay is not None:
+            if self.params_sharded and lay is not None:
                 local[i] = _lay.shard_rows(t, lay, self.rank)
             else:
                 full[i] = t
@@ -453,7 +547,7 @@ class _ZeRO:
         if src:
             return (t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)), False
         writable = t.is_contiguous() and not t.is_inference() and not t.requires_grad
-        if writable and not (self.stage == 3 and self.layouts[i] is not None):
+        if writable and not (self.params_sharded and self.layouts[i] is not None):
             return t.view(-1), True
         return torch.empty(t.numel(), dtype=t.dtype, device=t.device), False
 
@@ -464,12 +558,12 @@ class _ZeRO:
         shards = [x for x, lay in zip(local, self.layouts) if lay is not None]
         fulls = _lay.all_gather_buckets(self.buckets, shards, self.group, self.device)
         tracker = _gather.current_tracker()
-        if tracker is not None and self.stage == 3:  # (stages 1/2: the params it returns)
+        if tracker is not None and self.params_sharded:  # (stages 1/2: the params it returns)
             tracker.add(fulls)
         return [fulls[lay.index] if lay is not None else x for x, lay in zip(local, self.layouts)]
 
     def gather(self, params: PyTree) -> PyTree:
-        if self.stage != 3:
+        if not self.params_sharded:
             return optree.tree_map(self._local, params)
         self._check(params, "fs.zero.gather")
         local = [self._local(x) for x in optree.tree_leaves(params)]
@@ -487,7 +581,7 @@ class _ZeRO:
                 names=("init's params", "params"),
                 api=api,
             )
-        if self.stage != 3:
+        if not self.params_sharded:
             return
         for path, x, lay in zip(self.paths, optree.tree_leaves(params), self.layouts):
             if lay is not None and tuple(self._local(x).shape) != lay.local_shape(self.rank):
@@ -577,27 +671,39 @@ class _ZeRO:
     def _psum(self, x: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
         """``x`` reduced over every data-parallel rank (a new tensor)."""
         y = x.detach().clone()
+        before = use_counts([y])
         for g in self.dp_groups:
             dist.all_reduce(y, op=op, group=g)
+            settle(before)  # gloo's worker has dropped the work (no SIGABRT at exit)
         return y
 
     def _grad_fn(self, local_params: list, batch: Any, kw: dict) -> tuple[Any, Any, list]:
         """``(loss, grads, shards)``; shards: the params passed as rank-local shards."""
         if not self.blocks:
-            full = self._gather_full(local_params) if self.stage == 3 else local_params
-            single = self.stage >= 1 or self.dp_groups == [self.group]  # stage 0: no HSDP
+            full = self._gather_full(local_params) if self.params_sharded else local_params
+            # an all-reduce overlaps over one group only (no HSDP at stage 0)
+            single = self.grads_sharded or self.dp_groups == [self.group]
             self.tapped = None  # (not one a failed step left behind)
             if self.overlap is not False and single and self.world > 1:
-                self.tapped = _overlap.Overlap(self, full, live=bool(self.overlap))
-            with _taps.tapping(self.tapped.taps if self.tapped else None):
+                self.tapped = _overlap.Overlap(
+                    full,
+                    live=bool(self.overlap),
+                    group=self.group,
+                    agree_groups=self.dp_groups,
+                    device=self.device,
+                    buckets=self.buckets if self.grads_sharded else None,
+                    layouts=self.layouts,
+                    divisor=self.dp,
+                )
+            with _context.tapping(self.tapped.taps if self.tapped else None):
                 loss, grads = self.grad_fn(self._tree(full), batch, **kw)
             return loss, grads, None
-        shards = local_params if self.stage == 3 else self._shard_leaves(local_params)
+        shards = local_params if self.params_sharded else self._shard_leaves(local_params)
         layouts = {x.untyped_storage()._cdata: lay for x, lay in zip(shards, self.layouts) if lay}
         s = _gather.Sharding(
             self.axis, self.axes, self.mesh.axis_names, self.group, layouts, self.rank
         )
-        if self.stage == 2:  # full params are held: "gathering" reads them, no communication
+        if not self.params_sharded:  # full params are held: "gathering" reads them, no comms
             s.fulls = {
                 x.untyped_storage()._cdata: f
                 for x, f, lay in zip(shards, local_params, self.layouts)
@@ -611,12 +717,12 @@ class _ZeRO:
         """Grads -> the data-parallel mean: full (stage 0) or this rank's shards (stage 1+:
         each rank updates only its rows, so a reduce-scatter is enough — 2Ψ per step with
         the params' all-gather, as in the ZeRO paper, not an all-reduce's 3Ψ). Started in
-        backward where the grad_fn allows (zero_overlap)."""
+        backward where the grad_fn allows (``_overlap``)."""
         ov, self.tapped = self.tapped, None
         pre = ov.finish(g) if ov is not None else None
         if ov is not None:
             self.overlap = ov.agreed  # every rank's verdict: on (probe held) or off for good
-        if self.stage == 0:
+        if not self.grads_sharded:
             return pre if pre is not None else _lay.all_reduce_mean(g, self.dp_groups, self.dp)
         idx = [i for i, lay in enumerate(self.layouts) if lay is not None]
         if self.blocks:  # already reduce-scattered (summed) over the shard axis in backward
@@ -643,20 +749,19 @@ class _ZeRO:
             out[i] = x
         return out
 
-    def step(self, params: PyTree, opt_state: Any, batch: Any, *, donate: bool = False):
-        self._check(params, "fs.zero.step")
-        opt, scale = (
-            (opt_state.opt, opt_state.loss_scale)
-            if self.loss_scale is not None
-            else (opt_state, None)
-        )
+    def step(
+        self, params: PyTree, opt_state: Any, batch: Any, *, donate: bool = False
+    ) -> tuple[PyTree, Any, dict[str, Any]]:
+        api = "fs.zero.step"
+        self._check(params, api)
+        opt, scale = split_state(opt_state, self.loss_scale, api)
         local_params = [self._local(x) for x in optree.tree_leaves(params)]
         kw = {"loss_scale": scale} if scale is not None else {}
         self.factor, self.empty = None, (False, False)
         with _acc.reporting_weights(self._weights):
-            value, grads, p_local = self._grad_fn(local_params, batch, kw)
-        loss, aux, has_aux = _split_value(value, "fs.zero.step")
-        _tree.check_same_structure(params, grads, names=("params", "grads"), api="fs.zero.step")
+            value, grads, p_shards = self._grad_fn(local_params, batch, kw)
+        loss, aux, has_aux = split_value(value, api)
+        _tree.check_same_structure(params, grads, names=("params", "grads"), api=api)
         g = optree.tree_leaves(grads)
         del grads
         if self.empty[1]:  # a rank without tokens: the same loss dtype and metrics as others
@@ -666,63 +771,72 @@ class _ZeRO:
             if f != 1.0:
                 g = _scale_(g, f, local_params)
                 loss = loss * f
-        _memory.observe_grads(g)
+        _observe_grads(g)
         g = self._reduce(g)
-        if self.stage == 0:
-            grad_norm = _optim.global_norm(g)
-        else:
-            grad_norm = self._sharded_norm(g)
-        _memory.observe_grads(g, reduced=True)
+        grad_norm = self._sharded_norm(g) if self.grads_sharded else _optim.global_norm(g)
+        _observe_grads(g, reduced=True)
         mean = (self._psum(loss.to(torch.float64)) / self.dp).to(loss.dtype)
-        metrics: dict[str, Any] = {"loss": mean, "grad_norm": grad_norm}
-        if has_aux:  # rank-local: this rank's batch (not reduced over ranks)
-            metrics["aux"] = aux
-        opt_local = self._unwrap_state(opt) if self.stage >= 1 else opt
-        lr = _optim.learning_rate(self.opt, opt_local)
-        if lr is not None:
-            metrics["lr"] = lr
-        if scale is not None:
-            finite = bool(self._psum(_tree.all_finite(g).to(torch.int32), dist.ReduceOp.MIN))
-            metrics["loss_scale"] = scale.loss_scale
-            metrics["skipped"] = not finite
-            new_scale = scale.adjust(finite)
-            if not finite:
-                return params, TrainState(opt=opt, loss_scale=new_scale), metrics
-        if p_local is None:  # stages 1/2: this rank's rows of the (donated) full params
-            lay, rank = self.layouts, self.rank
-            p_local = (
-                local_params if self.stage in (0, 3) else _lay.row_views(local_params, lay, rank)
-            )
-        new_opt, new_p = self._update(g, opt_local, p_local, donate)
-        if self.stage == 0:
-            params_out = self._tree(new_p)
-        elif self.stage == 3:
-            params_out = self._tree(self._dtensors(new_p, self._wrappers(params)))
-        else:
-            params_out = self._tree(self._gather_full(new_p))
-        if self.stage >= 1:
-            new_opt = self._wrap_state(new_opt, new_p, self._wrappers(opt))
-        if scale is not None:
-            return params_out, TrainState(opt=new_opt, loss_scale=new_scale), metrics
-        return params_out, new_opt, metrics
 
-    def _update(self, g: list, opt: Any, p: list, donate: bool) -> tuple[Any, list]:
-        ptree, gtree = self._tree(p), self._tree(g)
-        # Stages 1-3: every rank updates its own shards, so whatever the optimizer decides
-        # from all the grads (clip_by_global_norm's norm, LAMB's per-leaf norms,
-        # apply_if_finite's skip) is reduced over the ranks that hold other shards. Stage 0
-        # needs nothing: after the all-reduce every rank holds bitwise the same grads (a NaN
-        # anywhere is a NaN everywhere), so every rank decides the same.
-        reducer = (
-            _optim.sharded_norm(self._sq_reduce, self._leaf_sq_reduce, reduce_all=self._all_min)
-            if self.stage >= 1
-            else contextlib.nullcontext()
+        def update(g: list, donate: bool) -> tuple[PyTree, Any]:
+            return self._update(g, params, opt, local_params, p_shards, donate)
+
+        return update_tail(
+            self.opt,
+            params,
+            opt,
+            [g],
+            loss=mean,
+            grad_norm=grad_norm,
+            has_aux=has_aux,  # aux is rank-local: this rank's batch (not reduced over ranks)
+            aux=aux,
+            loss_scale=scale,
+            donate=donate,
+            reduce_all=self._all_min,  # every rank skips a step any rank finds not finite
+            update=update,
         )
-        donating = _optim.donation() if donate else contextlib.nullcontext()
-        with reducer, donating:
-            updates, new_opt = self.opt.update(gtree, opt, ptree)
-        apply = _optim.apply_updates_ if donate else _optim.apply_updates
-        return new_opt, optree.tree_leaves(apply(ptree, updates))
+
+    def _update(
+        self,
+        g: list,
+        params: PyTree,
+        opt: Any,
+        local_params: list,
+        p_shards: list | None,
+        donate: bool,
+    ) -> tuple[PyTree, Any]:
+        """The optimizer on what this rank updates (``g``: the reduced grads), then the
+        params and state stored as ``params`` and ``opt`` are (see :func:`update_tail`).
+
+        With sharded state every rank updates its own shards, so whatever the optimizer
+        decides from all the grads (clip_by_global_norm's norm, LAMB's per-leaf norms,
+        apply_if_finite's skip) is reduced over the ranks that hold other shards. Stage 0
+        needs nothing: after the all-reduce every rank holds bitwise the same grads (a NaN
+        anywhere is a NaN everywhere), so every rank decides the same."""
+        if p_shards is not None:  # gather="blocks": the shards grad_fn got
+            p = p_shards
+        elif self.state_sharded and not self.params_sharded:  # rows of the full params
+            p = _lay.row_views(local_params, self.layouts, self.rank)
+        else:
+            p = local_params
+        opt_local, within = opt, None
+        if self.state_sharded:  # the optimizer runs on the shards' local tensors
+            opt_local = self._unwrap_state(opt)
+            within = _optim.sharded_norm(
+                self._sq_reduce, self._leaf_sq_reduce, reduce_all=self._all_min
+            )
+        new_p, new_opt = apply_update(
+            self.opt, self._tree(g), opt_local, self._tree(p), donate=donate, within=within
+        )
+        new_p = optree.tree_leaves(new_p)
+        if self.params_sharded:
+            params_out = self._tree(self._dtensors(new_p, self._wrappers(params)))
+        elif self.state_sharded:  # stages 1/2: every rank's updated rows, gathered
+            params_out = self._tree(self._gather_full(new_p))
+        else:
+            params_out = self._tree(new_p)
+        if self.state_sharded:
+            new_opt = self._wrap_state(new_opt, new_p, self._wrappers(opt))
+        return params_out, new_opt
 
     def _all_min(self, flag: torch.Tensor) -> torch.Tensor:
         """A yes/no flag (0-dim int32) agreed by every data-parallel rank: the MIN."""

@@ -88,12 +88,11 @@ def _counting(grad_fn, log):
 
 
 def _worker(world: int) -> dict:
-    from fsharding.parallel import _buckets as zero_layout
-    from fsharding.parallel import _overlap as zero_overlap
+    from fsharding.parallel import _buckets, _overlap
 
-    assert not zero_overlap.enabled(torch.distributed.group.WORLD)  # gloo: off by default
-    zero_overlap.ENABLED = True  # (NCCL's default) tested here, on gloo
-    zero_layout.BUCKET_BYTES = 64  # a bucket per leaf: several collectives to overlap
+    assert not _overlap.enabled(torch.distributed.group.WORLD)  # gloo: off by default
+    _overlap.ENABLED = True  # (NCCL's default) tested here, on gloo
+    _buckets.BUCKET_BYTES = 64  # a bucket per leaf: several collectives to overlap
     rank = _rank()
     # 4 ranks: hybrid sharding, reduce-scatter over "shard" in backward, then the replicas
     mesh = fs.Mesh(dp=2) if world == 2 else fs.Mesh({"replicate": 2, "shard": 2})
@@ -126,10 +125,10 @@ def _worker(world: int) -> dict:
     for extra in (False, True):
         leaves = fs.tree.leaves(_params(extra))
         lays = [
-            zero_layout.LeafLayout(i, tuple(x.shape), x.dtype, 2)
+            _buckets.LeafLayout(i, tuple(x.shape), x.dtype, 2)
             for i, x in enumerate(x for x in leaves if x.dim() >= 1)
         ]
-        flat, sharded = zero_layout.flat_buckets(leaves), zero_layout.make_buckets(lays)
+        flat, sharded = _buckets.flat_buckets(leaves), _buckets.make_buckets(lays)
         out[("buckets", extra)] = (len(flat), len(sharded))
     return out
 
