@@ -1,5 +1,9 @@
 """What backward keeps: ``fs.print_saved_activations`` (JAX's ``print_saved_residuals``).
 
+Owns the saved-activation report (``fs.saved_activations``, ``fs.print_saved_activations``)
+and its recorder, which ``fs.remat`` regions report to through
+``_context.SAVED_RECORDER``.
+
 ``saved_activations(fn, *args, **kwargs)`` runs ``fn`` forward once with every floating
 argument leaf differentiable and reports each storage backward would keep:
 
@@ -36,9 +40,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fsharding import _context
 from fsharding import tree as _tree
 from fsharding.transforms import policies as _policies
-from fsharding.transforms import remat as _remat
 
 __all__ = ["SavedTensor", "SavedActivations", "saved_activations", "print_saved_activations"]
 
@@ -109,10 +113,6 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
-
-
 def _op_name(func: Any, args: tuple) -> str:
     name = _policies.name_of(func, *args)
     if name is not None:
@@ -125,7 +125,7 @@ class _Producers(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.by_key: dict[tuple[str, int], str] = {}
+        self.by_key: dict[Any, str] = {}  # storage key -> op
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         out = func(*args, **(kwargs or {}))
@@ -134,25 +134,27 @@ class _Producers(TorchDispatchMode):
         if not any(r.alias_info is not None for r in func._schema.returns):
             name = _op_name(func, args)
             for t in optree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    self.by_key[_key(t)] = name
+                key = _tree.storage_key(t)
+                if key is not None:
+                    self.by_key[key] = name
         return out
 
 
 class _Recorder:
-    """Collects storages by status; remat regions report to it through ``_remat._RECORDER``."""
+    """Collects storages by status; remat regions report to it through
+    ``_context.SAVED_RECORDER``."""
 
-    def __init__(self, arguments: dict[tuple[str, int], tuple[str, str]], producers: _Producers):
+    def __init__(self, arguments: dict[Any, tuple[str, str]], producers: _Producers):
         self.arguments = arguments  # storage key -> (path, kind)
         self.producers = producers
-        self.entries: dict[tuple[str, int], dict[str, Any]] = {}
+        self.entries: dict[Any, dict[str, Any]] = {}  # storage key -> entry
         self.keep: list[Any] = []
 
     def _record(self, t: Any, status: str, op: str | None = None) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        key = _tree.storage_key(t)
+        if key is None:  # not a tensor, meta, or empty (no storage to keep)
             return
         self.keep.append(t)
-        key = _key(t)
         old = self.entries.get(key)
         if old is not None:
             if _RANK[status] < _RANK[old["status"]]:
@@ -235,28 +237,27 @@ def saved_activations(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Save
             "function first, then its arguments."
         )
     accessors, leaves, treedef = optree.tree_flatten_with_accessor((args, kwargs))
-    arguments: dict[tuple[str, int], tuple[str, str]] = {}
+    arguments: dict[Any, tuple[str, str]] = {}  # storage key -> (path, kind)
     fresh = []
     for acc, leaf in zip(accessors, leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-            path = _path(acc)
+        key = _tree.storage_key(leaf)
+        if key is not None:
             is_param = isinstance(leaf, nn.Parameter) or acc[0].entry == acc[1].entry == 0
-            kind = "param" if is_param else "input"
-            arguments.setdefault(_key(leaf), (path, kind))
-            if _tree.is_floating(leaf):
-                leaf = leaf.detach().requires_grad_(True)
+            arguments.setdefault(key, (_path(acc), "param" if is_param else "input"))
+        if _tree.is_floating(leaf) and leaf.device.type != "meta":
+            leaf = leaf.detach().requires_grad_(True)
         fresh.append(leaf)
     a, k = optree.tree_unflatten(treedef, fresh)
     producers = _Producers()
     recorder = _Recorder(arguments, producers)
-    token = _remat._RECORDER.set(recorder)
+    token = _context.SAVED_RECORDER.set(recorder)
     try:
         with torch.enable_grad(), producers:
             with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
                 out = fn(*a, **k)
         report = recorder.report()
     finally:
-        _remat._RECORDER.reset(token)
+        _context.SAVED_RECORDER.reset(token)
     del out
     return report
 

@@ -1,16 +1,21 @@
-"""Thin pytree helpers on optree.
+"""Pytrees (``fs.tree``), and the one storage-identity and DTensor helpers.
+
+Owns the pytree helpers on optree (map, leaves, paths, structure checks that name the
+differing path), ``storage_key`` (which storage a tensor's data lives in: every module
+that asks "is this the same memory" asks it), ``is_dtensor`` / ``local_tensor`` (the one
+DTensor check), and the byte and finiteness reductions over a tree (``nbytes``,
+``all_finite``). It imports nothing of fsharding.
 
 Every fsharding pytree uses optree's default registry with ``None`` as an empty node
 (as in JAX). Paths are written in JAX's ``keystr`` form, e.g. ``['blocks'][0].mu``, so an
 error can name the exact leaf that is wrong.
 
 Example:
-    >>> import torch
-    >>> from fsharding import tree
+    >>> import torch, fsharding as fs
     >>> t = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
-    >>> tree.map(lambda x, y: x + y, t, t)["w"].sum().item()
+    >>> fs.tree.map(lambda x, y: x + y, t, t)["w"].sum().item()
     12.0
-    >>> [p for p, _ in tree.leaves_with_path(t)]
+    >>> [p for p, _ in fs.tree.leaves_with_path(t)]
     ["['b']", "['w']"]
 """
 
@@ -39,12 +44,12 @@ __all__ = [
     "storage_key",
 ]
 
-PyTree = Any
+_PyTree = Any
 
 _map = map  # the builtin, before this module shadows it
 
 
-def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
+def map(fn: Callable[..., Any], tree: _PyTree, *rest: _PyTree) -> _PyTree:  # noqa: A001
     """Maps ``fn`` over the leaves of one or more trees of the same structure.
 
     Args:
@@ -60,7 +65,8 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:  # noqa:
             differing path.
 
     Example:
-        >>> map(lambda a, b: a * b, {"x": 2}, {"x": 3})
+        >>> import fsharding as fs
+        >>> fs.tree.map(lambda a, b: a * b, {"x": 2}, {"x": 3})
         {'x': 6}
     """
     if rest:
@@ -69,31 +75,34 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:  # noqa:
     return optree.tree_map(fn, tree, *rest)
 
 
-def leaves(tree: PyTree) -> list[Any]:
+def leaves(tree: _PyTree) -> list[Any]:
     """The leaves of ``tree`` in canonical (sorted-key) order.
 
     Example:
-        >>> leaves({"b": 1, "a": (2, 3)})
+        >>> import fsharding as fs
+        >>> fs.tree.leaves({"b": 1, "a": (2, 3)})
         [2, 3, 1]
     """
     return optree.tree_leaves(tree)
 
 
-def structure(tree: PyTree) -> optree.PyTreeSpec:
+def structure(tree: _PyTree) -> optree.PyTreeSpec:
     """The treedef of ``tree`` (use with :func:`unflatten`).
 
     Example:
-        >>> structure({"a": 1}).num_leaves
+        >>> import fsharding as fs
+        >>> fs.tree.structure({"a": 1}).num_leaves
         1
     """
     return optree.tree_structure(tree)
 
 
-def unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
+def unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> _PyTree:
     """Rebuilds a tree from a treedef and its leaves.
 
     Example:
-        >>> unflatten(structure({"a": 1, "b": 2}), [5, 6])
+        >>> import fsharding as fs
+        >>> fs.tree.unflatten(fs.tree.structure({"a": 1, "b": 2}), [5, 6])
         {'a': 5, 'b': 6}
     """
     return optree.tree_unflatten(treedef, list(leaves))
@@ -105,11 +114,12 @@ def keystr(accessor: optree.PyTreeAccessor) -> str:
     return s if s else "<root>"
 
 
-def leaves_with_path(tree: PyTree) -> list[tuple[str, Any]]:
+def leaves_with_path(tree: _PyTree) -> list[tuple[str, Any]]:
     """``(path, leaf)`` pairs with JAX-style path strings.
 
     Example:
-        >>> leaves_with_path({"a": [10, 20]})
+        >>> import fsharding as fs
+        >>> fs.tree.leaves_with_path({"a": [10, 20]})
         [("['a'][0]", 10), ("['a'][1]", 20)]
     """
     accessors, lvs, _ = optree.tree_flatten_with_accessor(tree)
@@ -117,7 +127,7 @@ def leaves_with_path(tree: PyTree) -> list[tuple[str, Any]]:
 
 
 def first_difference(
-    a: PyTree, b: PyTree, *, names: tuple[str, str] = ("the first tree", "the second tree")
+    a: _PyTree, b: _PyTree, *, names: tuple[str, str] = ("the first tree", "the second tree")
 ) -> str | None:
     """The path of the first node where two trees' structures differ, or None if equal.
 
@@ -130,7 +140,8 @@ def first_difference(
         names: how the two trees are called in the description.
 
     Example:
-        >>> first_difference({"a": 1, "b": 2}, {"a": 1, "c": 2}, names=("params", "grads"))
+        >>> import fsharding as fs
+        >>> fs.tree.first_difference({"a": 1, "b": 2}, {"a": 1, "c": 2}, names=("params", "grads"))
         "['b'] (missing from grads; keys ['a', 'b'] in params, ['a', 'c'] in grads)"
     """
     if optree.tree_structure(a) == optree.tree_structure(b):
@@ -138,7 +149,7 @@ def first_difference(
     return _diff(a, b, "", names)
 
 
-def _node(x: PyTree) -> tuple[Any, list[Any], list[Any]] | None:
+def _node(x: _PyTree) -> tuple[Any, list[Any], list[Any]] | None:
     """(node type, children, entries) of a non-leaf, or None for a leaf."""
     if x is not None and optree.tree_structure(x).is_leaf():
         return None
@@ -152,7 +163,7 @@ def _entry_str(node_type: type, entry: Any) -> str:
     return f"[{entry!r}]"
 
 
-def _diff(a: PyTree, b: PyTree, path: str, names: tuple[str, str]) -> str:
+def _diff(a: _PyTree, b: _PyTree, path: str, names: tuple[str, str]) -> str:
     na, nb = _node(a), _node(b)
     here = path or "<root>"
     if na is None and nb is None:
@@ -185,7 +196,7 @@ def _diff(a: PyTree, b: PyTree, path: str, names: tuple[str, str]) -> str:
 
 
 def check_same_structure(
-    a: PyTree, b: PyTree, *, names: tuple[str, str] = ("a", "b"), api: str = "fsharding"
+    a: _PyTree, b: _PyTree, *, names: tuple[str, str] = ("a", "b"), api: str = "fsharding"
 ) -> None:
     """Raises a ValueError naming the first path where ``a`` and ``b`` differ.
 
@@ -199,8 +210,9 @@ def check_same_structure(
         ValueError: the structures differ.
 
     Example:
-        >>> check_same_structure({"w": 1}, {"w": 2})
-        >>> check_same_structure({"w": 1}, {"v": 2}, names=("params", "grads"))
+        >>> import fsharding as fs
+        >>> fs.tree.check_same_structure({"w": 1}, {"w": 2})
+        >>> fs.tree.check_same_structure({"w": 1}, {"v": 2}, names=("params", "grads"))
         Traceback (most recent call last):
         ...
         ValueError: fsharding: params and grads differ in pytree structure at ['w'] ...
@@ -219,9 +231,8 @@ def is_dtensor(x: Any) -> bool:
     DTensor's module, which costs a second on first import; none can exist before it is).
 
     Example:
-        >>> import torch
-        >>> from fsharding import tree
-        >>> tree.is_dtensor(torch.ones(2))
+        >>> import torch, fsharding as fs
+        >>> fs.tree.is_dtensor(torch.ones(2))
         False
     """
     return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
@@ -229,24 +240,36 @@ def is_dtensor(x: Any) -> bool:
 
 def storage_key(t: Any) -> tuple[torch.device, int] | None:
     """The identity of the storage behind tensor ``t``: ``(device, address of its first
-    byte)``, the same for every view of one storage; None for a non-tensor, a tensor with no
-    storage (a subclass such as DTensor: take :func:`local_tensor` first) or an empty tensor.
-    Computed without building a storage object (cheap enough for a dispatch-mode hot path).
+    byte)``, the same for every view of one storage; None for a non-tensor, an empty or
+    meta tensor (no data) or a tensor without storage (a subclass such as DTensor: take
+    :func:`local_tensor` first).
+
+    Computed from the tensor's data pointer, without building a storage object: cheap
+    enough for a dispatch-mode hot path (``fs.remat`` calls it per op).
 
     Example:
-        >>> import torch
-        >>> from fsharding import tree
+        >>> import torch, fsharding as fs
         >>> x = torch.zeros(4, 4)
-        >>> key = tree.storage_key(x)
-        >>> tree.storage_key(x[1:]) == key, tree.storage_key(x.clone()) == key
+        >>> key = fs.tree.storage_key(x)
+        >>> fs.tree.storage_key(x[1:]) == key, fs.tree.storage_key(x.clone()) == key
         (True, False)
+        >>> fs.tree.storage_key(torch.zeros(0)) is None
+        True
     """
-    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+    if not isinstance(t, _TensorBase):
         return None
     try:
-        return t.device, t.data_ptr() - t.storage_offset() * t.element_size()
+        ptr = t.data_ptr()  # 0 for an empty or meta tensor
     except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
         return None
+    if not ptr:
+        return None
+    return t.device, ptr - t.storage_offset() * t.element_size()
+
+
+# torch.Tensor's metaclass makes isinstance(x, torch.Tensor) slow; its C base class is not
+# (every tensor, subclasses included, is an instance of it).
+_TensorBase = torch._C.TensorBase
 
 
 def local_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -254,27 +277,24 @@ def local_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if is_dtensor(x) else x
 
 
-def nbytes(tree: PyTree) -> int:
+def nbytes(tree: _PyTree) -> int:
     """Bytes held by the tensors of ``tree``, counting each storage once.
 
     Views and tied tensors share a storage and count once; a DTensor counts its local
-    shard. Non-tensor leaves count zero.
+    shard. Non-tensor leaves, meta and empty tensors count zero (:func:`storage_key`).
 
     Example:
+        >>> import torch, fsharding as fs
         >>> w = torch.zeros(4, 4)
-        >>> nbytes({"w": w, "view": w[0], "b": torch.zeros(4)})
+        >>> fs.tree.nbytes({"w": w, "view": w[0], "b": torch.zeros(4)})
         80
     """
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[torch.device, int], int] = {}
     for leaf in optree.tree_leaves(tree):
-        if not isinstance(leaf, torch.Tensor):
-            continue
         t = local_tensor(leaf)
-        if t.device.type == "meta":
-            continue
-        st = t.untyped_storage()
-        key = (str(t.device), st.data_ptr())
-        seen[key] = max(seen.get(key, 0), st.nbytes())
+        key = storage_key(t)
+        if key is not None:
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
     return sum(seen.values())
 
 
@@ -283,13 +303,14 @@ def is_floating(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
-def all_finite(tree: PyTree) -> torch.Tensor:
+def all_finite(tree: _PyTree) -> torch.Tensor:
     """A 0-dim bool tensor: True when every floating leaf of ``tree`` is finite.
 
     One device sync is left to the caller (``bool(...)``); no per-leaf sync.
 
     Example:
-        >>> bool(all_finite({"a": torch.ones(2), "b": torch.tensor([float("inf")])}))
+        >>> import torch, fsharding as fs
+        >>> bool(fs.all_finite({"a": torch.ones(2), "b": torch.tensor([float("inf")])}))
         False
     """
     tensors = [local_tensor(x) for x in optree.tree_leaves(tree) if is_floating(x)]
