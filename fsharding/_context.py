@@ -52,14 +52,17 @@ GATHERED_TRACKER: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fsharding_gathered_tracker", default=None
 )
 
-# (tensors, module | None) | None -- fs.functional's wrapped blocks declare the state they
-# may write (transforms/_region_state); read by fs.remat's recomputation guard.
+# (tensors, module | None) | None -- set by fs.functional's wrapped blocks (functional) to
+# the state the block may write: its params and buffers, plus the plain tensor attributes
+# of module's modules; read by fs.remat's recomputation guard (transforms/remat), which
+# leaves its per-op guard out when the forward wrote none of it.
 REGION_STATE: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fsharding_region_state", default=None
 )
 
 # tuple[_Frame, ...] -- the fs.remat regions running on this thread, innermost last
-# (transforms/remat).
+# (set by transforms/remat); non-empty: a region runs, and the transforms that install
+# saved-tensor hooks step aside (fs.offload, parallel/gather's reshard).
 REMAT_FRAMES: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
     "fsharding_remat_frames", default=()
 )

@@ -1,9 +1,17 @@
 """The functional core: modules as pure functions of explicit params, and their gradients.
 
-``fs.functional(module)`` turns any ``nn.Module`` into ``apply(params, *args)`` over a
-params dict; ``fs.value_and_grad`` / ``fs.grad`` differentiate any function of pytrees with
-``torch.autograd.grad`` (never ``torch.func.grad``, which refuses the saved-tensor hooks that
-remat, offload and collectives rely on).
+Owns ``fs.functional`` -- any ``nn.Module`` as ``apply(params, *args)`` over a params dict:
+the params key check, buffers frozen or threaded as state, meta-device buffers recomputed,
+per-block transforms (``wrap=``) -- and ``fs.value_and_grad`` / ``fs.grad``, which
+differentiate any function of pytrees with ``torch.autograd.grad`` (never
+``torch.func.grad``, which refuses the saved-tensor hooks that remat, offload and
+collectives rely on).
+
+It imports only the layer below it (``tree``, ``_context``, ``_replay``, ``precision``) and
+talks upward through declared channels: a wrapped block declares the state it may write
+(``_context.REGION_STATE``, read by ``fs.remat``'s guard); a sharded call gathers through
+``_context.SHARDING``; a Hugging Face KV cache argument of a wrapped block is replayed for
+recomputation by ``_replay``.
 """
 
 from __future__ import annotations
@@ -22,16 +30,15 @@ import torch
 from torch import nn
 from torch.nn.utils import stateless
 
-from fsharding import _context
-from fsharding import _context as _taps
+from fsharding import _context, _replay
 from fsharding import tree as _tree
-from fsharding.transforms import _region_state
+from fsharding.precision import StaticLossScale
 
 __all__ = ["functional", "value_and_grad", "grad"]
 
-PyTree = Any
-Transform = Callable[[Callable[..., Any]], Callable[..., Any]]
-WrapSpec = Mapping[type, Transform] | Callable[[str, nn.Module], Transform | None] | None
+_PyTree = Any
+_Transform = Callable[[Callable[..., Any]], Callable[..., Any]]
+_WrapSpec = Mapping[type, _Transform] | Callable[[str, nn.Module], _Transform | None] | None
 
 
 # --------------------------------------------------------------------------------------
@@ -43,7 +50,7 @@ def functional(
     module: nn.Module,
     *,
     buffers: Literal["frozen", "state"] = "frozen",
-    wrap: WrapSpec = None,
+    wrap: _WrapSpec = None,
 ) -> (
     tuple[Callable[..., Any], dict[str, torch.Tensor]]
     | tuple[Callable[..., Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]
@@ -151,11 +158,11 @@ def functional(
     return apply_with_state, params, state
 
 
-def _select_wrapped(module: nn.Module, wrap: WrapSpec) -> dict[str, tuple[nn.Module, Transform]]:
+def _select_wrapped(module: nn.Module, wrap: _WrapSpec) -> dict[str, tuple[nn.Module, _Transform]]:
     """Qualified name -> (submodule, transform) for the submodules ``wrap`` selects."""
     if wrap is None:
         return {}
-    out: dict[str, tuple[nn.Module, Transform]] = {}
+    out: dict[str, tuple[nn.Module, _Transform]] = {}
     if isinstance(wrap, Mapping):
         for cls, t in wrap.items():
             if not isinstance(cls, type) or not callable(t):
@@ -221,7 +228,7 @@ def _class_names(subs: list[tuple[str, nn.Module]]) -> list[str]:
 class _Runner:
     """Runs a module with passed params and buffers in force, in forward and in backward."""
 
-    def __init__(self, module: nn.Module, wrapped: dict[str, tuple[nn.Module, Transform]]):
+    def __init__(self, module: nn.Module, wrapped: dict[str, tuple[nn.Module, _Transform]]):
         self.module = module
         self.wrapped = wrapped
         # Buffers as they are now: still used after model.to("meta") frees the module.
@@ -399,12 +406,12 @@ class _Runner:
                 else:
                     del sub.forward
 
-    def _block_forward(self, name: str, sub: nn.Module, transform: Transform) -> Callable:
+    def _block_forward(self, name: str, sub: nn.Module, transform: _Transform) -> Callable:
         names = self.block_param_names[name]
         cls_forward = type(sub).forward
 
         def block_apply(block_params: Mapping[str, torch.Tensor], *args: Any, **kw: Any) -> Any:
-            args, kw = _Replay.resolve(args, kw)
+            args, kw = _replay.resolve(args, kw)
             with stateless._reparametrize_module(sub, dict(block_params), strict=False):
                 return cls_forward(sub, *args, **kw)
 
@@ -413,11 +420,15 @@ class _Runner:
 
         def forward(*args: Any, **kw: Any) -> Any:
             block_params = {n: _get_attr(sub, n) for n in names}
-            state = [*block_params.values(), *(b for _, b in sub.named_buffers())]
+            state = (*block_params.values(), *(b for _, b in sub.named_buffers()))
             if torch.is_grad_enabled():  # (a recomputation needs a backward)
-                args, kw = _Replay.protect(args, kw)
-            with _region_state.known_state(state, sub):  # what remat must keep from writing twice
+                args, kw = _replay.protect(args, kw)
+            # The state the block may write, for fs.remat's guard (no second write).
+            token = _context.REGION_STATE.set((state, sub))
+            try:
                 return transformed(block_params, *args, **kw)
+            finally:
+                _context.REGION_STATE.reset(token)
 
         return forward
 
@@ -519,102 +530,6 @@ def _hf_ancestor(root: nn.Module, owner_name: str) -> Any:
     return found
 
 
-class _Replay:
-    """A mutable argument (a Hugging Face KV ``Cache``) that a block updates: the block's
-    first run (the forward) gets the object itself, every later run (a remat
-    recomputation) a copy of its structure as it was when the block started, so the object
-    is updated once and the recomputation computes what the forward did.
-
-    The copy shares the tensors (copying a KV cache per block would cost its size each
-    time). That is right for caches whose update *replaces* tensors (``DynamicCache``'s
-    ``torch.cat``), not for those that write them in place (``StaticCache``'s
-    ``index_copy_``, sliding-window layers' ``copy_``): their entry state is gone. The
-    tensors' version counters are recorded at entry, and a recomputation that would read a
-    tensor written since raises (it would silently compute other grads)."""
-
-    __slots__ = ("obj", "entry", "versions", "ran")
-
-    def __init__(self, obj: Any) -> None:
-        seen: list[tuple[torch.Tensor, int, str]] = []
-        self.obj, self.entry, self.ran = obj, _copy_structure(obj, seen=seen), False
-        self.versions = seen
-
-    def get(self) -> Any:
-        if not self.ran:
-            self.ran = True
-            return self.obj
-        for t, v, where in self.versions:
-            if t._version != v:
-                raise RuntimeError(
-                    f"fs.functional(wrap=...): a recomputation (fs.remat) of a block needs "
-                    f"the {type(self.obj).__name__} KV cache as the block saw it, but a "
-                    f"tensor of its {where} was updated in place since (by the block's "
-                    "forward or a later one), so that state is gone and the recomputed "
-                    "grads would be wrong. Use a cache that replaces its tensors (a "
-                    "transformers DynamicCache), or use_cache=False for training, or do not "
-                    "remat the blocks that update this cache."
-                )
-        return _copy_structure(self.entry)
-
-    @staticmethod
-    def protect(args: tuple, kw: dict) -> tuple[tuple, dict]:
-        cu = sys.modules.get("transformers.cache_utils")
-        cache = getattr(cu, "Cache", None)
-        if cache is None:
-            return args, kw
-        if any(isinstance(a, cache) for a in args):
-            args = tuple(_Replay(a) if isinstance(a, cache) else a for a in args)
-        if any(isinstance(v, cache) for v in kw.values()):
-            kw = {k: _Replay(v) if isinstance(v, cache) else v for k, v in kw.items()}
-        return args, kw
-
-    @staticmethod
-    def resolve(args: tuple, kw: dict) -> tuple[tuple, dict]:
-        if any(type(a) is _Replay for a in args):
-            args = tuple(a.get() if type(a) is _Replay else a for a in args)
-        if any(type(v) is _Replay for v in kw.values()):
-            kw = {k: v.get() if type(v) is _Replay else v for k, v in kw.items()}
-        return args, kw
-
-
-def _copy_structure(
-    x: Any,
-    memo: dict[int, Any] | None = None,
-    home: str = "",
-    seen: list[tuple[torch.Tensor, int, str]] | None = None,
-    where: str = "",
-) -> Any:
-    """A copy of ``x``'s containers and of the objects defined in its class's module (a
-    cache's layers), sharing every tensor and every other object. ``seen`` collects the
-    shared tensors as ``(tensor, version, owner class name)``."""
-    if memo is None:
-        memo = {}
-        home = type(x).__module__
-        where = type(x).__name__
-    if isinstance(x, torch.Tensor):
-        if seen is not None and not x.is_inference():
-            seen.append((x, x._version, where))
-        return x
-    if id(x) in memo:
-        return memo[id(x)]
-    if type(x) in (list, dict):
-        y = copy.copy(x)
-        memo[id(x)] = y
-        items = enumerate(x) if type(x) is list else x.items()
-        for k, v in list(items):
-            y[k] = _copy_structure(v, memo, home, seen, where)
-        return y
-    if type(x) is tuple:
-        return tuple(_copy_structure(v, memo, home, seen, where) for v in x)
-    if type(x).__module__ == home and hasattr(x, "__dict__") and not isinstance(x, type):
-        y = copy.copy(x)
-        memo[id(x)] = y
-        for k, v in vars(x).items():
-            y.__dict__[k] = _copy_structure(v, memo, home, seen, type(x).__name__)
-        return y
-    return x
-
-
 def _get_attr(module: nn.Module, dotted: str) -> torch.Tensor:
     obj: Any = module
     for part in dotted.split("."):
@@ -685,7 +600,7 @@ def _normalize_argnums(argnums: int | Sequence[int], api: str) -> tuple[tuple[in
     raise TypeError(f"{api}: argnums must be an int or a tuple of ints, got {argnums!r}.")
 
 
-def _prepare(arg: PyTree, argnum: int, api: str) -> tuple[list[torch.Tensor], Any]:
+def _prepare(arg: _PyTree, argnum: int, api: str) -> tuple[list[torch.Tensor], Any]:
     """Fresh leaf aliases (sharing storage, requires_grad) for one differentiated argument."""
     accessors, leaves, treedef = optree.tree_flatten_with_accessor(arg)
     out = []
@@ -699,7 +614,7 @@ def _prepare(arg: PyTree, argnum: int, api: str) -> tuple[list[torch.Tensor], An
                 f"({what}); only floating-point tensors can be differentiated. Move it to "
                 "another argument or to the batch, or pass argnums= for the float ones."
             )
-        out.append(_taps.tap(leaf, leaf.detach().requires_grad_(True)))
+        out.append(_context.tap(leaf, leaf.detach().requires_grad_(True)))
     return out, treedef
 
 
@@ -811,8 +726,6 @@ def _as_loss_scale(loss_scale: Any) -> Any:
     if loss_scale is None:
         return None
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        from fsharding.precision import StaticLossScale
-
         return StaticLossScale(loss_scale)
     if not (hasattr(loss_scale, "scale") and hasattr(loss_scale, "unscale")):
         raise TypeError(

@@ -1,5 +1,9 @@
 """Remat policies: which values a checkpointed region saves, recomputes or offloads.
 
+Owns the ``fs.policies`` namespace (this module is it): the built-in policies, the
+``Offloadable`` answer, and the op ``fs.checkpoint_name`` tags a value with (read by
+:func:`name_of`). ``fs.remat`` asks the policies and checks its ``policy=`` argument.
+
 JAX's names and meanings (``jax.checkpoint_policies``). A policy is a small pure callable
 ``policy(op, *args, **kwargs)`` asked once per aten op that runs inside an ``fs.remat``
 region (``op`` is a ``torch._ops.OpOverload`` such as ``torch.ops.aten.mm.default``, the
@@ -39,7 +43,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -100,17 +104,18 @@ class Offloadable:
             )
 
 
-Decision = bool | Offloadable
-Policy = Callable[..., Decision]
+_Decision = bool | Offloadable
 
 
 def name_of(op: Any, *args: Any) -> str | None:
     """The name of a value tagged by ``fs.checkpoint_name``, or None for any other op.
 
     Example:
-        >>> name_of(torch.ops.fsharding.checkpoint_name.default, torch.ones(1), "h")
+        >>> import torch, fsharding as fs
+        >>> fs.policies.name_of(torch.ops.fsharding.checkpoint_name.default, torch.ones(1), "h")
         'h'
-        >>> name_of(torch.ops.aten.mm.default, torch.ones(1, 1), torch.ones(1, 1)) is None
+        >>> x = torch.ones(1, 1)
+        >>> fs.policies.name_of(torch.ops.aten.mm.default, x, x) is None
         True
     """
     return args[1] if op is _NAME_OP and len(args) > 1 else None
@@ -140,7 +145,8 @@ def everything_saveable(*_: Any, **__: Any) -> bool:
     """Save everything: the plain computation. ``fs.remat`` with it just calls ``fn``.
 
     Example:
-        >>> everything_saveable(torch.ops.aten.sin.default)
+        >>> import torch, fsharding as fs
+        >>> fs.policies.everything_saveable(torch.ops.aten.sin.default)
         True
     """
     return True
@@ -150,7 +156,8 @@ def nothing_saveable(*_: Any, **__: Any) -> bool:
     """Save nothing but the region's inputs; recompute the rest (``fs.remat``'s default).
 
     Example:
-        >>> nothing_saveable(torch.ops.aten.mm.default)
+        >>> import torch, fsharding as fs
+        >>> fs.policies.nothing_saveable(torch.ops.aten.mm.default)
         False
     """
     return False
@@ -164,7 +171,9 @@ def dots_saveable(op: Any, *_: Any, **__: Any) -> bool:
     logsumexp) and ``convolution`` (JAX: ``dot_general`` and ``conv_general_dilated``).
 
     Example:
-        >>> dots_saveable(torch.ops.aten.bmm.default), dots_saveable(torch.ops.aten.gelu.default)
+        >>> import torch, fsharding as fs
+        >>> p = fs.policies.dots_saveable
+        >>> p(torch.ops.aten.bmm.default), p(torch.ops.aten.gelu.default)
         (True, False)
     """
     name = _qualname(op)
@@ -180,7 +189,8 @@ def dots_with_no_batch_dims_saveable(op: Any, *_: Any, **__: Any) -> bool:
     ``addmm`` on a flattened view, and in JAX its leading dims are free dims too.
 
     Example:
-        >>> p = dots_with_no_batch_dims_saveable
+        >>> import torch, fsharding as fs
+        >>> p = fs.policies.dots_with_no_batch_dims_saveable
         >>> p(torch.ops.aten.addmm.default), p(torch.ops.aten.bmm.default)
         (True, False)
     """
@@ -255,7 +265,7 @@ class SaveAndOffloadOnlyTheseNames:
         # Validates src/dst with Offloadable's messages.
         object.__setattr__(self, "_offload", Offloadable(self.offload_src, self.offload_dst))
 
-    def __call__(self, op: Any, *args: Any, **kwargs: Any) -> Decision:
+    def __call__(self, op: Any, *args: Any, **kwargs: Any) -> _Decision:
         name = name_of(op, *args)
         if name is None:
             return False
@@ -270,7 +280,8 @@ def save_only_these_names(*names: str) -> SaveOnlyTheseNames:
     """Save only the values tagged with one of ``names``; recompute everything else.
 
     Example:
-        >>> p = save_only_these_names("q", "k")
+        >>> import torch, fsharding as fs
+        >>> p = fs.policies.save_only_these_names("q", "k")
         >>> p(torch.ops.fsharding.checkpoint_name.default, torch.ones(1), "v")
         False
     """
@@ -281,7 +292,8 @@ def save_any_names_but_these(*names: str) -> SaveAnyNamesButThese:
     """Save every named value except those tagged with one of ``names``.
 
     Example:
-        >>> p = save_any_names_but_these("big")
+        >>> import torch, fsharding as fs
+        >>> p = fs.policies.save_any_names_but_these("big")
         >>> p(torch.ops.fsharding.checkpoint_name.default, torch.ones(1), "small")
         True
     """
@@ -306,7 +318,8 @@ def save_and_offload_only_these_names(
             ``"device"``/``"cpu"``.
 
     Example:
-        >>> p = save_and_offload_only_these_names(
+        >>> import torch, fsharding as fs
+        >>> p = fs.policies.save_and_offload_only_these_names(
         ...     names_which_can_be_saved=["a"], names_which_can_be_offloaded=["b"])
         >>> p(torch.ops.fsharding.checkpoint_name.default, torch.ones(1), "b")
         Offloadable(src='device', dst='cpu')
@@ -318,31 +331,3 @@ def save_and_offload_only_these_names(
         offload_src,
         offload_dst,
     )
-
-
-_FACTORIES = (save_only_these_names, save_any_names_but_these, save_and_offload_only_these_names)
-# Policies known not to look at names (checkpoint_name need not tag anything for them).
-_NAME_BLIND = (
-    everything_saveable,
-    nothing_saveable,
-    dots_saveable,
-    dots_with_no_batch_dims_saveable,
-)
-
-
-def _check(policy: Any, api: str) -> Policy:
-    """Validates a ``policy=`` argument (None means ``nothing_saveable``)."""
-    if policy is None:
-        return nothing_saveable
-    if any(policy is f for f in _FACTORIES):
-        raise TypeError(
-            f"{api}: policy={policy.__name__} is a policy factory, not a policy; call it with "
-            f"the names, e.g. policy=fs.policies.{policy.__name__}(...)."
-        )
-    if not callable(policy) or isinstance(policy, (type, str)):
-        raise TypeError(
-            f"{api}: policy must be a callable policy(op, *args, **kwargs) -> bool | "
-            f"Offloadable such as fs.policies.dots_saveable, got {policy!r} "
-            f"({type(policy).__name__}). Built-ins: {', '.join(__all__[1:-1])}."
-        )
-    return policy

@@ -1,10 +1,13 @@
 """Activation checkpointing: ``fs.remat`` and ``fs.checkpoint_name``.
 
+Owns the remat region: how it runs under torch's checkpoint, the dispatch mode that
+offloads, measures and guards state inside it, and what an op writes (read from its
+schema). The policies it asks live in :mod:`fsharding.transforms.policies`.
+
 ``remat(f, policy=...)`` runs ``f`` under ``torch.utils.checkpoint.checkpoint`` (non-reentrant,
-RNG state preserved) with a selective-checkpoint context built from the policy
-(:mod:`fsharding.transforms.policies`): the values the policy saves are cached, the rest is
-recomputed in backward by running ``f`` again. Values, gradients and dropout masks are
-bitwise those of ``f``.
+RNG state preserved) with a selective-checkpoint context built from the policy: the values
+the policy saves are cached, the rest is recomputed in backward by running ``f`` again.
+Values, gradients and dropout masks are bitwise those of ``f``.
 
 What fsharding adds around torch's checkpoint:
 
@@ -12,21 +15,26 @@ What fsharding adds around torch's checkpoint:
   checkpoint input, so the region's inputs are saved through saved-tensor hooks (an outer
   ``fs.offload`` moves them; nested leaves are not held by a hidden reference), and the
   device whose RNG state is preserved is found;
-* offloading: values a policy answers :class:`~fsharding.transforms.policies.Offloadable`
-  are copied to host memory when computed and copied back when recomputation reaches them
-  (torch's ``*_CPU_OFFLOAD`` policies act only under ``torch.compile``);
+* offloading: values a policy answers ``fs.policies.Offloadable`` are copied to host memory
+  when computed and copied back when recomputation reaches them (torch's ``*_CPU_OFFLOAD``
+  policies act only under ``torch.compile``);
 * state: recomputation never writes tensors made outside the region (BatchNorm running
   stats, ``num_batches_tracked``, caches, workspaces): the first write to such a storage
   makes a private copy of it, and the rest of the recomputation reads and writes the copy.
   State is updated once, by the forward (a dispatch mode during recomputation; a write it
-  cannot see, by compiled code or inside an op's kernel, is not redirected). The mode is
-  left out where it cannot matter (``_Frame.guards_recompute``): under a selective policy
-  after a forward that wrote nothing in place; for a block of
-  ``fs.functional(model, wrap=...)`` after a forward that wrote none of its params,
-  buffers and plain tensor attributes of its modules (counters, caches; also in list,
-  tuple or dict attributes) and, under a selective policy, no other tensor
-  (:mod:`~fsharding.transforms._region_state`). Full remat of such a block does not watch
-  tensors it reaches only as globals or by closure: hold them as module attributes;
+  cannot see, by compiled code or inside an op's kernel, is not redirected). The mode
+  costs a Python call per op, so it is left out where it cannot matter
+  (``_Frame.guards_recompute``): under a selective policy after a forward that wrote
+  nothing in place; for a block of ``fs.functional(model, wrap=...)``, whose caller knows
+  the state (its params, buffers and the plain tensors its modules hold as attributes --
+  counters, caches -- directly or in a list, tuple or dict attribute, declared through
+  ``_context.REGION_STATE``), after a forward that wrote none of them and, under a
+  selective policy (which sees every forward op), no other tensor. Full remat of such a
+  block does not watch tensors it reaches only as globals or by closure: hold them as
+  module attributes or buffers, or use a selective policy;
+* a Hugging Face KV cache argument (``use_cache=True``) is updated by the forward only: a
+  recomputation runs on a copy of the cache's structure as it was when the region started
+  (``fsharding._replay``; a cache written in place raises instead of giving wrong grads);
 * the forward's context variables and ``fs.amp`` op rule are in force again during
   recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
 * :func:`_in_remat` tells other transforms that they run inside a region (``fs.offload``
@@ -48,27 +56,25 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 import optree
 import torch
-from torch.overrides import _get_current_function_mode_stack
+from torch import nn
 from torch.utils import checkpoint as _ckpt
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from fsharding import _context
-from fsharding.transforms import _region_state
+from fsharding import _context, _replay
+from fsharding import tree as _tree
+from fsharding.transforms import amp as _amp
 from fsharding.transforms import policies as _policies
-from fsharding.transforms._region_state import _OP_INFO, _PASS, _SEEDED, _op_info, _storage_key
-from fsharding.transforms._region_state import consumes_rng as _consumes_rng
 from fsharding.transforms.policies import Offloadable
 
 __all__ = ["remat", "checkpoint_name"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # The remat regions whose function is running on this thread, innermost last.
 _FRAMES = _context.REMAT_FRAMES
@@ -119,7 +125,7 @@ def checkpoint_name(x: torch.Tensor, name: str) -> torch.Tensor:
     frames = _FRAMES.get()
     if all(f.name_blind for f in frames):
         return x
-    return _policies._NAME_OP(x, name)
+    return _NAME_OP(x, name)
 
 
 # --------------------------------------------------------------------------------------
@@ -128,11 +134,13 @@ def checkpoint_name(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @overload
-def remat(fn: F, /, *, policy: Callable[..., Any] | None = None) -> F: ...
+def remat(fn: _F, /, *, policy: Callable[..., Any] | None = None) -> _F: ...
 
 
 @overload
-def remat(fn: None = None, /, *, policy: Callable[..., Any] | None = None) -> Callable[[F], F]: ...
+def remat(
+    fn: None = None, /, *, policy: Callable[..., Any] | None = None
+) -> Callable[[_F], _F]: ...
 
 
 def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any] | None = None):
@@ -162,7 +170,7 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
         >>> g.shape
         torch.Size([2, 2])
     """
-    policy = _policies._check(policy, "fs.remat")
+    policy = _check_policy(policy)
     if fn is None:
         return functools.partial(remat, policy=policy)
     if not callable(fn):
@@ -196,6 +204,7 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
     def remat_fn(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return fn(*args, **kwargs)
+        args, kwargs = _replay.protect(args, kwargs)  # a KV cache: updated by the forward only
         leaves, treedef = optree.tree_flatten((args, kwargs))
         slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         tensors = [leaves[i] for i in slots]
@@ -207,7 +216,7 @@ def remat(fn: Callable[..., Any] | None = None, /, *, policy: Callable[..., Any]
             full = list(leaves)
             for i, t in zip(slots, inputs):
                 full[i] = t
-            a, k = optree.tree_unflatten(treedef, full)
+            a, k = _replay.resolve(*optree.tree_unflatten(treedef, full))
             return frame.run(fn, a, k)
 
         return _ckpt.checkpoint(
@@ -227,7 +236,7 @@ class _Frame:
     def __init__(self, policy: Callable[..., Any], compiled: bool = False):
         self.policy = policy
         self.compiled = compiled
-        self.name_blind = any(policy is p for p in _policies._NAME_BLIND)
+        self.name_blind = any(policy is p for p in _NAME_BLIND)
         self.memo = _MEMO.setdefault(policy, {}) if policy in _BY_OP else None
         self.sac = policy is not _policies.nothing_saveable
         self.may_offload = not self.name_blind and not isinstance(
@@ -235,16 +244,16 @@ class _Frame:
         )
         self.recorder = _RECORDER.get()
         self.context = contextvars.copy_context()
-        self.amp_modes = _amp_modes()
+        self.amp_rules = _amp.recompute_context()  # fs.amp's op rules in force now
         self.calls = 0
         self.offloaded: dict[Any, list[Any]] = {}
         self.wrote = False  # the forward ran an op that may write in place
-        self.state = _region_state.current()  # what the region may write, if known
+        self.state = _known_state()  # what the region may write, if known
         self.state_wrote = True
         self.wrote_undeclared = False  # a forward op wrote a tensor outside self.state
-        self.declared: set[int | None] | None = None
+        self.declared: set[Any] | None = None  # storage keys of self.state
         # storages the forward made (known state only: a write to them is no state)
-        self.made: set[int | None] | None = set() if self.state is not None else None
+        self.made: set[Any] | None = set() if self.state is not None else None
 
     def contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """checkpoint's ``context_fn``: (forward context, recompute context)."""
@@ -262,7 +271,7 @@ class _Frame:
 
     def guards_recompute(self) -> bool:
         """Whether recomputation runs under the state guard (``_RegionMode``): if the forward
-        offloaded or was measured; else not if the caller's known state (``region_state``)
+        offloaded or was measured; else not if the caller's known state (:func:`_known_state`)
         was not written and (selective policies, which see every forward op) the forward
         wrote no other tensor in place; else always without selective checkpointing, and
         with it only if the forward ran an op that writes in place (torch's SAC mode refuses
@@ -288,8 +297,7 @@ class _Frame:
         try:
             with contextlib.ExitStack() as stack:
                 if not forward:
-                    for mode in self.amp_modes:
-                        stack.enter_context(mode)
+                    stack.enter_context(self.amp_rules)
                 elif self.recorder is not None:
                     # Measuring only (forward, never differentiated): see what the region
                     # would save, in place of checkpoint's hook.
@@ -330,7 +338,7 @@ class _Frame:
             out = getattr(ctx, "op_output", None)  # torch >= 2.5 asks after the op ran
             if info is not _PASS and info[1] and out is not None:
                 for t in out if isinstance(out, (tuple, list)) else (out,):
-                    made.add(_storage_key(t))
+                    made.add(_tree.storage_key(t))
         if hit[1]:
             if ctx.is_recompute and not self.wrote:
                 # torch <= 2.11 asks the policy again in recompute and runs an op the
@@ -346,14 +354,14 @@ class _Frame:
         """Whether ``op`` writes a tensor that is neither in the declared state nor made by
         the forward (e.g. dropout's mask, ``bernoulli_`` on a fresh tensor)."""
         if self.declared is None:
-            self.declared = {_storage_key(t) for t in self.state or ()}
+            self.declared = {_tree.storage_key(t) for t in self.state or ()}
         info = _OP_INFO.get(op) or _op_info(op)
         made = self.made or ()
         for i, name in info[0] if info is not _PASS else ():
             value = args[i] if i is not None and i < len(args) else kwargs.get(name)
             for t in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(t, torch.Tensor):
-                    key = _storage_key(t)
+                    key = _tree.storage_key(t)
                     if key is None or (key not in self.declared and key not in made):
                         return True
         return False
@@ -363,24 +371,39 @@ _SAVE, _RECOMPUTE = _ckpt.CheckpointPolicy.MUST_SAVE, _ckpt.CheckpointPolicy.PRE
 # Built-in policies that decide by the op alone: (decision, may write) remembered per op.
 _BY_OP = (_policies.dots_saveable, _policies.dots_with_no_batch_dims_saveable)
 _MEMO: dict[Any, dict[Any, tuple[Any, bool]]] = {}
+# Built-in policies that never look at names (checkpoint_name need not tag anything).
+_NAME_BLIND = (_policies.everything_saveable, _policies.nothing_saveable, *_BY_OP)
+# The op fs.checkpoint_name tags a value with (registered by fs.policies, which reads it).
+_NAME_OP = torch.ops.fsharding.checkpoint_name.default
+# Factories that users may pass uncalled by mistake.
+_FACTORIES = (
+    _policies.save_only_these_names,
+    _policies.save_any_names_but_these,
+    _policies.save_and_offload_only_these_names,
+)
+
+
+def _check_policy(policy: Any) -> Callable[..., Any]:
+    """Validates ``fs.remat``'s ``policy=`` argument (None means ``nothing_saveable``)."""
+    if policy is None:
+        return _policies.nothing_saveable
+    if any(policy is f for f in _FACTORIES):
+        raise TypeError(
+            f"fs.remat: policy={policy.__name__} is a policy factory, not a policy; call it "
+            f"with the names, e.g. policy=fs.policies.{policy.__name__}(...)."
+        )
+    if not callable(policy) or isinstance(policy, (type, str)):
+        builtins = ", ".join(_policies.__all__[1:-1])
+        raise TypeError(
+            "fs.remat: policy must be a callable policy(op, *args, **kwargs) -> bool | "
+            f"Offloadable such as fs.policies.dots_saveable, got {policy!r} "
+            f"({type(policy).__name__}). Built-ins: {builtins}."
+        )
+    return policy
 
 
 def _policy_name(policy: Any) -> str:
     return getattr(policy, "__name__", None) or repr(policy)
-
-
-def _amp_modes() -> list[Any]:
-    """fs.amp op rules in force now, to re-enter around recomputation."""
-    amp = sys.modules.get("fsharding.transforms.amp")
-    if amp is None:
-        return []
-    stack = _get_current_function_mode_stack()
-    ctx = amp.recompute_context()
-    pushed = _get_current_function_mode_stack()[len(stack) :]
-    if pushed:  # a context entered on creation: keep its modes, enter them when recomputing
-        ctx.__exit__(None, None, None)
-        return pushed
-    return [ctx]
 
 
 class _Entered(contextlib.ExitStack):
@@ -394,6 +417,98 @@ class _Entered(contextlib.ExitStack):
         for m in self.managers:
             self.enter_context(m)
         return self
+
+
+# --------------------------------------------------------------------------------------
+# what a region may write (known state) and what an op writes
+# --------------------------------------------------------------------------------------
+
+
+def _known_state() -> tuple[torch.Tensor, ...] | None:
+    """The tensors a region starting now may write, or None (unknown: anything).
+
+    ``fs.functional(model, wrap=...)`` declares a wrapped block's state through
+    ``_context.REGION_STATE`` as ``(tensors, module)``: its params and buffers, plus the
+    plain tensor attributes of ``module``'s modules, read here as they are now.
+    """
+    known = _context.REGION_STATE.get()
+    if known is None:
+        return None
+    tensors, module = known
+    if module is None:
+        return tuple(tensors)
+    return (*tensors, *_attribute_tensors(module))
+
+
+def _attribute_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Tensors held in the ``__dict__`` of ``module`` and its submodules: directly or as
+    values of a list, tuple or dict attribute (params and buffers are declared anyway)."""
+    found: list[torch.Tensor] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for key, value in m.__dict__.items():
+            if isinstance(value, _TensorBase):
+                found.append(value)
+            elif key in _MODULE_DICTS:
+                if key == "_modules":
+                    stack.extend(v for v in value.values() if v is not None)
+            elif isinstance(value, (list, tuple)):
+                found.extend(v for v in value if isinstance(v, _TensorBase))
+            elif isinstance(value, dict):
+                found.extend(v for v in value.values() if isinstance(v, _TensorBase))
+    return found
+
+
+# torch.Tensor's metaclass makes isinstance(x, torch.Tensor) slow; the C base class is not.
+_TensorBase = torch._C.TensorBase
+# nn.Module's own containers: params and buffers (declared), submodules (walked), hooks.
+_MODULE_DICTS = frozenset(
+    ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+) | frozenset(k for k in nn.Module().__dict__ if "hook" in k)
+
+_IGNORED = getattr(_ckpt, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
+# Ops that write their running-stat arguments without saying so in their schema.
+_UNDECLARED_WRITES = {
+    f"aten::{n}": ((3, "running_mean"), (4, "running_var"))
+    for n in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
+}
+_OP_INFO: dict[Any, tuple[tuple, bool]] = {}
+_PASS = ((), False)  # ops the mode passes through: SAC's ignored ops, non-OpOverloads
+
+
+def _op_info(func: Any) -> tuple[tuple, bool]:
+    """``(position or None, name)`` of each argument ``func`` writes in place, and whether
+    its outputs are fresh storages (no output aliases an input); ``_PASS`` for the rest.
+    Remembered per op in ``_OP_INFO`` (read it first: ``_OP_INFO.get(op) or _op_info(op)``).
+    """
+    if func in _IGNORED or not isinstance(func, torch._ops.OpOverload):
+        info = _PASS
+    else:
+        schema = func._schema
+        writes = tuple(
+            (None if a.kwarg_only else i, a.name)
+            for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ) + _UNDECLARED_WRITES.get(schema.name, ())
+        info = (writes, all(r.alias_info is None for r in schema.returns))
+    _OP_INFO[func] = info
+    return info
+
+
+_SEEDED = torch.Tag.nondeterministic_seeded
+
+
+def _consumes_rng(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` draws from the RNG here: seeded ops (dropout, ``rand_like``, ...);
+    attention kernels only with ``dropout_p > 0`` (on CUDA one fused op draws the masks)."""
+    if not isinstance(func, torch._ops.OpOverload) or _SEEDED not in func.tags:
+        return False
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == "dropout_p":
+            p = args[i] if i < len(args) else kwargs.get("dropout_p", a.default_value)
+            return bool(p)
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -415,8 +530,8 @@ class _RegionMode(TorchDispatchMode):
         self.frame = frame
         self.forward = forward
         self.on = self.replay = False
-        self.created: set[int] = set()
-        self.scratch: dict[int, torch.Tensor] = {}  # outside storage -> private copy
+        self.created: set[Any] = set()  # storage keys
+        self.scratch: dict[Any, torch.Tensor] = {}  # outside storage key -> private copy
         self.taken: dict[Any, int] = {}
 
     def __enter__(self) -> _RegionMode:
@@ -465,11 +580,7 @@ class _RegionMode(TorchDispatchMode):
         if fresh:  # new storages: the region's own, free to write
             add = self.created.add
             for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    try:
-                        add(t.data_ptr() - t.storage_offset() * t.element_size())
-                    except (RuntimeError, NotImplementedError):  # no storage (subclasses)
-                        pass
+                add(_tree.storage_key(t))
         return out
 
     def _protect_state(self, writes: tuple, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -486,21 +597,21 @@ class _RegionMode(TorchDispatchMode):
         else the same view of a private copy of that storage (copy on first write)."""
         if isinstance(value, (list, tuple)):
             return type(value)(self._scratch(v) for v in value)
-        key = _storage_key(value)
-        if key is None or key in self.created or value.numel() == 0:
+        key = _tree.storage_key(value)
+        if key is None or key in self.created:  # no storage, empty, or the region's own
             return value
         copy = self.scratch.get(key)
         if copy is None:
             size = value.untyped_storage().nbytes() // value.element_size()
             copy = value.as_strided((size,), (1,), 0).clone()
             self.scratch[key] = copy
-            self.created.add(_storage_key(copy))
+            self.created.add(_tree.storage_key(copy))
         if copy.dtype != value.dtype:
             return value.clone()
         return copy.as_strided(value.size(), value.stride(), value.storage_offset())
 
     def _reroute(self, t: torch.Tensor) -> torch.Tensor:
-        copy = self.scratch.get(_storage_key(t))  # type: ignore[arg-type]
+        copy = self.scratch.get(_tree.storage_key(t))
         if copy is None or copy.dtype != t.dtype:
             return t
         return copy.as_strided(t.size(), t.stride(), t.storage_offset())

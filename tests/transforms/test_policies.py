@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsharding.transforms import policies as P
-from fsharding.transforms.remat import checkpoint_name, remat
+from fsharding.transforms.remat import _check_policy, checkpoint_name, remat
 
 aten = torch.ops.aten
 NAME = torch.ops.fsharding.checkpoint_name.default
@@ -141,12 +141,14 @@ def test_policies_are_frozen_values():
 
 
 def test_check_rejects_non_policies():
-    assert P._check(None, "api") is P.nothing_saveable
+    assert _check_policy(None) is P.nothing_saveable
     with pytest.raises(TypeError, match=r"factory.*save_only_these_names\(\.\.\.\)"):
-        P._check(P.save_only_these_names, "fs.remat")
+        _check_policy(P.save_only_these_names)
+    with pytest.raises(TypeError, match=r"factory.*save_only_these_names\(\.\.\.\)"):
+        remat(policy=P.save_only_these_names)
     for bad in (3, "dots_saveable", P.Offloadable):
         with pytest.raises(TypeError, match="policy must be a callable"):
-            P._check(bad, "fs.remat")
+            _check_policy(bad)
 
 
 def test_custom_policy_sees_names_and_ops():

@@ -307,6 +307,47 @@ def test_nested_remat():
     assert_bitwise(fs.value_and_grad(outer, (0, 1))(w, x), fs.value_and_grad(plain, (0, 1))(w, x))
 
 
+@pytest.mark.parametrize("policy", [P.nothing_saveable, P.dots_saveable])
+def test_a_huggingface_layer_updating_its_kv_cache(policy):
+    """fs.remat directly around a Hugging Face layer called with use_cache=True (issue 9's
+    point 13 without fs.functional): the forward updates the DynamicCache once, the
+    recomputation runs on the cache as the layer saw it (it failed in backward before);
+    values and grads (input and layer params) are those of the plain layer."""
+    from transformers import GPT2Config
+    from transformers.cache_utils import DynamicCache
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    cfg = GPT2Config(n_embd=16, n_head=2, n_positions=16, resid_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    layer = GPT2Block(cfg, layer_idx=0).double()
+    past = torch.randn(2, 3, 16, dtype=torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+
+    def block(h, cache):
+        out = layer(h, cache=cache, use_cache=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(fn):
+        cache = DynamicCache()
+        with torch.no_grad():
+            block(past, cache)  # a cache that already holds 3 positions
+        h = x.clone().requires_grad_(True)
+        out = fn(h, cache)
+        (out * out).sum().backward()
+        grads = [h.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return out.detach(), grads, cache
+
+    want, want_grads, want_cache = run(block)
+    got, got_grads, cache = run(remat(block, policy=policy))
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    assert cache.get_seq_length() == 3 + 5 == want_cache.get_seq_length()  # updated once
+    for a, b in zip(cache.layers, want_cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 # ----------------------------------------------------------------------------------------
 # API
 # ----------------------------------------------------------------------------------------
@@ -482,7 +523,7 @@ def test_a_saved_random_draw_is_recomputed_so_later_draws_replay(save):
 def test_attention_kernels_count_as_random_draws_only_with_dropout():
     """CUDA's fused attention kernels draw their dropout mask themselves (no CPU kernel
     takes dropout_p > 0, so this checks the rule on the schemas)."""
-    from fsharding.transforms._region_state import consumes_rng
+    from fsharding.transforms.remat import _consumes_rng as consumes_rng
 
     q = torch.empty(0)
     eff = torch.ops.aten._scaled_dot_product_efficient_attention.default
