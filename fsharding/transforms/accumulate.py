@@ -6,6 +6,11 @@ gradient buffer, and it is *exact*: the result equals one call on the whole batc
 when microbatches hold different numbers of valid tokens (token weights, below). Averaging
 per-microbatch means instead is the 2024 gradient-accumulation bug: the mean of means is
 not the batch mean once the token counts differ.
+
+This module owns ``fs.accumulate`` (the split, the weights and the accumulation loop),
+:class:`PerMicrobatch` (the aux list it returns, which ``fs.train_step`` and ``fs.zero``
+stack into ``metrics["aux"]``) and :func:`reporting_weights`, through which ``fs.zero``
+learns every rank's weights before any microbatch runs.
 """
 
 from __future__ import annotations
@@ -149,11 +154,10 @@ def accumulate(
 
     Example:
         >>> import torch, fsharding as fs
-        >>> from fsharding.transforms.accumulate import accumulate
         >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
         >>> params = {"w": torch.ones(3)}
         >>> batch = {"x": torch.arange(24.0).reshape(8, 3), "y": torch.ones(8)}
-        >>> loss, grads = accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
+        >>> loss, grads = fs.accumulate(fs.value_and_grad(loss_fn), steps=4)(params, batch)
         >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
         >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
         (True, True)
