@@ -298,6 +298,9 @@ class _Packer:
             for x in inputs
             if _offloadable(x) and x.grad_fn is None
         }
+        # Keyed by StorageWeakRef, not tree.storage_key: an activation saved here may be freed
+        # before the forward ends and its address reused by a later one (also at version 0);
+        # a weak storage ref keeps the storage's identity from being reused while it is a key.
         self.entries: dict[tuple[StorageWeakRef, int], weakref.ref[_Entry]] = {}
         self.record = _RECORD.get(None)
 
