@@ -278,3 +278,31 @@ def test_update_tail_skips_on_every_rank_when_reduce_all_says_so():
     with pytest.raises(TypeError, match=r"fs\.train_step\.step: with loss_scale=, opt_state"):
         step = fs.train_step(fs.value_and_grad(lambda p, b: p["w"].sum()), tx, loss_scale=8.0)
         step.step(params, opt, None)
+
+
+def test_grads_are_freed_before_the_new_params_are_allocated(monkeypatch):
+    """Without donation the tail drops the grads once the optimizer has read them: they
+    are gone when ``apply_updates`` allocates the new params (one grads-sized peak less)."""
+    import weakref
+
+    from fsharding.optim import base
+
+    grads_alive = []
+    alive_at_apply = []
+
+    def grad_fn(p, b):
+        g = {"w": torch.ones(3)}
+        grads_alive.append(weakref.ref(g["w"]))
+        return torch.tensor(1.0), g
+
+    apply_updates = base.apply_updates
+
+    def spy(params, updates):
+        alive_at_apply.append(grads_alive[-1]() is not None)
+        return apply_updates(params, updates)
+
+    monkeypatch.setattr(base, "apply_updates", spy)
+    step = fs.train_step(grad_fn, optim.sgd(0.1))
+    p, s = step.init({"w": torch.zeros(3)})
+    p, s, _ = step.step(p, s, None)
+    assert alive_at_apply == [False]
