@@ -6,8 +6,17 @@ with optax's names, formulas and defaults; schedules are functions ``step -> flo
 wrappers ``apply_if_finite``, ``masked``, ``MultiSteps`` and ``inject_hyperparams`` as in
 optax. Every update checks each leaf's shape against the state and params before any
 kernel runs, and every decision over all the grads is agreed by the ranks holding shards
-(``optim.base.agree``).
-``torch_compat`` converts Adam/AdamW/SGD state to and from ``torch.optim`` state dicts.
+(``optim.base.agree``). ``to_torch_state_dict`` / ``from_torch_state_dict`` convert
+Adam/AdamW/SGD state to and from ``torch.optim`` state dicts.
+
+This package is the public API of optimizers: use ``optim.<name>``. Where things live:
+``base`` (public: the data model, ``apply_updates``, donation, ``global_norm`` and the
+``sharded_norm`` / ``agree`` protocol of sharded steps); the private homes ``_transforms``
+(scale, weight decay, trust ratio), ``_moments`` (adam, lion, momentum), ``_clipping``,
+``_wrappers``, ``_inject``, ``_aliases`` (+ ``_fused``: adam/adamw in one pass),
+``_schedules``, ``_torch_compat``, and the helpers every transform uses, ``_leaves`` (running
+over the trees' leaves) and ``_checks`` (constructor argument checks). ``master_weights``
+and ``offload`` are what ``fs.amp(optimizer)`` and ``fs.offload(optimizer)`` build.
 
 Example:
     >>> import torch
@@ -19,7 +28,51 @@ Example:
     >>> params = optim.apply_updates(params, updates)
 """
 
-from fsharding.optim.aliases import adam, adamw, lamb, lion, sgd
+from fsharding.optim._aliases import adam, adamw, lamb, lion, sgd
+from fsharding.optim._clipping import clip, clip_by_global_norm
+from fsharding.optim._inject import InjectHyperparamsState, inject_hyperparams
+from fsharding.optim._moments import (
+    ScaleByAdamState,
+    ScaleByLionState,
+    TraceState,
+    scale_by_adam,
+    scale_by_lion,
+    trace,
+)
+from fsharding.optim._schedules import (
+    constant_schedule,
+    cosine_decay_schedule,
+    exponential_decay,
+    join_schedules,
+    linear_schedule,
+    piecewise_constant_schedule,
+    warmup_cosine_decay_schedule,
+)
+from fsharding.optim._torch_compat import (
+    from_torch_state_dict,
+    to_torch_state_dict,
+    torch_optimizer,
+)
+from fsharding.optim._transforms import (
+    ScaleByScheduleState,
+    ScaleByTrustRatioState,
+    add_decayed_weights,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_trust_ratio,
+)
+from fsharding.optim._wrappers import (
+    ApplyIfFiniteState,
+    MaskedNode,
+    MaskedState,
+    MultiSteps,
+    MultiStepsState,
+    apply_if_finite,
+    masked,
+    skip_large_updates,
+    skip_not_finite,
+)
 from fsharding.optim.base import (
     EmptyState,
     GradientTransformation,
@@ -31,50 +84,6 @@ from fsharding.optim.base import (
     global_norm,
     identity,
     learning_rate,
-)
-from fsharding.optim.clipping import clip, clip_by_global_norm
-from fsharding.optim.inject import InjectHyperparamsState, inject_hyperparams
-from fsharding.optim.moments import (
-    ScaleByAdamState,
-    ScaleByLionState,
-    TraceState,
-    scale_by_adam,
-    scale_by_lion,
-    trace,
-)
-from fsharding.optim.schedules import (
-    constant_schedule,
-    cosine_decay_schedule,
-    exponential_decay,
-    join_schedules,
-    linear_schedule,
-    piecewise_constant_schedule,
-    warmup_cosine_decay_schedule,
-)
-from fsharding.optim.torch_compat import (
-    from_torch_state_dict,
-    to_torch_state_dict,
-    torch_optimizer,
-)
-from fsharding.optim.transforms import (
-    ScaleByScheduleState,
-    ScaleByTrustRatioState,
-    add_decayed_weights,
-    scale,
-    scale_by_learning_rate,
-    scale_by_schedule,
-    scale_by_trust_ratio,
-)
-from fsharding.optim.wrappers import (
-    ApplyIfFiniteState,
-    MaskedNode,
-    MaskedState,
-    MultiSteps,
-    MultiStepsState,
-    apply_if_finite,
-    masked,
-    skip_large_updates,
-    skip_not_finite,
 )
 
 __all__ = [

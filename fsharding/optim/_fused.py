@@ -12,7 +12,7 @@ params-sizes per step with ``apply_updates_`` (torch ``AdamW(foreach=True)``: ab
 the one new buffer is ``u`` (torch's foreach step allocates a ``sqrt(nu)`` of the same size).
 
 Groups whose moments are narrower than the grads (``mu_dtype``) compute in the promoted
-dtype and store each moment rounded to its dtype (``moments.adam_mixed``, optax's rule).
+dtype and store each moment rounded to its dtype (``_moments.adam_mixed``, optax's rule).
 Other groups the kernel does not take (``eps_root != 0``, other devices, non-contiguous or
 mixed-dtype leaves) run the same formula with ``torch._foreach_*`` ops, writing ``u`` into
 the donated incoming updates (one temporary, ``sqrt(nu_hat) + eps``). Donated: ``mu`` and
@@ -28,9 +28,9 @@ from typing import Any
 import optree
 import torch
 
-from fsharding.optim import _util as _u
-from fsharding.optim import moments as _m
-from fsharding.optim import transforms as _t
+from fsharding.optim import _checks, _leaves
+from fsharding.optim import _moments as _m
+from fsharding.optim import _transforms as _t
 from fsharding.optim.base import GradientTransformation, check_chain_state, donating
 
 PyTree = Any
@@ -101,23 +101,25 @@ def fused_adam(
     def update(updates: PyTree, state: tuple, params: PyTree = None):
         check_chain_state(tx.update, state, len(parts))
         adam_state, lr_state = state[0], state[-1]
-        gl, gdef = _u.flatten(updates, api, "updates")
-        ml = _u.leaves_like(adam_state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
-        nl = _u.leaves_like(adam_state.nu, gdef, updates, ("updates", "state.nu"), api, gl)
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        ml = _leaves.leaves_like(adam_state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
+        nl = _leaves.leaves_like(adam_state.nu, gdef, updates, ("updates", "state.nu"), api, gl)
         decays = [False] * len(gl)
         pl: list = gl
         if wd != 0.0:
             if params is None:
-                raise _u.no_params_error(api)
-            pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
-            decays = [True] * len(gl) if mask is None else _u.mask_leaves(api, mask, params, gdef)
-        g_loc, dt = _u.local(gl)
-        m_loc, _ = _u.local(ml)
-        n_loc, _ = _u.local(nl)
-        p_loc = _u.local(pl)[0] if dt else pl
+                raise _leaves.no_params_error(api)
+            pl = _leaves.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
+            decays = (
+                [True] * len(gl) if mask is None else _checks.mask_leaves(api, mask, params, gdef)
+            )
+        g_loc, dt = _leaves.local(gl)
+        m_loc, _ = _leaves.local(ml)
+        n_loc, _ = _leaves.local(nl)
+        p_loc = _leaves.local(pl)[0] if dt else pl
         if dt:
             others = (m_loc, n_loc, p_loc) if wd != 0.0 else (m_loc, n_loc)
-            _u.check_local(api, g_loc, others, updates, ("state.mu", "state.nu", "params"))
+            _leaves.check_local(api, g_loc, others, updates, ("state.mu", "state.nu", "params"))
         donate = donating()
         count = int(adam_state.count) + 1
         sched = isinstance(lr_state, _t.ScaleByScheduleState)
@@ -128,16 +130,16 @@ def fused_adam(
             buckets.setdefault(key, []).append(i)
         out, new_m, new_n = list(g_loc), list(m_loc), list(n_loc)
         for key, idx in buckets.items():
-            g, m, v = _u.pick(g_loc, idx), _u.pick(m_loc, idx), _u.pick(n_loc, idx)
-            p = _u.pick(p_loc, idx) if key[-1] else None
+            g, m, v = _leaves.pick(g_loc, idx), _leaves.pick(m_loc, idx), _leaves.pick(n_loc, idx)
+            p = _leaves.pick(p_loc, idx) if key[-1] else None
             if not _m.plain_group(g, m, v):  # mu_dtype: the chain's formula, optax's rule
                 u, m, v = _m.adam_mixed(g, m, v, b1, b2, count, eps, eps_root, donate)
                 if p is not None:
                     torch._foreach_add_(u, [x.to(u[0].dtype) for x in p], alpha=wd)
                 torch._foreach_mul_(u, -rate)
-                _u.put(out, idx, u)
-                _u.put(new_m, idx, m)
-                _u.put(new_n, idx, v)
+                _leaves.put(out, idx, u)
+                _leaves.put(new_m, idx, m)
+                _leaves.put(new_n, idx, v)
                 continue
             if g[0].dtype != m[0].dtype:
                 g = [x.to(m[0].dtype) for x in g]
@@ -147,13 +149,13 @@ def fused_adam(
                 u, m, v = _kernel(g, m, v, p, count, rate, wd, b1, b2, eps, donate)
             else:
                 u, m, v = _foreach(g, m, v, p, count, rate, wd, b1, b2, eps, eps_root, donate)
-            _u.put(out, idx, u)
-            _u.put(new_m, idx, m)
-            _u.put(new_n, idx, v)
+            _leaves.put(out, idx, u)
+            _leaves.put(new_m, idx, m)
+            _leaves.put(new_n, idx, v)
         if dt:
-            out = _u.rewrap(out, gl, g_loc)
-            new_m = _u.rewrap(new_m, ml, m_loc)
-            new_n = _u.rewrap(new_n, nl, n_loc)
+            out = _leaves.rewrap(out, gl, g_loc)
+            new_m = _leaves.rewrap(new_m, ml, m_loc)
+            new_n = _leaves.rewrap(new_n, nl, n_loc)
         unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
         new_adam = _m.ScaleByAdamState(count, unflat(new_m), unflat(new_n))
         if sched:

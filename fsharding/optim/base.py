@@ -1,15 +1,31 @@
 """The optimizer data model: optax's ``GradientTransformation`` on torch tensors.
 
+This module owns the core every optimizer shares: the ``GradientTransformation`` type, its
+``EmptyState``, ``identity`` and ``chain``; applying updates (``apply_updates`` and the
+in-place ``apply_updates_``); the one in-place path (``donation`` / ``donating``); the
+quantities and decisions over all the grads that sharded leaves must make globally
+(``global_norm``, and ``sharded_norm`` / ``agree``, the protocol ``fs.zero`` plugs its
+reductions into); and ``learning_rate``, read by the training step's metrics.
+
 A ``GradientTransformation`` is a pair of pure functions: ``init(params) -> state`` and
 ``update(updates, state, params=None) -> (updates, state)``. Optimizers are ``chain``s of
 small transforms; each transform's state is its own NamedTuple. ``update`` and
 ``apply_updates`` run under ``torch.no_grad`` and return tensors that do not require grad.
 
 Memory: the default path never writes into its inputs. The one explicit in-place path is
-*donation* (JAX's word): inside ``with donation():`` transforms update the state they were
-given in place and may reuse the incoming updates' buffers (``Step.step(..., donate=True)``
-uses it), with bitwise the same results; ``apply_updates_`` adds updates into params in
-place.
+*donation* (JAX's word): inside ``with optim.donation():`` transforms update the state they
+were given in place and may reuse the incoming updates' buffers (``Step.step(...,
+donate=True)`` uses it), with bitwise the same results; ``optim.apply_updates_`` adds
+updates into params in place.
+
+Example:
+    >>> import torch
+    >>> from fsharding import optim
+    >>> tx = optim.chain(optim.scale_by_adam(), optim.scale(-1e-3))
+    >>> params = {"w": torch.ones(2)}
+    >>> updates, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+    >>> optim.apply_updates(params, updates)["w"].tolist()
+    [0.9990000128746033, 0.9990000128746033]
 """
 
 from __future__ import annotations
@@ -20,9 +36,12 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.distributed as dist
 
 from fsharding import _context
 from fsharding import tree as _tree
+from fsharding._compat import settle, use_counts
+from fsharding.optim import _leaves
 
 __all__ = [
     "GradientTransformation",
@@ -69,7 +88,8 @@ def identity() -> GradientTransformation:
     """The transform that returns updates unchanged.
 
     Example:
-        >>> identity().init({}) == EmptyState()
+        >>> from fsharding import optim
+        >>> optim.identity().init({}) == optim.EmptyState()
         True
     """
 
@@ -86,6 +106,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies ``transforms`` in sequence; the state is the tuple of their states.
 
     Example:
+        >>> import torch
         >>> from fsharding import optim
         >>> tx = optim.chain(optim.clip_by_global_norm(1.0), optim.scale(-0.1))
         >>> len(tx.init({"w": torch.zeros(2)}))
@@ -162,9 +183,7 @@ def _check_chain_leaves(updates: PyTree, params: PyTree, api: str) -> None:
     for i, (u, p) in enumerate(zip(ul, pl)):
         if isinstance(u, torch.Tensor) and isinstance(p, torch.Tensor):
             if u.shape != p.shape:
-                from fsharding.optim import _util  # (a cycle at import time)
-
-                _util.raise_leaf_mismatch(api, i, u, p, updates, ("updates", "params"))
+                _leaves.raise_leaf_mismatch(api, i, u, p, updates, ("updates", "params"))
 
 
 @torch.no_grad()
@@ -177,11 +196,11 @@ def global_norm(updates: PyTree) -> torch.Tensor:
     dims it is sharded on (one all-reduce per mesh and layout), replicated dims count once.
 
     Example:
-        >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}).item()
+        >>> import torch
+        >>> from fsharding import optim
+        >>> optim.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}).item()
         5.0
     """
-    from fsharding.optim import _util  # (a cycle at import time)
-
     leaves = [x for x in optree.tree_leaves(updates) if _tree.is_floating(x)]
     if not leaves:
         return torch.zeros((), dtype=torch.float32)
@@ -191,11 +210,10 @@ def global_norm(updates: PyTree) -> torch.Tensor:
         local = [_tree.local_tensor(x) for x in leaves]
         per_leaf = [n.to(acc).square() for n in torch._foreach_norm(local, 2)]
         return reduce(per_leaf).to(acc).sqrt()
-    dt = _util._dtensor_type()
-    plain = [x for x in leaves if dt is None or not isinstance(x, dt)]
-    sq = [_sum_sq(_util.pick(plain, g), acc) for g in _util.groups(plain)]
+    plain = [x for x in leaves if not _tree.is_dtensor(x)]
+    sq = [_sum_sq(_leaves.pick(plain, g), acc) for g in _leaves.groups(plain)]
     if len(plain) < len(leaves):
-        sq.extend(_dtensor_sum_sq([x for x in leaves if isinstance(x, dt)], acc))
+        sq.extend(_dtensor_sum_sq([x for x in leaves if _tree.is_dtensor(x)], acc))
     total = sq[0]
     for s in sq[1:]:
         total = total + s.to(total.device)
@@ -234,8 +252,10 @@ def sharded_norm(
     it, such decisions under this block are refused: one rank alone would diverge or hang).
 
     Example:
-        >>> with sharded_norm(lambda sq: 2 * sum(sq)):  # as if a second rank held the same
-        ...     global_norm({"a": torch.tensor([3.0, 4.0])}).item()
+        >>> import torch
+        >>> from fsharding import optim
+        >>> with optim.base.sharded_norm(lambda sq: 2 * sum(sq)):  # a 2nd rank, same shard
+        ...     optim.global_norm({"a": torch.tensor([3.0, 4.0])}).item()
         7.071067810058594
     """
     token = _SHARDED_NORM.set(reduce)
@@ -278,14 +298,14 @@ def agree(flag: torch.Tensor | bool, leaves: list[Any] | None = None) -> bool:
         RuntimeError: inside a ``sharded_norm`` block that gives no ``reduce_all``.
 
     Example:
-        >>> agree(torch.tensor(True))
+        >>> import torch
+        >>> from fsharding import optim
+        >>> optim.base.agree(torch.tensor(True))
         True
-        >>> with sharded_norm(lambda sq: sum(sq), reduce_all=lambda f: f * 0):
-        ...     agree(torch.tensor(True))  # another rank said no
+        >>> with optim.base.sharded_norm(lambda sq: sum(sq), reduce_all=lambda f: f * 0):
+        ...     optim.base.agree(torch.tensor(True))  # another rank said no
         False
     """
-    from fsharding.optim import _util  # (a cycle at import time)
-
     local = flag if isinstance(flag, torch.Tensor) else torch.tensor(bool(flag))
     local = local.reshape(()).to(torch.int32)
     reduce_all = _REDUCE_ALL.get()
@@ -307,20 +327,18 @@ def agree(flag: torch.Tensor | bool, leaves: list[Any] | None = None) -> bool:
             "sharded_norm(reduce, reduce_leaves, reduce_all=...) with a MIN all-reduce over "
             "the ranks that hold the shards."
         )
-    dt = _util._dtensor_type()
     meshes: dict[int, tuple[Any, torch.device]] = {}
-    if dt is not None and leaves:
-        for x in leaves:
-            if isinstance(x, dt) and id(x.device_mesh) not in meshes:
-                meshes[id(x.device_mesh)] = (x.device_mesh, x.to_local().device)
+    for x in leaves or ():
+        if _tree.is_dtensor(x) and id(x.device_mesh) not in meshes:
+            meshes[id(x.device_mesh)] = (x.device_mesh, x.to_local().device)
     if not meshes:
         return bool(local)
-    import torch.distributed as dist
-
     for mesh, device in meshes.values():
         local = local.to(device)
+        before = use_counts([local])
         for dim in range(mesh.ndim):
             dist.all_reduce(local, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+        settle(before)  # gloo's workers have let go of `local` (no SIGABRT at exit)
     return bool(local)
 
 
@@ -330,6 +348,8 @@ def _sum_sq(xs: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
 
 
 def _dtensor_sum_sq(leaves: list[Any], acc: torch.dtype) -> list[torch.Tensor]:
+    # Imported here, not at the top: the leaves are DTensors, so torch has loaded these
+    # modules already, while a plain-tensor run would pay a second to import them.
     import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import Replicate, Shard
 
@@ -347,7 +367,9 @@ def _dtensor_sum_sq(leaves: list[Any], acc: torch.dtype) -> list[torch.Tensor]:
         s = _sum_sq(locs, acc)
         for dim, p in enumerate(pl):
             if isinstance(p, Shard):
+                before = use_counts([s])
                 s = funcol.wait_tensor(funcol.all_reduce(s, "sum", (mesh, dim)))
+                settle([(s, 1), *before])  # gloo's worker has let go of both
         out.append(s)
     return out
 
@@ -364,8 +386,6 @@ def _check_updates(params: PyTree, updates: PyTree, api: str) -> None:
 def _check_leaves(pl: list, ul: list, updates: PyTree, api: str) -> None:
     """Per tensor param: a tensor update of its shape (never broadcast), and no
     floating update into an integer param (it would be truncated silently)."""
-    from fsharding.optim import _util  # (a cycle at import time)
-
     for i, (p, u) in enumerate(zip(pl, ul)):
         if not isinstance(p, torch.Tensor):
             continue
@@ -376,7 +396,7 @@ def _check_leaves(pl: list, ul: list, updates: PyTree, api: str) -> None:
                 "pass one tensor of the param's shape per param (no broadcasting)."
             )
         if p.shape != u.shape:
-            _util.raise_leaf_mismatch(api, i, u, p, updates, ("updates", "params"))
+            _leaves.raise_leaf_mismatch(api, i, u, p, updates, ("updates", "params"))
         if u.dtype.is_floating_point and not (p.dtype.is_floating_point or p.is_complex()):
             path = _tree.leaves_with_path(updates)[i][0]
             raise TypeError(
@@ -393,11 +413,11 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     One ``torch._foreach_add`` per device and dtype; DTensor params keep their layout.
 
     Example:
-        >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"].tolist()
+        >>> import torch
+        >>> from fsharding import optim
+        >>> optim.apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"].tolist()
         [2.0, 2.0]
     """
-    from fsharding.optim import _util  # (a cycle at import time)
-
     pl, treedef = optree.tree_flatten(params)
     ul, udef = optree.tree_flatten(updates)
     if treedef != udef:
@@ -410,13 +430,13 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
             out[i] = p + u
     tp = [pl[i] for i in pos]
     tu = [ul[i] for i in pos]
-    p_loc, dt = _util.local(tp)
-    u_loc, _ = _util.local(tu)
+    p_loc, dt = _leaves.local(tp)
+    u_loc, _ = _leaves.local(tu)
     if dt:  # other placements of one global shape: other local shapes
         for k, (u, p) in enumerate(zip(u_loc, p_loc)):
             if u.shape != p.shape:
                 names = ("updates (local shard)", "params (local shard)")
-                _util.raise_leaf_mismatch("optim.apply_updates", pos[k], u, p, updates, names)
+                _leaves.raise_leaf_mismatch("optim.apply_updates", pos[k], u, p, updates, names)
     new = list(p_loc)
     # Mixed dtypes (e.g. float32 updates of bf16 params): add with type promotion, round
     # once to the param dtype (optax's rule) — a pre-cast of the update would round twice.
@@ -425,12 +445,12 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
         new[i] = (p_loc[i] + u_loc[i]).to(p_loc[i].dtype)
     sp, su = [p_loc[i] for i in same], [u_loc[i] for i in same]
     out_same = list(sp)
-    for g in _util.groups(sp, su):
-        _util.put(out_same, g, torch._foreach_add(_util.pick(sp, g), _util.pick(su, g)))
+    for g in _leaves.groups(sp, su):
+        _leaves.put(out_same, g, torch._foreach_add(_leaves.pick(sp, g), _leaves.pick(su, g)))
     for i, x in zip(same, out_same):
         new[i] = x
     if dt:
-        new = _util.rewrap(new, tp, p_loc)
+        new = _leaves.rewrap(new, tp, p_loc)
     for i, x in zip(pos, new):
         out[i] = x
     return optree.tree_unflatten(treedef, out)
@@ -444,28 +464,28 @@ def apply_updates_(params: PyTree, updates: PyTree) -> PyTree:
     where the memory of a second params copy matters; ``apply_updates`` otherwise.
 
     Example:
+        >>> import torch
+        >>> from fsharding import optim
         >>> p = {"w": torch.ones(2)}
-        >>> apply_updates_(p, {"w": torch.ones(2)})["w"].tolist()
+        >>> optim.apply_updates_(p, {"w": torch.ones(2)})["w"].tolist()
         [2.0, 2.0]
     """
-    from fsharding.optim import _util  # (a cycle at import time)
-
     pl, pdef = optree.tree_flatten(params)
     ul, udef = optree.tree_flatten(updates)
     if pdef != udef:
         _check_updates(params, updates, "optim.apply_updates_")
     _check_leaves(pl, ul, updates, "optim.apply_updates_")
-    p_loc, dt = _util.local(pl)
-    u_loc, _ = _util.local(ul)
+    p_loc, dt = _leaves.local(pl)
+    u_loc, _ = _leaves.local(ul)
     if dt:  # other placements of one global shape: other local shapes
-        _util.check_local("optim.apply_updates_", u_loc, (p_loc,), updates, ("params",))
+        _leaves.check_local("optim.apply_updates_", u_loc, (p_loc,), updates, ("params",))
     same = [(p, u) for p, u in zip(p_loc, u_loc) if p.dtype == u.dtype]
     for p, u in zip(p_loc, u_loc):
         if p.dtype != u.dtype:
             p.add_(u)  # computes in the promoted dtype, rounds once into p
     sp, su = [p for p, _ in same], [u for _, u in same]
-    for g in _util.groups(sp, su):
-        torch._foreach_add_(_util.pick(sp, g), _util.pick(su, g))
+    for g in _leaves.groups(sp, su):
+        torch._foreach_add_(_leaves.pick(sp, g), _leaves.pick(su, g))
     return params
 
 
@@ -488,6 +508,7 @@ def donation() -> Iterator[None]:
     values are bitwise those of the non-donated path.
 
     Example:
+        >>> import torch
         >>> from fsharding import optim
         >>> tx = optim.adam(1e-3)
         >>> p = {"w": torch.ones(2)}
@@ -508,7 +529,8 @@ def donating() -> bool:
     """True inside :func:`donation` (transforms use it to pick the in-place path).
 
     Example:
-        >>> donating()
+        >>> from fsharding import optim
+        >>> optim.donating()
         False
     """
     return _DONATING.get()
@@ -526,9 +548,10 @@ def learning_rate(tx: GradientTransformation, state: Any) -> float | None:
     ``chain`` to find it and evaluates it at the state's step count.
 
     Example:
+        >>> import torch
         >>> from fsharding import optim
         >>> tx = optim.adamw(optim.linear_schedule(0.0, 1.0, 10))
-        >>> learning_rate(tx, tx.init({"w": torch.zeros(1)}))
+        >>> optim.learning_rate(tx, tx.init({"w": torch.zeros(1)}))
         0.0
     """
     fn = getattr(tx.update, "learning_rate", None)

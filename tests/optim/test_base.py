@@ -19,14 +19,14 @@ from fsharding import optim
 
 MODULES = [
     "base",
-    "moments",
-    "transforms",
-    "clipping",
-    "wrappers",
-    "inject",
-    "aliases",
-    "schedules",
-    "torch_compat",
+    "_moments",
+    "_transforms",
+    "_clipping",
+    "_wrappers",
+    "_inject",
+    "_aliases",
+    "_schedules",
+    "_torch_compat",
 ]
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsharding.optim import _util as _u
-from fsharding.optim import moments as _m
-from fsharding.optim import transforms as _t
+from fsharding.optim import _checks
+from fsharding.optim import _moments as _m
+from fsharding.optim import _transforms as _t
 from fsharding.optim._fused import fused_adam as _fused_adam
 from fsharding.optim.base import GradientTransformation, chain, identity
 
@@ -38,7 +38,7 @@ Schedule = _t.Schedule
 
 
 def _recipe(tx: GradientTransformation, **fields: Any) -> GradientTransformation:
-    """Records how ``tx`` was built, for ``optim.torch_compat``."""
+    """Records how ``tx`` was built, for ``optim.to_torch_state_dict`` and its kin."""
     tx.update.torch_recipe = fields  # type: ignore[attr-defined]
     return tx
 
@@ -78,10 +78,10 @@ def sgd(
         [-0.10000000149011612]
     """
     api = "optim.sgd"
-    lr = _u.learning_rate(api, learning_rate)
+    lr = _checks.learning_rate(api, learning_rate)
     if momentum is not None:
-        _u.non_negative(api, momentum=momentum)
-    acc = _u.dtype_arg(api, "accumulator_dtype", accumulator_dtype)
+        _checks.non_negative(api, momentum=momentum)
+    acc = _checks.dtype_arg(api, "accumulator_dtype", accumulator_dtype)
     first = (
         identity()
         if momentum is None
@@ -124,10 +124,10 @@ def adam(
         [-0.1, 0.1]
     """
     api = "optim.adam"
-    lr = _u.learning_rate(api, learning_rate)
-    mu_dtype = _u.dtype_arg(api, "mu_dtype", mu_dtype)
-    _u.betas(api, b1=b1, b2=b2)
-    _u.non_negative(api, eps=eps, eps_root=eps_root)
+    lr = _checks.learning_rate(api, learning_rate)
+    mu_dtype = _checks.dtype_arg(api, "mu_dtype", mu_dtype)
+    _checks.betas(api, b1=b1, b2=b2)
+    _checks.non_negative(api, eps=eps, eps_root=eps_root)
     tx = _named(
         chain(
             _m.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
@@ -187,11 +187,11 @@ def adamw(
         -0.15
     """
     api = "optim.adamw"
-    lr = _u.learning_rate(api, learning_rate)
-    mu_dtype = _u.dtype_arg(api, "mu_dtype", mu_dtype)
-    _u.betas(api, b1=b1, b2=b2)
-    _u.non_negative(api, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
-    _u.check_mask(api, mask)
+    lr = _checks.learning_rate(api, learning_rate)
+    mu_dtype = _checks.dtype_arg(api, "mu_dtype", mu_dtype)
+    _checks.betas(api, b1=b1, b2=b2)
+    _checks.non_negative(api, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+    _checks.check_mask(api, mask)
     tx = chain(
         _m.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
         _t.add_decayed_weights(weight_decay, mask),
@@ -239,10 +239,10 @@ def lion(
         [-0.10000000149011612, 0.10000000149011612]
     """
     api = "optim.lion"
-    lr = _u.learning_rate(api, learning_rate)
-    _u.betas(api, b1=b1, b2=b2)
-    _u.non_negative(api, weight_decay=weight_decay)
-    _u.check_mask(api, mask)
+    lr = _checks.learning_rate(api, learning_rate)
+    _checks.betas(api, b1=b1, b2=b2)
+    _checks.non_negative(api, weight_decay=weight_decay)
+    _checks.check_mask(api, mask)
     tx = chain(
         _m.scale_by_lion(b1, b2),
         _t.add_decayed_weights(weight_decay, mask),
@@ -282,10 +282,10 @@ def lamb(
         [-0.3536, -0.3536]
     """
     api = "optim.lamb"
-    lr = _u.learning_rate(api, learning_rate)
-    _u.betas(api, b1=b1, b2=b2)
-    _u.non_negative(api, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
-    _u.check_mask(api, mask)
+    lr = _checks.learning_rate(api, learning_rate)
+    _checks.betas(api, b1=b1, b2=b2)
+    _checks.non_negative(api, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+    _checks.check_mask(api, mask)
     tx = chain(
         _m.scale_by_adam(b1, b2, eps, eps_root),
         _t.add_decayed_weights(weight_decay, mask),

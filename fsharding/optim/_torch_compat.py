@@ -33,10 +33,10 @@ import optree
 import torch
 
 from fsharding import tree as _tree
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks, _leaves
 from fsharding.optim import base as _base
-from fsharding.optim.moments import ScaleByAdamState, TraceState
-from fsharding.optim.transforms import ScaleByScheduleState
+from fsharding.optim._moments import ScaleByAdamState, TraceState
+from fsharding.optim._transforms import ScaleByScheduleState
 
 __all__ = ["from_torch_state_dict", "to_torch_state_dict", "torch_optimizer"]
 
@@ -115,7 +115,7 @@ def _groups(recipe: dict, params: PyTree, api: str) -> list[tuple[list[int], dic
     order = _insertion_order(params)
     if recipe["kind"] != "adamw" or recipe["mask"] is None:
         return [(order, {})]
-    decays = _u.mask_leaves(api, recipe["mask"], params)
+    decays = _checks.mask_leaves(api, recipe["mask"], params)
     groups = [
         ([i for i in order if decays[i]], {}),
         ([i for i in order if not decays[i]], {"weight_decay": 0.0}),
@@ -230,8 +230,8 @@ def to_torch_state_dict(opt_state: Any, params: PyTree, tx: _base.GradientTransf
     state: dict[int, dict[str, Any]] = {}
     if recipe["kind"] in ("adam", "adamw"):
         adam = sub[0]
-        mu = _u.leaves_like(adam.mu, pdef, params, ("params", "opt_state mu"), api, pl)
-        nu = _u.leaves_like(adam.nu, pdef, params, ("params", "opt_state nu"), api, pl)
+        mu = _leaves.leaves_like(adam.mu, pdef, params, ("params", "opt_state mu"), api, pl)
+        nu = _leaves.leaves_like(adam.nu, pdef, params, ("params", "opt_state nu"), api, pl)
         if int(adam.count) > 0:
             for k, i in enumerate(index):
                 state[k] = {
@@ -240,7 +240,7 @@ def to_torch_state_dict(opt_state: Any, params: PyTree, tx: _base.GradientTransf
                     "exp_avg_sq": nu[i].detach().clone(),
                 }
     elif isinstance(sub[0], TraceState):
-        tr = _u.leaves_like(sub[0].trace, pdef, params, ("params", "opt_state trace"), api, pl)
+        tr = _leaves.leaves_like(sub[0].trace, pdef, params, ("params", "opt_state trace"), api, pl)
         for k, i in enumerate(index):
             state[k] = {"momentum_buffer": tr[i].detach().clone()}
     return {"state": state, "param_groups": sd["param_groups"]}
@@ -355,7 +355,7 @@ def from_torch_state_dict(
             n, optree.tree_unflatten(pdef, mu), optree.tree_unflatten(pdef, nu)
         )
     else:
-        n = 0 if count is None else _u.integer(api, "count", count)
+        n = 0 if count is None else _checks.integer(api, "count", count)
         if count is None and isinstance(last, ScaleByScheduleState):
             raise ValueError(
                 f"{api}: torch.optim.SGD stores no step count and tx has a learning-rate "

@@ -1,5 +1,7 @@
-"""Gradient transformations: optax's building blocks on torch tensors (the moment-based
-ones, ``scale_by_adam``, ``scale_by_lion``, ``trace``, live in ``moments``).
+"""The scaling and weight-decay transforms, optax's building blocks on torch tensors:
+``scale``, ``scale_by_schedule``, ``scale_by_learning_rate``, ``add_decayed_weights`` and
+``scale_by_trust_ratio`` (LAMB's), with their states. (The moment-based transforms live in
+``_moments``, clipping in ``_clipping``.)
 
 Each function returns a ``GradientTransformation(init, update)``; its state is its own
 NamedTuple named as in optax. Formulas and defaults are optax's. Step counts are **python
@@ -22,7 +24,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks, _leaves
 from fsharding.optim.base import (
     EmptyState,
     GradientTransformation,
@@ -75,14 +77,15 @@ def scale(step_size: float) -> GradientTransformation:
         [-1.0]
     """
     api = "optim.scale"
-    step = _u.number(api, "step_size", step_size)
+    step = _checks.number(api, "step_size", step_size)
 
     def init(params: PyTree) -> EmptyState:
         return EmptyState()
 
     @torch.no_grad()
     def update(updates: PyTree, state: EmptyState, params: PyTree = None):
-        return _u.map_updates(updates, api, lambda g, d: _u.first("mul", d, g, step)), state
+        scaled = _leaves.map_updates(updates, api, lambda g, d: _leaves.first("mul", d, g, step))
+        return scaled, state
 
     return GradientTransformation(init, update)
 
@@ -110,7 +113,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
             f"{api}: step_size_fn must be callable (step -> float), got {step_size_fn!r}. "
             "Pass a schedule such as optim.linear_schedule(0.0, 1.0, 100)."
         )
-    _u.schedule(api, "step_size_fn", step_size_fn)
+    _checks.schedule(api, "step_size_fn", step_size_fn)
 
     def init(params: PyTree) -> ScaleByScheduleState:
         return ScaleByScheduleState(count=0)
@@ -124,9 +127,9 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
 
         def fn(g: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
             s = step.to(g[0].device) if isinstance(step, torch.Tensor) else step
-            return _u.first("mul", donate, g, s)
+            return _leaves.first("mul", donate, g, s)
 
-        return _u.map_updates(updates, api, fn), ScaleByScheduleState(count=count + 1)
+        return _leaves.map_updates(updates, api, fn), ScaleByScheduleState(count=count + 1)
 
     return GradientTransformation(init, update)
 
@@ -156,7 +159,7 @@ def scale_by_learning_rate(
         [-0.10000000149011612]
     """
     api = "optim.scale_by_learning_rate"
-    lr = _u.learning_rate(api, learning_rate)
+    lr = _checks.learning_rate(api, learning_rate)
     m = -1.0 if flip_sign else 1.0
     if callable(lr):
         tx = scale_by_schedule(lambda count: m * lr(count))
@@ -198,8 +201,8 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
         (0.1, 0.0)
     """
     api = "optim.add_decayed_weights"
-    _u.non_negative(api, weight_decay=weight_decay)
-    _u.check_mask(api, mask)
+    _checks.non_negative(api, weight_decay=weight_decay)
+    _checks.check_mask(api, mask)
     wd = float(weight_decay)
 
     def init(params: PyTree) -> EmptyState:
@@ -208,28 +211,30 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
     @torch.no_grad()
     def update(updates: PyTree, state: EmptyState, params: PyTree = None):
         if params is None:
-            raise _u.no_params_error(api)
-        gl, gdef = _u.flatten(updates, api, "updates")
-        pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
-        keep = [True] * len(gl) if mask is None else _u.mask_leaves(api, mask, params)
+            raise _leaves.no_params_error(api)
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        pl = _leaves.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
+        keep = [True] * len(gl) if mask is None else _checks.mask_leaves(api, mask, params)
         if wd == 0.0:  # u + 0 * p == u: skip the pass
-            return optree.tree_unflatten(gdef, _u.detach_all(gl)), state
-        g_loc, dt = _u.local(gl)
-        p_loc, _ = _u.local(pl)
+            return optree.tree_unflatten(gdef, _leaves.detach_all(gl)), state
+        g_loc, dt = _leaves.local(gl)
+        p_loc, _ = _leaves.local(pl)
         if dt:
-            _u.check_local(api, g_loc, (p_loc,), updates, ("params",))
+            _leaves.check_local(api, g_loc, (p_loc,), updates, ("params",))
         donate = donating()
-        out = _u.detach_all(g_loc)
+        out = _leaves.detach_all(g_loc)
         sel = [i for i, k in enumerate(keep) if k]
-        for sub in _u.groups(_u.pick(g_loc, sel), _u.pick(p_loc, sel)):
-            idx = _u.pick(sel, sub)
-            _u.put(
+        for sub in _leaves.groups(_leaves.pick(g_loc, sel), _leaves.pick(p_loc, sel)):
+            idx = _leaves.pick(sel, sub)
+            _leaves.put(
                 out,
                 idx,
-                _u.first("add", donate, _u.pick(g_loc, idx), _u.pick(p_loc, idx), alpha=wd),
+                _leaves.first(
+                    "add", donate, _leaves.pick(g_loc, idx), _leaves.pick(p_loc, idx), alpha=wd
+                ),
             )
         if dt:
-            out = _u.rewrap(out, gl, g_loc)
+            out = _leaves.rewrap(out, gl, g_loc)
         return optree.tree_unflatten(gdef, out), state
 
     return GradientTransformation(init, update)
@@ -255,8 +260,8 @@ def scale_by_trust_ratio(
         [0.0, 5.0]
     """
     api = "optim.scale_by_trust_ratio"
-    _u.non_negative(api, min_norm=min_norm, eps=eps)
-    coeff = _u.number(api, "trust_coefficient", trust_coefficient)
+    _checks.non_negative(api, min_norm=min_norm, eps=eps)
+    coeff = _checks.number(api, "trust_coefficient", trust_coefficient)
     min_norm, eps = float(min_norm), float(eps)
 
     def init(params: PyTree) -> ScaleByTrustRatioState:
@@ -284,24 +289,24 @@ def scale_by_trust_ratio(
     @torch.no_grad()
     def update(updates: PyTree, state: ScaleByTrustRatioState, params: PyTree = None):
         if params is None:
-            raise _u.no_params_error(api)
-        gl, gdef = _u.flatten(updates, api, "updates")
-        pl = _u.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
-        g_loc, dt = _u.local(gl)
-        p_loc, _ = _u.local(pl)
+            raise _leaves.no_params_error(api)
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        pl = _leaves.leaves_like(params, gdef, updates, ("updates", "params"), api, gl)
+        g_loc, dt = _leaves.local(gl)
+        p_loc, _ = _leaves.local(pl)
         if dt:
-            _u.check_local(api, g_loc, (p_loc,), updates, ("params",))
+            _leaves.check_local(api, g_loc, (p_loc,), updates, ("params",))
         donate = donating()
         out = list(g_loc)
-        for idx in _u.groups(g_loc, p_loc):
-            g = _u.pick(g_loc, idx)
-            pn = norms(_u.pick(pl, idx), _u.pick(p_loc, idx), dt, idx).to(g[0].dtype)
-            un = norms(_u.pick(gl, idx), g, dt, idx)
+        for idx in _leaves.groups(g_loc, p_loc):
+            g = _leaves.pick(g_loc, idx)
+            pn = norms(_leaves.pick(pl, idx), _leaves.pick(p_loc, idx), dt, idx).to(g[0].dtype)
+            un = norms(_leaves.pick(gl, idx), g, dt, idx)
             ratio = coeff * pn / (un + eps)
             ratio = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
-            _u.put(out, idx, _u.first("mul", donate, g, list(ratio.unbind())))
+            _leaves.put(out, idx, _leaves.first("mul", donate, g, list(ratio.unbind())))
         if dt:
-            out = _u.rewrap(out, gl, g_loc)
+            out = _leaves.rewrap(out, gl, g_loc)
         return optree.tree_unflatten(gdef, out), state
 
     update.elementwise = False  # per-leaf norms need whole leaves

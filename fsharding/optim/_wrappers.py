@@ -1,5 +1,10 @@
-"""Wrappers around a transform (optax semantics): ``apply_if_finite``, ``masked``,
-``MultiSteps`` (with ``skip_not_finite`` / ``skip_large_updates``)."""
+"""Wrappers that change when or where an inner transform applies (optax semantics).
+
+This module owns ``apply_if_finite`` (skip non-finite steps, agreed by every rank holding
+shards), ``masked`` (apply to the leaves a mask selects) and ``MultiSteps`` (accumulate
+``k`` steps' updates, with the ``should_skip_update_fn`` rules ``skip_not_finite`` and
+``skip_large_updates``), each with its state NamedTuple.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import optree
 import torch
 
 from fsharding import tree as _tree
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks, _leaves
 from fsharding.optim import base as _base
 from fsharding.optim.base import GradientTransformation
 
@@ -87,7 +92,7 @@ def apply_if_finite(
             f"{api}: inner must be a GradientTransformation, got {type(inner).__name__}; "
             "pass an optimizer such as optim.adamw(1e-3)."
         )
-    limit = _u.integer(api, "max_consecutive_errors", max_consecutive_errors)
+    limit = _checks.integer(api, "max_consecutive_errors", max_consecutive_errors)
 
     def init(params: PyTree) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(0, True, 0, inner.init(params))
@@ -99,7 +104,7 @@ def apply_if_finite(
                 f"{api}: state must be the ApplyIfFiniteState returned by init, got "
                 f"{type(state).__name__}."
             )
-        gl, gdef = _u.flatten(updates, api, "updates")
+        gl, gdef = _leaves.flatten(updates, api, "updates")
         finite = _all_finite(gl)
         notfinite = 0 if finite else int(state.notfinite_count) + 1
         total = int(state.total_notfinite) + (0 if finite else 1)
@@ -107,9 +112,9 @@ def apply_if_finite(
             updates, inner_state = inner.update(updates, state.inner_state, params)
         else:
             if _base.donating():
-                loc, _ = _u.local(gl)
-                for idx in _u.groups(loc):
-                    torch._foreach_zero_(_u.pick(loc, idx))
+                loc, _ = _leaves.local(gl)
+                for idx in _leaves.groups(loc):
+                    torch._foreach_zero_(_leaves.pick(loc, idx))
                 out = gl
             else:
                 out = [torch.zeros_like(x) for x in gl]
@@ -140,12 +145,12 @@ class MaskedNode(NamedTuple):
 
 def _mask_tree(api: str, mask: Any, tree: PyTree) -> PyTree:
     m = mask(tree) if callable(mask) else mask
-    _u.mask_leaves(api, m, tree)  # checks bools and the (prefix) structure, naming paths
+    _checks.mask_leaves(api, m, tree)  # checks bools and the (prefix) structure, naming paths
     return m
 
 
 def _apply_mask(m: PyTree, tree: PyTree) -> PyTree:
-    return optree.tree_map(lambda b, sub: sub if _u._as_bool(b) else MaskedNode(), m, tree)
+    return optree.tree_map(lambda b, sub: sub if _checks.as_bool(b) else MaskedNode(), m, tree)
 
 
 def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
@@ -181,7 +186,7 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
             f"{api}: inner must be a GradientTransformation, got {type(inner).__name__}; "
             "pass a transform such as optim.add_decayed_weights(1e-4)."
         )
-    _u.check_mask(api, mask)
+    _checks.check_mask(api, mask)
 
     def init(params: PyTree) -> MaskedState:
         m = _mask_tree(api, mask, params)
@@ -199,7 +204,7 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
         masked_params = None if params is None else _apply_mask(m, params)
         new, inner_state = inner.update(_apply_mask(m, updates), state.inner_state, masked_params)
         out = optree.tree_map(
-            lambda b, n, old: n if _u._as_bool(b) else old,
+            lambda b, n, old: n if _checks.as_bool(b) else old,
             m,
             new,
             updates,
@@ -241,7 +246,9 @@ def skip_not_finite(updates: PyTree, gradient_step: int, params: PyTree) -> tupl
 
     Example:
         >>> import torch
-        >>> skip, info = skip_not_finite([torch.tensor(float("nan")), torch.zeros(())], 0, None)
+        >>> from fsharding import optim
+        >>> nan = torch.tensor(float("nan"))
+        >>> skip, info = optim.skip_not_finite([nan, torch.zeros(())], 0, None)
         >>> bool(skip), int(info["num_not_finite"])
         (True, 1)
     """
@@ -259,7 +266,8 @@ def skip_large_updates(
 
     Example:
         >>> import torch
-        >>> skip, info = skip_large_updates([torch.tensor(11.0)], 0, None, 100.0)
+        >>> from fsharding import optim
+        >>> skip, info = optim.skip_large_updates([torch.tensor(11.0)], 0, None, 100.0)
         >>> bool(skip), float(info["norm_squared"])
         (True, 121.0)
     """
@@ -317,7 +325,7 @@ class MultiSteps:
         if callable(every_k_schedule):
             k_of = every_k_schedule
         else:
-            k = _u.integer(api, "every_k_schedule", every_k_schedule, lo=1)
+            k = _checks.integer(api, "every_k_schedule", every_k_schedule, lo=1)
             k_of = lambda step: k  # noqa: E731
         if should_skip_update_fn is not None and not callable(should_skip_update_fn):
             raise TypeError(
@@ -344,7 +352,7 @@ class MultiSteps:
 
     def init(self, params: PyTree) -> MultiStepsState:
         """The initial state: zero counters, ``opt.init(params)`` and zero accumulators."""
-        acc = _u.zeros_like_tree(params, f"{self._api}.init")
+        acc = _leaves.zeros_like_tree(params, f"{self._api}.init")
         skip_state: Any = ()
         if self._skip is not None:
             _, skip_state = self._skip(acc, 0, params)
@@ -374,9 +382,11 @@ class MultiSteps:
                 f"{type(state).__name__}. A state from another optimizer? Pass the state "
                 "this optimizer's init(params) returned."
             )
-        gl, gdef = _u.flatten(updates, api, "updates")
-        al = _u.leaves_like(state.acc_grads, gdef, updates, ("updates", "state.acc_grads"), api, gl)
-        k = _u.integer(
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        al = _leaves.leaves_like(
+            state.acc_grads, gdef, updates, ("updates", "state.acc_grads"), api, gl
+        )
+        k = _checks.integer(
             api, "every_k_schedule(gradient_step)", self._k_of(state.gradient_step), lo=1
         )
         skip_state = state.skip_state
@@ -387,25 +397,25 @@ class MultiSteps:
                 return zeros, state._replace(skip_state=skip_state)
         donate = _base.donating()
         n = int(state.mini_step)
-        g_loc, dt = _u.local(gl)
-        a_loc, _ = _u.local(al)
+        g_loc, dt = _leaves.local(gl)
+        a_loc, _ = _leaves.local(al)
         new_a = list(a_loc)
-        for idx in _u.groups(g_loc, a_loc):
-            g, a = _u.pick(g_loc, idx), _u.pick(a_loc, idx)
+        for idx in _leaves.groups(g_loc, a_loc):
+            g, a = _leaves.pick(g_loc, idx), _leaves.pick(a_loc, idx)
             g = g if g[0].dtype == a[0].dtype else [x.to(a[0].dtype) for x in g]
             if self._mean:  # Welford: acc + (g - acc) / (n + 1)
                 d = list(torch._foreach_sub(g, a))
                 torch._foreach_div_(d, float(n + 1))
-                _u.put(new_a, idx, _u.first("add", donate, a, d))
+                _leaves.put(new_a, idx, _leaves.first("add", donate, a, d))
             else:
-                _u.put(new_a, idx, _u.first("add", donate, a, g))
+                _leaves.put(new_a, idx, _leaves.first("add", donate, a, g))
         if dt:
-            new_a = _u.rewrap(new_a, al, a_loc)
+            new_a = _leaves.rewrap(new_a, al, a_loc)
         acc = optree.tree_unflatten(gdef, new_a)
         if n + 1 < k:
             if donate:  # the incoming updates are free: return them zeroed
-                for idx in _u.groups(g_loc):
-                    torch._foreach_zero_(_u.pick(g_loc, idx))
+                for idx in _leaves.groups(g_loc):
+                    torch._foreach_zero_(_leaves.pick(g_loc, idx))
                 zeros = updates
             else:
                 zeros = optree.tree_unflatten(gdef, [torch.zeros_like(x) for x in gl])

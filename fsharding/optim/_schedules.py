@@ -18,7 +18,7 @@ import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks
 
 __all__ = [
     "constant_schedule",
@@ -37,17 +37,20 @@ def _step(count: int) -> int:
     return operator.index(count) if not hasattr(count, "item") else int(count.item())
 
 
+@_checks.schedule_factory
 def constant_schedule(value: float) -> Schedule:
     """The schedule that always returns ``value``.
 
     Example:
-        >>> constant_schedule(0.5)(1000)
+        >>> from fsharding import optim
+        >>> optim.constant_schedule(0.5)(1000)
         0.5
     """
-    v = _u.number("optim.constant_schedule", "value", value)
+    v = _checks.number("optim.constant_schedule", "value", value)
     return lambda count: v
 
 
+@_checks.schedule_factory
 def linear_schedule(
     init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
@@ -64,15 +67,16 @@ def linear_schedule(
         ValueError: negative ``transition_steps`` or ``transition_begin``.
 
     Example:
-        >>> sched = linear_schedule(1.0, 0.0, transition_steps=4)
+        >>> from fsharding import optim
+        >>> sched = optim.linear_schedule(1.0, 0.0, transition_steps=4)
         >>> [sched(s) for s in range(6)]
         [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     """
     api = "optim.linear_schedule"
-    init = _u.number(api, "init_value", init_value)
-    end = _u.number(api, "end_value", end_value)
-    steps = _u.integer(api, "transition_steps", transition_steps)
-    begin = _u.integer(api, "transition_begin", transition_begin)
+    init = _checks.number(api, "init_value", init_value)
+    end = _checks.number(api, "end_value", end_value)
+    steps = _checks.integer(api, "transition_steps", transition_steps)
+    begin = _checks.integer(api, "transition_begin", transition_begin)
     if steps == 0:
         return lambda count: init
 
@@ -84,6 +88,7 @@ def linear_schedule(
     return schedule
 
 
+@_checks.schedule_factory
 def cosine_decay_schedule(
     init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0
 ) -> Schedule:
@@ -100,15 +105,16 @@ def cosine_decay_schedule(
         ValueError: ``decay_steps <= 0``.
 
     Example:
-        >>> sched = cosine_decay_schedule(1.0, decay_steps=10, alpha=0.1)
+        >>> from fsharding import optim
+        >>> sched = optim.cosine_decay_schedule(1.0, decay_steps=10, alpha=0.1)
         >>> [round(sched(s), 4) for s in (0, 5, 10, 20)]
         [1.0, 0.55, 0.1, 0.1]
     """
     api = "optim.cosine_decay_schedule"
-    init = _u.number(api, "init_value", init_value)
-    steps = _u.integer(api, "decay_steps", decay_steps, lo=1, hint="Pass a positive length.")
-    a = _u.number(api, "alpha", alpha)
-    p = _u.number(api, "exponent", exponent)
+    init = _checks.number(api, "init_value", init_value)
+    steps = _checks.integer(api, "decay_steps", decay_steps, lo=1, hint="Pass a positive length.")
+    a = _checks.number(api, "alpha", alpha)
+    p = _checks.number(api, "exponent", exponent)
 
     def schedule(count: int) -> float:
         t = min(_step(count), steps)
@@ -118,6 +124,7 @@ def cosine_decay_schedule(
     return schedule
 
 
+@_checks.schedule_factory
 def warmup_cosine_decay_schedule(
     init_value: float,
     peak_value: float,
@@ -141,16 +148,17 @@ def warmup_cosine_decay_schedule(
         ValueError: negative ``warmup_steps`` or ``decay_steps <= warmup_steps``.
 
     Example:
-        >>> sched = warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2, decay_steps=4)
+        >>> from fsharding import optim
+        >>> sched = optim.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2, decay_steps=4)
         >>> [round(sched(s), 4) for s in range(6)]
         [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
     """
     api = "optim.warmup_cosine_decay_schedule"
-    init = _u.number(api, "init_value", init_value)
-    peak = _u.number(api, "peak_value", peak_value)
-    end = _u.number(api, "end_value", end_value)
-    warmup = _u.integer(api, "warmup_steps", warmup_steps)
-    total = _u.integer(api, "decay_steps", decay_steps)
+    init = _checks.number(api, "init_value", init_value)
+    peak = _checks.number(api, "peak_value", peak_value)
+    end = _checks.number(api, "end_value", end_value)
+    warmup = _checks.integer(api, "warmup_steps", warmup_steps)
+    total = _checks.integer(api, "decay_steps", decay_steps)
     if total <= warmup:
         raise ValueError(
             f"{api}: decay_steps (the total length, warmup included) must be greater than "
@@ -167,6 +175,7 @@ def warmup_cosine_decay_schedule(
     )
 
 
+@_checks.schedule_factory
 def exponential_decay(
     init_value: float,
     transition_steps: int,
@@ -191,16 +200,17 @@ def exponential_decay(
         ValueError: a negative step count or decay rate.
 
     Example:
-        >>> sched = exponential_decay(1.0, transition_steps=10, decay_rate=0.5)
+        >>> from fsharding import optim
+        >>> sched = optim.exponential_decay(1.0, transition_steps=10, decay_rate=0.5)
         >>> [sched(s) for s in (0, 10, 20)]
         [1.0, 0.5, 0.25]
     """
     api = "optim.exponential_decay"
-    init = _u.number(api, "init_value", init_value)
-    steps = _u.integer(api, "transition_steps", transition_steps)
-    rate = _u.number(api, "decay_rate", decay_rate, lo=0.0)
-    begin = _u.integer(api, "transition_begin", transition_begin)
-    end = None if end_value is None else _u.number(api, "end_value", end_value)
+    init = _checks.number(api, "init_value", init_value)
+    steps = _checks.integer(api, "transition_steps", transition_steps)
+    rate = _checks.number(api, "decay_rate", decay_rate, lo=0.0)
+    begin = _checks.integer(api, "transition_begin", transition_begin)
+    end = None if end_value is None else _checks.number(api, "end_value", end_value)
     if steps == 0 or rate == 0.0:
         return lambda count: init
     bound = max if rate < 1.0 else min
@@ -216,6 +226,7 @@ def exponential_decay(
     return schedule
 
 
+@_checks.schedule_factory
 def piecewise_constant_schedule(
     init_value: float, boundaries_and_scales: Mapping[int, float] | None = None
 ) -> Schedule:
@@ -229,18 +240,19 @@ def piecewise_constant_schedule(
         ValueError: a negative step or scale.
 
     Example:
-        >>> sched = piecewise_constant_schedule(1.0, {10: 0.1, 20: 0.5})
+        >>> from fsharding import optim
+        >>> sched = optim.piecewise_constant_schedule(1.0, {10: 0.1, 20: 0.5})
         >>> [sched(s) for s in (9, 10, 20)]
         [1.0, 0.1, 0.05]
     """
     api = "optim.piecewise_constant_schedule"
-    init = _u.number(api, "init_value", init_value)
+    init = _checks.number(api, "init_value", init_value)
     items = []
     for b, s in sorted((boundaries_and_scales or {}).items()):
         items.append(
             (
-                _u.integer(api, "a boundary of boundaries_and_scales", b),
-                _u.number(api, f"the scale at boundary {b}", s, lo=0.0),
+                _checks.integer(api, "a boundary of boundaries_and_scales", b),
+                _checks.number(api, f"the scale at boundary {b}", s, lo=0.0),
             )
         )
 
@@ -255,6 +267,7 @@ def piecewise_constant_schedule(
     return schedule
 
 
+@_checks.schedule_factory
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Runs ``schedules[i]`` between ``boundaries[i-1]`` and ``boundaries[i]``; each one
     sees the step count since its own start (optax semantics).
@@ -268,7 +281,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         ValueError: wrong number of boundaries, or boundaries that are negative or decrease.
 
     Example:
-        >>> sched = join_schedules([constant_schedule(1.0), linear_schedule(1.0, 0.0, 2)], [5])
+        >>> from fsharding import optim
+        >>> parts = [optim.constant_schedule(1.0), optim.linear_schedule(1.0, 0.0, 2)]
+        >>> sched = optim.join_schedules(parts, [5])
         >>> [sched(s) for s in (4, 5, 6, 7)]
         [1.0, 1.0, 0.5, 0.0]
     """
@@ -287,7 +302,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
             f"{api}: boundaries must have one entry fewer than schedules "
             f"({len(schedules) - 1}), got {len(boundaries)}: {boundaries!r}."
         )
-    bs = [_u.integer(api, f"boundaries[{i}]", b) for i, b in enumerate(boundaries)]
+    bs = [_checks.integer(api, f"boundaries[{i}]", b) for i, b in enumerate(boundaries)]
     if any(b < a for a, b in zip(bs, bs[1:])):
         raise ValueError(f"{api}: boundaries must be non-decreasing, got {bs!r}.")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks, _leaves
 from fsharding.optim.base import EmptyState, GradientTransformation, global_norm
 
 __all__ = ["clip", "clip_by_global_norm"]
@@ -33,19 +33,19 @@ def clip(max_delta: float) -> GradientTransformation:
         [-1.0, 0.5, 1.0]
     """
     api = "optim.clip"
-    bound = _u.number(api, "max_delta", max_delta, lo=0.0)
+    bound = _checks.number(api, "max_delta", max_delta, lo=0.0)
 
     def init(params: PyTree) -> EmptyState:
         return EmptyState()
 
     def fn(g: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
-        g = _u.first("clamp_min", donate, g, -bound)
+        g = _leaves.first("clamp_min", donate, g, -bound)
         torch._foreach_clamp_max_(g, bound)
         return g
 
     @torch.no_grad()
     def update(updates: PyTree, state: EmptyState, params: PyTree = None):
-        return _u.map_updates(updates, api, fn), state
+        return _leaves.map_updates(updates, api, fn), state
 
     return GradientTransformation(init, update)
 
@@ -70,14 +70,14 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         {'a': tensor([0.6000]), 'b': tensor([0.8000])}
     """
     api = "optim.clip_by_global_norm"
-    limit = _u.number(api, "max_norm", max_norm, lo=0.0)
+    limit = _checks.number(api, "max_norm", max_norm, lo=0.0)
 
     def init(params: PyTree) -> EmptyState:
         return EmptyState()
 
     @torch.no_grad()
     def update(updates: PyTree, state: EmptyState, params: PyTree = None):
-        _u.flatten(updates, api, "updates")  # the leaf check, with paths
+        _leaves.flatten(updates, api, "updates")  # the leaf check, with paths
         norm = global_norm(updates)
         keep = norm < limit
         # (u / denom) * mult is u exactly when keep, else (u / norm) * max_norm (no sync).
@@ -90,11 +90,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             if dev not in per_device:
                 per_device[dev] = (denom.to(dev), mult.to(dev))
             d, m = per_device[dev]
-            g = _u.first("div", donate, g, d.to(g[0].dtype))
+            g = _leaves.first("div", donate, g, d.to(g[0].dtype))
             torch._foreach_mul_(g, m.to(g[0].dtype))
             return g
 
-        return _u.map_updates(updates, api, fn), state
+        return _leaves.map_updates(updates, api, fn), state
 
     update.elementwise = False  # needs the whole tree
     return GradientTransformation(init, update)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks
 from fsharding.optim import base as _base
 from fsharding.optim.base import GradientTransformation
 
@@ -113,7 +113,7 @@ def inject_hyperparams(
                 other[name] = value
             elif callable(value) and not isinstance(value, torch.dtype):
                 try:
-                    _u.schedule(api, name, value)
+                    _checks.schedule(api, name, value)
                 except TypeError as e:
                     why = str(e).split(": ", 1)[-1]
                     raise TypeError(

@@ -1,7 +1,7 @@
 """Moment-based transforms: ``scale_by_adam``, ``scale_by_lion`` and ``trace`` (momentum).
 
 optax's formulas and defaults on torch tensors, one ``torch._foreach_*`` pass per (device,
-dtype) group. Step counts are python ints (see ``fsharding.optim.transforms``). Inside
+dtype) group. Step counts are python ints (see ``optim._transforms``). Inside
 ``optim.donation()`` the moment buffers are updated in place and the outgoing updates reuse
 the incoming updates' buffers where the formula allows (bitwise the same results as without
 donation).
@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fsharding.optim import _util as _u
+from fsharding.optim import _checks, _leaves
 from fsharding.optim.base import GradientTransformation, donating
 
 __all__ = [
@@ -112,8 +112,8 @@ def adam_moments(g, mu, nu, b1: float, b2: float, donate: bool):
     ``nu = b2 nu + (1 - b2) g^2``; in place when donating, else into new tensors."""
     if g[0].dtype != mu[0].dtype:
         g = [x.to(mu[0].dtype) for x in g]
-    mu = _u.first("lerp", donate, mu, g, 1.0 - b1)
-    nu = _u.first("mul", donate, nu, b2)
+    mu = _leaves.first("lerp", donate, mu, g, 1.0 - b1)
+    nu = _leaves.first("mul", donate, nu, b2)
     torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
     return g, mu, nu
 
@@ -151,39 +151,39 @@ def scale_by_adam(
         (1.0, 1)
     """
     api = "optim.scale_by_adam"
-    _u.betas(api, b1=b1, b2=b2)
-    _u.non_negative(api, eps=eps, eps_root=eps_root)
-    mu_dtype = _u.dtype_arg(api, "mu_dtype", mu_dtype)
+    _checks.betas(api, b1=b1, b2=b2)
+    _checks.non_negative(api, eps=eps, eps_root=eps_root)
+    mu_dtype = _checks.dtype_arg(api, "mu_dtype", mu_dtype)
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
 
     def init(params: PyTree) -> ScaleByAdamState:
         return ScaleByAdamState(
             count=0,
-            mu=_u.zeros_like_tree(params, f"{api}.init", mu_dtype),
-            nu=_u.zeros_like_tree(params, f"{api}.init"),
+            mu=_leaves.zeros_like_tree(params, f"{api}.init", mu_dtype),
+            nu=_leaves.zeros_like_tree(params, f"{api}.init"),
         )
 
     @torch.no_grad()
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None):
-        gl, gdef = _u.flatten(updates, api, "updates")
-        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
-        nl = _u.leaves_like(state.nu, gdef, updates, ("updates", "state.nu"), api, gl)
-        g_loc, dt = _u.local(gl)
-        m_loc, _ = _u.local(ml)
-        n_loc, _ = _u.local(nl)
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        ml = _leaves.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
+        nl = _leaves.leaves_like(state.nu, gdef, updates, ("updates", "state.nu"), api, gl)
+        g_loc, dt = _leaves.local(gl)
+        m_loc, _ = _leaves.local(ml)
+        n_loc, _ = _leaves.local(nl)
         if dt:
-            _u.check_local(api, g_loc, (m_loc, n_loc), updates, ("state.mu", "state.nu"))
+            _leaves.check_local(api, g_loc, (m_loc, n_loc), updates, ("state.mu", "state.nu"))
         donate = donating()
         count = int(state.count) + 1
         bc1, bc2 = 1.0 - b1**count, 1.0 - b2**count
         out, new_m, new_n = list(g_loc), list(m_loc), list(n_loc)
-        for idx in _u.groups(g_loc, m_loc, n_loc):
-            g, m, v = _u.pick(g_loc, idx), _u.pick(m_loc, idx), _u.pick(n_loc, idx)
+        for idx in _leaves.groups(g_loc, m_loc, n_loc):
+            g, m, v = _leaves.pick(g_loc, idx), _leaves.pick(m_loc, idx), _leaves.pick(n_loc, idx)
             if not plain_group(g, m, v):
                 u, m, v = adam_mixed(g, m, v, b1, b2, count, eps, eps_root, donate)
-                _u.put(out, idx, u)
-                _u.put(new_m, idx, m)
-                _u.put(new_n, idx, v)
+                _leaves.put(out, idx, u)
+                _leaves.put(new_m, idx, m)
+                _leaves.put(new_n, idx, v)
                 continue
             g, m, v = adam_moments(g, m, v, b1, b2, donate)
             d = adam_denominator(v, bc2, eps, eps_root)
@@ -194,14 +194,14 @@ def scale_by_adam(
                 u = g
             else:
                 u = list(torch._foreach_div(m, d))
-            _u.put(out, idx, u)
-            _u.put(new_m, idx, m)
-            _u.put(new_n, idx, v)
+            _leaves.put(out, idx, u)
+            _leaves.put(new_m, idx, m)
+            _leaves.put(new_n, idx, v)
         if dt:
             out, new_m, new_n = (
-                _u.rewrap(out, gl, g_loc),
-                _u.rewrap(new_m, ml, m_loc),
-                _u.rewrap(new_n, nl, n_loc),
+                _leaves.rewrap(out, gl, g_loc),
+                _leaves.rewrap(new_m, ml, m_loc),
+                _leaves.rewrap(new_n, nl, n_loc),
             )
         unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
         return unflat(out), ScaleByAdamState(count, unflat(new_m), unflat(new_n))
@@ -225,33 +225,33 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         {'w': tensor([-1.,  1.])}
     """
     api = "optim.scale_by_lion"
-    _u.betas(api, b1=b1, b2=b2)
+    _checks.betas(api, b1=b1, b2=b2)
     b1, b2 = float(b1), float(b2)
 
     def init(params: PyTree) -> ScaleByLionState:
-        return ScaleByLionState(count=0, mu=_u.zeros_like_tree(params, f"{api}.init"))
+        return ScaleByLionState(count=0, mu=_leaves.zeros_like_tree(params, f"{api}.init"))
 
     @torch.no_grad()
     def update(updates: PyTree, state: ScaleByLionState, params: PyTree = None):
-        gl, gdef = _u.flatten(updates, api, "updates")
-        ml = _u.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
-        g_loc, dt = _u.local(gl)
-        m_loc, _ = _u.local(ml)
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        ml = _leaves.leaves_like(state.mu, gdef, updates, ("updates", "state.mu"), api, gl)
+        g_loc, dt = _leaves.local(gl)
+        m_loc, _ = _leaves.local(ml)
         if dt:
-            _u.check_local(api, g_loc, (m_loc,), updates, ("state.mu",))
+            _leaves.check_local(api, g_loc, (m_loc,), updates, ("state.mu",))
         donate = donating()
         out, new_m = list(g_loc), list(m_loc)
-        for idx in _u.groups(g_loc, m_loc):
-            g, m = _u.pick(g_loc, idx), _u.pick(m_loc, idx)
+        for idx in _leaves.groups(g_loc, m_loc):
+            g, m = _leaves.pick(g_loc, idx), _leaves.pick(m_loc, idx)
             if g[0].dtype != m[0].dtype:
                 g = [x.to(m[0].dtype) for x in g]
             c = list(torch._foreach_lerp(m, g, 1.0 - b1))
-            m = _u.first("lerp", donate, m, g, 1.0 - b2)
+            m = _leaves.first("lerp", donate, m, g, 1.0 - b2)
             torch._foreach_sign_(c)
-            _u.put(out, idx, c)
-            _u.put(new_m, idx, m)
+            _leaves.put(out, idx, c)
+            _leaves.put(new_m, idx, m)
         if dt:
-            out, new_m = _u.rewrap(out, gl, g_loc), _u.rewrap(new_m, ml, m_loc)
+            out, new_m = _leaves.rewrap(out, gl, g_loc), _leaves.rewrap(new_m, ml, m_loc)
         unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
         return unflat(out), ScaleByLionState(int(state.count) + 1, unflat(new_m))
 
@@ -283,25 +283,25 @@ def trace(
         [1.5]
     """
     api = "optim.trace"
-    _u.non_negative(api, decay=decay)
-    acc_dtype = _u.dtype_arg(api, "accumulator_dtype", accumulator_dtype)
+    _checks.non_negative(api, decay=decay)
+    acc_dtype = _checks.dtype_arg(api, "accumulator_dtype", accumulator_dtype)
     decay = float(decay)
 
     def init(params: PyTree) -> TraceState:
-        return TraceState(trace=_u.zeros_like_tree(params, f"{api}.init", acc_dtype))
+        return TraceState(trace=_leaves.zeros_like_tree(params, f"{api}.init", acc_dtype))
 
     @torch.no_grad()
     def update(updates: PyTree, state: TraceState, params: PyTree = None):
-        gl, gdef = _u.flatten(updates, api, "updates")
-        tl = _u.leaves_like(state.trace, gdef, updates, ("updates", "state.trace"), api, gl)
-        g_loc, dt = _u.local(gl)
-        t_loc, _ = _u.local(tl)
+        gl, gdef = _leaves.flatten(updates, api, "updates")
+        tl = _leaves.leaves_like(state.trace, gdef, updates, ("updates", "state.trace"), api, gl)
+        g_loc, dt = _leaves.local(gl)
+        t_loc, _ = _leaves.local(tl)
         if dt:
-            _u.check_local(api, g_loc, (t_loc,), updates, ("state.trace",))
+            _leaves.check_local(api, g_loc, (t_loc,), updates, ("state.trace",))
         donate = donating()
         out, new_t = list(g_loc), list(t_loc)
-        for idx in _u.groups(g_loc, t_loc):
-            g, t = _u.pick(g_loc, idx), _u.pick(t_loc, idx)
+        for idx in _leaves.groups(g_loc, t_loc):
+            g, t = _leaves.pick(g_loc, idx), _leaves.pick(t_loc, idx)
             if not plain_group(g, t):  # the trace narrower than the grads: optax's rule
                 ct = torch.promote_types(g[0].dtype, t[0].dtype)
                 gc = g if g[0].dtype == ct else [x.to(ct) for x in g]
@@ -309,24 +309,24 @@ def trace(
                 torch._foreach_mul_(tc, decay)
                 torch._foreach_add_(tc, gc)
                 u = list(torch._foreach_add(gc, tc, alpha=decay)) if nesterov else tc
-                _u.put(out, idx, u)
-                _u.put(new_t, idx, _store(tc, t, donate))
+                _leaves.put(out, idx, u)
+                _leaves.put(new_t, idx, _store(tc, t, donate))
                 continue
             if g[0].dtype != t[0].dtype:
                 g = [x.to(t[0].dtype) for x in g]
-            t = _u.first("mul", donate, t, decay)
+            t = _leaves.first("mul", donate, t, decay)
             torch._foreach_add_(t, g)
             if nesterov:
-                u = _u.first("add", donate, g, t, alpha=decay)
+                u = _leaves.first("add", donate, g, t, alpha=decay)
             elif donate:  # the outgoing updates must not alias the (donated) state
                 torch._foreach_copy_(g, t)
                 u = g
             else:
                 u = t
-            _u.put(out, idx, u)
-            _u.put(new_t, idx, t)
+            _leaves.put(out, idx, u)
+            _leaves.put(new_t, idx, t)
         if dt:
-            out, new_t = _u.rewrap(out, gl, g_loc), _u.rewrap(new_t, tl, t_loc)
+            out, new_t = _leaves.rewrap(out, gl, g_loc), _leaves.rewrap(new_t, tl, t_loc)
         unflat = lambda x: optree.tree_unflatten(gdef, x)  # noqa: E731
         return unflat(out), TraceState(unflat(new_t))
 
