@@ -238,14 +238,14 @@ def is_dtensor(x: Any) -> bool:
     return type(x).__name__ == "DTensor" and hasattr(x, "_local_tensor")
 
 
-def storage_key(t: Any) -> tuple[torch.device, int] | None:
-    """The identity of the storage behind tensor ``t``: ``(device, address of its first
-    byte)``, the same for every view of one storage; None for a non-tensor, an empty or
-    meta tensor (no data) or a tensor without storage (a subclass such as DTensor: take
-    :func:`local_tensor` first).
+def storage_key(t: Any) -> tuple[int, int] | None:
+    """The identity of the storage behind tensor ``t``: ``(device index, address of its
+    first byte)`` (index -1 on CPU), the same for every view of one storage; None for a
+    non-tensor, an empty or meta tensor (no data) or a tensor without storage (a subclass
+    such as DTensor: take :func:`local_tensor` first).
 
-    Computed from the tensor's data pointer, without building a storage object: cheap
-    enough for a dispatch-mode hot path (``fs.remat`` calls it per op).
+    Computed from the tensor's data pointer, without building a storage or device object:
+    cheap enough for a dispatch-mode hot path (``fs.remat`` calls it per op).
 
     Example:
         >>> import torch, fsharding as fs
@@ -256,7 +256,7 @@ def storage_key(t: Any) -> tuple[torch.device, int] | None:
         >>> fs.tree.storage_key(torch.zeros(0)) is None
         True
     """
-    if not isinstance(t, _TensorBase):
+    if type(t) is not _Tensor and not isinstance(t, _TensorBase):
         return None
     try:
         ptr = t.data_ptr()  # 0 for an empty or meta tensor
@@ -264,11 +264,13 @@ def storage_key(t: Any) -> tuple[torch.device, int] | None:
         return None
     if not ptr:
         return None
-    return t.device, ptr - t.storage_offset() * t.element_size()
+    return t.get_device(), ptr - t.storage_offset() * t.element_size()
 
 
-# torch.Tensor's metaclass makes isinstance(x, torch.Tensor) slow; its C base class is not
-# (every tensor, subclasses included, is an instance of it).
+# isinstance(x, torch.Tensor) is fast only for exactly torch.Tensor (torch.Tensor's
+# metaclass checks the rest in Python); its C base class, which every tensor subclass
+# derives from, is checked in C.
+_Tensor = torch.Tensor
 _TensorBase = torch._C.TensorBase
 
 
@@ -289,7 +291,7 @@ def nbytes(tree: _PyTree) -> int:
         >>> fs.tree.nbytes({"w": w, "view": w[0], "b": torch.zeros(4)})
         80
     """
-    seen: dict[tuple[torch.device, int], int] = {}
+    seen: dict[tuple[int, int], int] = {}
     for leaf in optree.tree_leaves(tree):
         t = local_tensor(leaf)
         key = storage_key(t)
