@@ -61,7 +61,7 @@ __all__ = [
     "DynamicLossScale",
 ]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 # --------------------------------------------------------------------------------------
 # the policy
@@ -105,7 +105,7 @@ def _parse_dtype(value: Any, where: str) -> torch.dtype:
     )
 
 
-def _cast_floating(tree: T, dtype: torch.dtype) -> T:
+def _cast_floating(tree: _T, dtype: torch.dtype) -> _T:
     """Casts floating-point tensor leaves to ``dtype`` (differentiably; others unchanged)."""
     return optree.tree_map(
         lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
@@ -210,15 +210,15 @@ class Policy:
         n = lambda dt: _DTYPE_NAMES[dt][0]  # noqa: E731
         return f"p={n(self.param_dtype)},c={n(self.compute_dtype)},o={n(self.output_dtype)}"
 
-    def cast_to_param(self, tree: T) -> T:
+    def cast_to_param(self, tree: _T) -> _T:
         """Casts floating tensor leaves to ``param_dtype``."""
         return _cast_floating(tree, self.param_dtype)
 
-    def cast_to_compute(self, tree: T) -> T:
+    def cast_to_compute(self, tree: _T) -> _T:
         """Casts floating tensor leaves to ``compute_dtype``."""
         return _cast_floating(tree, self.compute_dtype)
 
-    def cast_to_output(self, tree: T) -> T:
+    def cast_to_output(self, tree: _T) -> _T:
         """Casts floating tensor leaves to ``output_dtype``."""
         return _cast_floating(tree, self.output_dtype)
 
@@ -232,12 +232,12 @@ class Policy:
 # --------------------------------------------------------------------------------------
 
 
-def _scale(tree: T, factor: float) -> T:
+def _scale(tree: _T, factor: float) -> _T:
     """Multiplies every floating tensor leaf by ``factor`` (in the leaf's dtype)."""
     return optree.tree_map(lambda x: x * factor if _tree.is_floating(x) else x, tree)
 
 
-def _unscale(tree: T, divisor: float) -> T:
+def _unscale(tree: _T, divisor: float) -> _T:
     """Divides every floating tensor leaf by ``divisor``, in float32 (float64 for float64
     leaves), and casts back to the leaf's dtype."""
 
@@ -293,11 +293,11 @@ class NoOpLossScale(NamedTuple):
     def loss_scale(self) -> float:
         return 1.0
 
-    def scale(self, tree: T) -> T:
+    def scale(self, tree: _T) -> _T:
         """Returns ``tree`` unchanged."""
         return tree
 
-    def unscale(self, tree: T) -> T:
+    def unscale(self, tree: _T) -> _T:
         """Returns ``tree`` unchanged."""
         return tree
 
@@ -338,11 +338,11 @@ class StaticLossScale(_StaticFields):
             loss_scale = float(loss_scale)
         return super().__new__(cls, loss_scale)
 
-    def scale(self, tree: T) -> T:
+    def scale(self, tree: _T) -> _T:
         """Multiplies every floating tensor leaf of ``tree`` by ``loss_scale``."""
         return _scale(tree, self.loss_scale)
 
-    def unscale(self, tree: T) -> T:
+    def unscale(self, tree: _T) -> _T:
         """Divides every floating tensor leaf of ``tree`` by ``loss_scale`` (float32 math)."""
         return _unscale(tree, self.loss_scale)
 
@@ -438,11 +438,11 @@ class DynamicLossScale(_DynamicFields):
             )
         return super().__new__(cls, loss_scale, counter, period, factor, min_loss_scale)
 
-    def scale(self, tree: T) -> T:
+    def scale(self, tree: _T) -> _T:
         """Multiplies every floating tensor leaf of ``tree`` by ``loss_scale``."""
         return _scale(tree, self.loss_scale)
 
-    def unscale(self, tree: T) -> T:
+    def unscale(self, tree: _T) -> _T:
         """Divides every floating tensor leaf of ``tree`` by ``loss_scale`` (float32 math)."""
         return _unscale(tree, self.loss_scale)
 

@@ -38,7 +38,7 @@ from fsharding.precision import HALF, Policy
 
 __all__ = ["AmpState", "master_weights"]
 
-PyTree = Any
+_PyTree = Any
 
 
 class AmpState(NamedTuple):
@@ -50,11 +50,11 @@ class AmpState(NamedTuple):
         inner: the wrapped optimizer's state, initialised on the masters.
     """
 
-    master: PyTree
+    master: _PyTree
     inner: Any
 
 
-def _flat(tree: PyTree) -> list[Any]:
+def _flat(tree: _PyTree) -> list[Any]:
     return optree.tree_leaves(tree, none_is_leaf=True)
 
 
@@ -93,7 +93,7 @@ def master_weights(
         )
 
     @torch.no_grad()
-    def init(params: PyTree) -> AmpState:
+    def init(params: _PyTree) -> AmpState:
         leaves, treedef = optree.tree_flatten(params)
         if policy.param_dtype in HALF and not any(
             isinstance(p, torch.Tensor) and p.dtype == policy.param_dtype for p in leaves
@@ -112,7 +112,7 @@ def master_weights(
         )
 
     @torch.no_grad()
-    def update(updates: PyTree, state: AmpState, params: PyTree = None) -> tuple[PyTree, Any]:
+    def update(updates: _PyTree, state: AmpState, params: _PyTree = None) -> tuple[_PyTree, Any]:
         if params is None:
             raise ValueError(
                 "fs.amp(optimizer).update: params are required (the updates take each param "

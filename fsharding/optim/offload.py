@@ -65,7 +65,7 @@ from fsharding.optim import base as _optim
 
 __all__ = ["DiskLeaf", "offload_optimizer"]
 
-PyTree = Any
+_PyTree = Any
 _API = "fs.offload"
 # Transforms that read the whole tree at once: chunking would change their result.
 _GLOBAL = ("clip_by_global_norm", "scale_by_trust_ratio", "apply_if_finite", "lamb")
@@ -139,7 +139,7 @@ def _detached(x: Any, device: str | torch.device = "cpu") -> Any:
     return x.detach().to(device) if isinstance(x, torch.Tensor) else x
 
 
-def _to_cpu(tree: PyTree) -> PyTree:
+def _to_cpu(tree: _PyTree) -> _PyTree:
     return None if tree is None else optree.tree_map(_detached, tree)
 
 
@@ -151,11 +151,11 @@ def _like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def _cpu(tx: _optim.GradientTransformation) -> tuple[Any, Any]:
     @torch.no_grad()
-    def init(params: PyTree) -> PyTree:
+    def init(params: _PyTree) -> _PyTree:
         return _to_cpu(tx.init(_to_cpu(params)))
 
     @torch.no_grad()
-    def update(updates: PyTree, state: PyTree, params: PyTree = None) -> tuple[PyTree, PyTree]:
+    def update(updates: _PyTree, state: _PyTree, params: _PyTree = None) -> tuple[_PyTree, _PyTree]:
         new_updates, state = tx.update(_to_cpu(updates), _to_cpu(state), _to_cpu(params))
         _tree.check_same_structure(updates, new_updates, names=("updates", "new updates"), api=_API)
         refs = updates if params is None else params
@@ -425,11 +425,11 @@ class _Flat:
 
 def _disk(tx: _optim.GradientTransformation, directory: str, chunk_bytes: int) -> tuple[Any, Any]:
     @torch.no_grad()
-    def init(params: PyTree) -> PyTree:
+    def init(params: _PyTree) -> _PyTree:
         return _disk_init(tx, directory, chunk_bytes, params)
 
     @torch.no_grad()
-    def update(updates: PyTree, state: PyTree, params: PyTree = None) -> tuple[PyTree, PyTree]:
+    def update(updates: _PyTree, state: _PyTree, params: _PyTree = None) -> tuple[_PyTree, _PyTree]:
         return _DiskUpdate(tx, directory, chunk_bytes, updates, state, params).run()
 
     return init, update
@@ -448,7 +448,7 @@ def _differs(path: str, ref: Any, new: Any) -> RuntimeError:
     )
 
 
-def _per_param_subtrees(state: PyTree, params: PyTree) -> tuple[list, list, optree.PyTreeSpec]:
+def _per_param_subtrees(state: _PyTree, params: _PyTree) -> tuple[list, list, optree.PyTreeSpec]:
     """Flattens ``state`` so that every subtree shaped like ``params`` is one leaf: returns
     ``[(leaf or subtree, is per-param)]``, their paths and the treedef above them."""
     params_def = optree.tree_structure(params)
@@ -468,8 +468,8 @@ def _per_param_subtrees(state: PyTree, params: PyTree) -> tuple[list, list, optr
 
 
 def _disk_init(
-    tx: _optim.GradientTransformation, directory: str, chunk_bytes: int, params: PyTree
-) -> PyTree:
+    tx: _optim.GradientTransformation, directory: str, chunk_bytes: int, params: _PyTree
+) -> _PyTree:
     """``tx.init`` run chunk by chunk, its per-parameter state written into new files."""
     param_leaves, params_def = optree.tree_flatten(params)
     # tx.init on empty stand-ins gives the state's structure, dtypes and scalars.
@@ -519,9 +519,9 @@ class _DiskUpdate:
         tx: _optim.GradientTransformation,
         directory: str,
         chunk_bytes: int,
-        updates: PyTree,
-        state: PyTree,
-        params: PyTree,
+        updates: _PyTree,
+        state: _PyTree,
+        params: _PyTree,
     ):
         self.tx = tx
         self.state_tree = state
@@ -550,7 +550,7 @@ class _DiskUpdate:
         self.new_updates: list[torch.Tensor] = []
         self.new_state = list(self.state)
 
-    def run(self) -> tuple[PyTree, PyTree]:
+    def run(self) -> tuple[_PyTree, _PyTree]:
         for n, group in enumerate(self.plan):
             self._update_group(group, first=n == 0)
         for j, f in self.targets.items():

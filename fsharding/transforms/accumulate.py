@@ -58,26 +58,26 @@ class PerMicrobatch(list):
     it from an aux that is itself a list and stack it into ``metrics["aux"]``."""
 
 
-PyTree = Any
-GradFn = Callable[..., Any]
-Weights = Callable[..., Any]
+_PyTree = Any
+_GradFn = Callable[..., Any]
+_Weights = Callable[..., Any]
 
 _API = "fs.accumulate"
 
 
 @overload
-def accumulate(grad_fn: GradFn, /, *, steps: int, weights: Weights | None = None) -> GradFn: ...
+def accumulate(grad_fn: _GradFn, /, *, steps: int, weights: _Weights | None = None) -> _GradFn: ...
 
 
 @overload
 def accumulate(
-    grad_fn: None = None, /, *, steps: int, weights: Weights | None = None
-) -> Callable[[GradFn], GradFn]: ...
+    grad_fn: None = None, /, *, steps: int, weights: _Weights | None = None
+) -> Callable[[_GradFn], _GradFn]: ...
 
 
 def accumulate(
-    grad_fn: GradFn | None = None, /, *, steps: int, weights: Weights | None = None
-) -> GradFn | Callable[[GradFn], GradFn]:
+    grad_fn: _GradFn | None = None, /, *, steps: int, weights: _Weights | None = None
+) -> _GradFn | Callable[[_GradFn], _GradFn]:
     """Runs a gradient function over ``steps`` microbatches and combines them exactly.
 
     Every tensor leaf of every positional argument after the first (params) and of every
@@ -187,7 +187,7 @@ def accumulate(
         )
 
     @functools.wraps(grad_fn)
-    def accumulated(params: PyTree, *args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
+    def accumulated(params: _PyTree, *args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
         report = _REPORT.get()
         if report is None:
             return _accumulated(params, args, kwargs, loss_scale, None)
@@ -197,7 +197,7 @@ def accumulate(
         finally:
             _REPORT.reset(token)
 
-    def _accumulated(params: PyTree, args: tuple, kwargs: dict, loss_scale: Any, report) -> Any:
+    def _accumulated(params: _PyTree, args: tuple, kwargs: dict, loss_scale: Any, report) -> Any:
         extra = {} if loss_scale is None else {"loss_scale": loss_scale}
         if steps == 1 and weights is None:
             return _unsplit(grad_fn(params, *args, **extra, **kwargs))
@@ -274,7 +274,7 @@ def _path(accessor: optree.PyTreeAccessor) -> str:
 
 
 def _weights(
-    weights: Weights | None,
+    weights: _Weights | None,
     micro: list[tuple[tuple[Any, ...], dict[str, Any]]],
     steps: int,
     allow_zero: bool = False,
@@ -319,7 +319,7 @@ def _weights(
     return values
 
 
-def _unsplit(out: Any) -> tuple[Any, PyTree]:
+def _unsplit(out: Any) -> tuple[Any, _PyTree]:
     """Validates ``grad_fn``'s output; returns it with any aux wrapped in a 1-element list."""
     if isinstance(out, tuple) and len(out) == 2:
         value, grads = out
@@ -344,8 +344,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _run(
-    grad_fn: GradFn,
-    params: PyTree,
+    grad_fn: _GradFn,
+    params: _PyTree,
     micro: list[tuple[tuple[Any, ...], dict[str, Any]]],
     ws: list[float],
     extra: dict[str, Any],

@@ -76,7 +76,7 @@ from fsharding.precision import HALF, Policy
 
 __all__ = ["amp", "recompute_context"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def _as_policy(policy: Any, api: str) -> Policy:
@@ -127,7 +127,7 @@ _FLOAT32_OPS = _lookup(_FLOAT32_NAMES) | _LOSS_OPS
 _COMPUTE_OPS = _lookup(_COMPUTE_NAMES)
 
 
-def _cast_where(tree: T, src: tuple[torch.dtype, ...], dst: torch.dtype) -> tuple[T, bool]:
+def _cast_where(tree: _T, src: tuple[torch.dtype, ...], dst: torch.dtype) -> tuple[_T, bool]:
     """Casts the tensor leaves whose dtype is in ``src`` to ``dst``; reports whether any was."""
     hit = False
 
@@ -254,11 +254,11 @@ class _Reenter:
 # amp
 # --------------------------------------------------------------------------------------
 
-Fn = Callable[..., Any]
+_Fn = Callable[..., Any]
 
 
 @overload
-def amp(fn_or_optimizer: Fn, /, *, policy: Policy | str = "bf16") -> Fn: ...
+def amp(fn_or_optimizer: _Fn, /, *, policy: Policy | str = "bf16") -> _Fn: ...
 
 
 @overload
@@ -332,7 +332,7 @@ def amp(fn_or_optimizer: Any = None, /, *, policy: Policy | str = "bf16") -> Any
     return _amp_fn(fn_or_optimizer, pol)
 
 
-def _amp_fn(fn: Fn, policy: Policy) -> Fn:
+def _amp_fn(fn: _Fn, policy: Policy) -> _Fn:
     half = policy.compute_dtype in HALF
 
     @functools.wraps(fn)

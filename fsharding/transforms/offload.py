@@ -56,24 +56,24 @@ from fsharding.transforms import remat as _remat
 
 __all__ = ["offload"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-PathLike = str | os.PathLike
+_F = TypeVar("_F", bound=Callable[..., Any])
+_PathLike = str | os.PathLike
 
 
 @overload
 def offload(
-    fn_or_optimizer: None = None, /, *, to: PathLike = "cpu", chunk_bytes: int = ...
-) -> Callable[[F], F]: ...
+    fn_or_optimizer: None = None, /, *, to: _PathLike = "cpu", chunk_bytes: int = ...
+) -> Callable[[_F], _F]: ...
 @overload
 def offload(
-    fn_or_optimizer: GradientTransformation, /, *, to: PathLike = "cpu", chunk_bytes: int = ...
+    fn_or_optimizer: GradientTransformation, /, *, to: _PathLike = "cpu", chunk_bytes: int = ...
 ) -> GradientTransformation: ...
 @overload
-def offload(fn_or_optimizer: F, /, *, to: PathLike = "cpu", chunk_bytes: int = ...) -> F: ...
+def offload(fn_or_optimizer: _F, /, *, to: _PathLike = "cpu", chunk_bytes: int = ...) -> _F: ...
 
 
 def offload(
-    fn_or_optimizer: Any = None, /, *, to: PathLike = "cpu", chunk_bytes: int = 64 * 2**20
+    fn_or_optimizer: Any = None, /, *, to: _PathLike = "cpu", chunk_bytes: int = 64 * 2**20
 ) -> Any:
     """Keeps ``fn``'s saved activations, or an optimizer's state, on CPU or on disk.
 
@@ -166,7 +166,7 @@ def _inside_remat() -> bool:
     return top is not None and getattr(top[0], "__qualname__", "").startswith(_CHECKPOINT_HOOKS)
 
 
-def _offload_fn(fn: F, target: str) -> F:
+def _offload_fn(fn: _F, target: str) -> _F:
     @functools.wraps(fn)
     def offloaded(*args: Any, **kwargs: Any) -> Any:
         if _inside_remat():
