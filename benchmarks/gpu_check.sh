@@ -26,7 +26,7 @@ timeout 300 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1 \
   | tee "$OUT/gpu_memory.log" || status=1
 # the tests that need a CUDA device, plus the transforms' suites on a machine with one
 timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/transforms/test_offload.py \
-  tests/transforms/test_offload_optim.py tests/transforms/test_remat.py \
+  tests/optim/test_offload_optimizer.py tests/transforms/test_remat.py \
   tests/transforms/test_amp.py tests/transforms/test_accumulate.py 2>&1 \
   | tee "$OUT/pytest.log" || status=1
 exit $status

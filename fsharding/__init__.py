@@ -12,7 +12,27 @@ parameter pytrees, composed by nesting::
     params, opt_state = step.init(params)
     params, opt_state, metrics = step.step(params, opt_state, batch)
 
-Everything public is re-exported here (``__all__``); nothing else is public.
+Everything public is re-exported here (``__all__``); nothing else is public. Where things
+live, lowest layer first (a module imports only from the layers below it; the rules are
+import-linter contracts in ``pyproject.toml``):
+
+==========================  ============================================================
+``tree``, ``_context``      pytree helpers (the one storage-identity and DTensor checks);
+                            every ambient channel (ContextVar) between layers, declared
+``precision``               ``Policy`` and the loss scales (jmp's two halves)
+``optim/``                  optax on torch tensors; ``master_weights`` (``fs.amp`` on an
+                            optimizer), ``offload`` (``fs.offload`` on an optimizer)
+``functional``              ``functional``, ``value_and_grad``, ``grad``
+``transforms/``             one process: ``remat`` + ``policies``, ``offload``, ``amp``,
+                            ``accumulate``
+``step``                    ``Step``, ``TrainState``, ``train_step``: the update tail that
+                            every step shares
+``parallel/``               SPMD: ``mesh``, ``launch``, ``collectives``, ``shard``,
+                            ``gather``, ``zero``
+``memory``, ``introspect``  ``memory_report``, ``print_saved_activations``
+``models/``, ``data``       the reference GPT and the bundled corpus (import nothing above)
+``train``                   the main job, ``python -m fsharding.train``
+==========================  ============================================================
 """
 
 from __future__ import annotations
@@ -44,12 +64,13 @@ from fsharding.precision import (
     DynamicLossScale,
     LossScale,
     NoOpLossScale,
+    Policy,
     StaticLossScale,
 )
 from fsharding.step import Step, TrainState, train_step
 from fsharding.transforms import policies
 from fsharding.transforms.accumulate import accumulate
-from fsharding.transforms.amp import Policy, amp
+from fsharding.transforms.amp import amp
 from fsharding.transforms.offload import offload
 from fsharding.transforms.remat import checkpoint_name, remat
 from fsharding.tree import all_finite
