@@ -242,6 +242,9 @@ class _Runner:
             self.canonical[n] = by_id.setdefault(id(p), n)
         self.required = tuple(dict.fromkeys(self.canonical.values()))
         self.checked_keys: tuple | None = None  # the last key tuple that passed the check
+        # Names bound to one tensor (tied weights, a buffer registered twice): what torch's
+        # functional_call(tie_weights=True) finds on every call, found once.
+        self.tied = _tied_names(module)
         # Block params are read from the block's attributes at call time (they are the
         # passed params while the reparametrization is in force), keyed relative to it.
         self.block_param_names = {
@@ -382,9 +385,35 @@ class _Runner:
 
     @contextlib.contextmanager
     def _in_force(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-        with stateless._reparametrize_module(self.module, tensors, tie_weights=True, strict=False):
-            with self._patched_blocks():
-                yield
+        untied = self._untie(tensors)
+        try:
+            with stateless._reparametrize_module(self.module, untied, strict=False):
+                with self._patched_blocks():
+                    yield
+        finally:
+            if untied is not tensors:  # what the module holds at exit, as torch writes back
+                for k in tensors:
+                    tensors[k] = untied[k]
+
+    def _untie(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with every name tied to a given one bound to its value (torch's
+        ``tie_weights=True``, with the ties found at construction); ``tensors`` itself if
+        no tied name is given."""
+        untied = None
+        for names in self.tied:
+            given = [n for n in names if n in tensors]
+            if not given:
+                continue
+            if len({id(tensors[n]) for n in given}) > 1:
+                raise ValueError(
+                    f"functional_call got multiple values for keys {sorted(names)}, which are "
+                    "tied. Consider using tie_weights=False"
+                )
+            if untied is None:
+                untied = dict(tensors)
+            for n in names:
+                untied[n] = tensors[given[0]]
+        return tensors if untied is None else untied
 
     @contextlib.contextmanager
     def _patched_blocks(self) -> Iterator[None]:
@@ -476,6 +505,18 @@ class _Runner:
         if state is None:
             return out, None
         return out, {n: b.detach() for n, b in new_state.items()}
+
+
+def _tied_names(module: nn.Module) -> list[tuple[str, ...]]:
+    """Groups of names (params and buffers) that hold one tensor, as torch's
+    ``_untie_named_tensors_map`` finds them."""
+    names_of: dict[int, list[str]] = {}
+    for n, t in (
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ):
+        names_of.setdefault(id(t), []).append(n)
+    return [tuple(names) for names in names_of.values() if len(names) > 1]
 
 
 def _keystrs(names: list[str], limit: int = 5) -> str:

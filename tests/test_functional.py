@@ -162,6 +162,25 @@ def test_functional_params_tied_once_share_storage_and_match_module():
     assert all(v.grad is None for v in params.values())
 
 
+def test_tied_weights_follow_the_passed_value_by_either_name():
+    """apply finds the ties once (torch's functional_call finds them per call): a value
+    passed under either name reaches both uses, two different values for one tied weight
+    raise as torch's tie_weights=True does, and the module keeps its own weights."""
+    torch.manual_seed(1)
+    m = Tied().double()
+    apply, params = fs.functional(m)
+    x = torch.randint(0, 7, (3, 4))
+    w = torch.randn(7, 5, dtype=torch.float64)
+    want = F.linear(torch.tanh(m.mid(F.embedding(x, w))), w).detach()
+    by_first = apply({**params, "emb.weight": w}, x)
+    rest = {k: v for k, v in params.items() if k != "emb.weight"}
+    by_alias = apply({**rest, "head.weight": w}, x)
+    assert torch.equal(by_first, want) and torch.equal(by_alias, want)
+    with pytest.raises(ValueError, match="tied"):
+        apply({**params, "head.weight": w}, x)
+    assert m.head.weight is m.emb.weight and not torch.equal(m.emb.weight, w)
+
+
 def test_apply_uses_passed_params_not_the_module_ones():
     m = nn.Linear(3, 2)
     apply, params = fs.functional(m)
