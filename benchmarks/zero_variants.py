@@ -2,7 +2,7 @@
 
 Each builder returns a :class:`zero_common.Stepper` with its own model, optimizer state and
 step counter over the same batches. fs.zero's phases are timed by wrapping the library
-functions it calls through module attributes (``zero_layout``'s bucketed collectives and
+functions it calls through module attributes (``parallel/_buckets``' bucketed collectives and
 ``Bucket``'s packing copies, ``optim.base.apply_updates[_]``) and its ``grad_fn`` and
 optimizer ``update``: timers only, no behaviour change.
 """
@@ -42,12 +42,12 @@ def _instrument() -> None:
     if _INSTRUMENTED[0]:
         return
     from fsharding.optim import base
-    from fsharding.parallel import _buckets as zero_layout
+    from fsharding.parallel import _buckets
 
     for name in ("all_reduce_mean", "reduce_scatter_buckets", "all_gather_buckets"):
-        _timed_global(zero_layout, name, "comm")
+        _timed_global(_buckets, name, "comm")
     for name in ("gather_input", "unpack_gathered", "scatter_input", "unpack_scattered"):
-        _timed_global(zero_layout.Bucket, name, "pack")  # copies in and out of buckets
+        _timed_global(_buckets.Bucket, name, "pack")  # copies in and out of buckets
     for name in ("apply_updates", "apply_updates_"):
         _timed_global(base, name, "opt")
     _INSTRUMENTED[0] = True
@@ -78,7 +78,7 @@ def fs_zero(
 ) -> zc.Stepper:
     """``fs.zero(value_and_grad(loss), optim.adamw(...), stage=stage)`` on GPT small;
     ``wrap`` goes to ``fs.functional`` (per-block transforms); ``overlap``: force the
-    reduction inside backward (``zero_overlap``) on or off (None: the library's choice,
+    reduction inside backward (``parallel/_overlap``) on or off (None: the library's choice,
     off on gloo)."""
     _instrument()
     ph = zc.Phases()
