@@ -9,8 +9,8 @@ This module owns what every training step shares, whatever produces its grads:
   (``loss``, ``grad_norm``, ``lr``, ``aux``, ``loss_scale``, ``skipped``), the loss-scale
   skip (a step whose grads are not all finite returns params and optimizer state
   bit-identical and an adjusted scale) and the optimizer update with donation
-  (:func:`apply_update`). ``fs.train_step``, ``fs.zero`` and ``fs.pipeline`` call it with
-  their own grads; an SPMD step supplies how every rank agrees on the finite check
+  (:func:`apply_update`). ``fs.train_step`` and ``fs.zero`` call it with their own grads
+  (and so will ``fs.pipeline``); an SPMD step supplies how every rank agrees on the finite check
   (``reduce_all``) and, where its state is stored otherwise, how the update runs
   (``update``);
 * the checks and conversions of a step's arguments (:func:`check_params_arg`,
@@ -291,7 +291,7 @@ def train_step(
 
 
 # --------------------------------------------------------------------------------------
-# the update tail (train_step, zero, pipeline)
+# the update tail (train_step, zero; pipeline next)
 # --------------------------------------------------------------------------------------
 
 

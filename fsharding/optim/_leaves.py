@@ -215,7 +215,7 @@ def local(leaves: Leaves) -> tuple[Leaves, bool]:
     # times per update, and a 150-leaf tree costs 4 us this way, 19 us leaf by leaf.
     if dt is None or not any(issubclass(t, dt) for t in set(map(type, leaves))):
         return leaves, False
-    return [_tree.local_tensor(x) for x in leaves], True
+    return [x.to_local() if isinstance(x, dt) else x for x in leaves], True
 
 
 def rewrap(outs: Leaves, likes: Leaves, locals_: Leaves) -> Leaves:
@@ -227,7 +227,7 @@ def rewrap(outs: Leaves, likes: Leaves, locals_: Leaves) -> Leaves:
     for o, like, loc in zip(outs, likes, locals_):
         if o is loc:
             o = like
-        elif dt is not None and _tree.is_dtensor(like) and not _tree.is_dtensor(o):
+        elif dt is not None and isinstance(like, dt) and not isinstance(o, dt):
             o = dt.from_local(
                 o,
                 like.device_mesh,
