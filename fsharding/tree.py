@@ -240,9 +240,10 @@ def is_dtensor(x: Any) -> bool:
 
 def storage_key(t: Any) -> tuple[int, int] | None:
     """The identity of the storage behind tensor ``t``: ``(device index, address of its
-    first byte)`` (index -1 on CPU), the same for every view of one storage; None for a
-    non-tensor, an empty or meta tensor (no data) or a tensor without storage (a subclass
-    such as DTensor: take :func:`local_tensor` first).
+    first byte)`` (index -1 on CPU), the same for every view of one storage (an empty view
+    too: it keeps its storage alive); None for a non-tensor, a meta tensor, a tensor whose
+    storage is empty or a tensor without storage (a subclass such as DTensor: take
+    :func:`local_tensor` first).
 
     Computed from the tensor's data pointer, without building a storage or device object:
     cheap enough for a dispatch-mode hot path (``fs.remat`` calls it per op).
@@ -253,8 +254,8 @@ def storage_key(t: Any) -> tuple[int, int] | None:
         >>> key = fs.tree.storage_key(x)
         >>> fs.tree.storage_key(x[1:]) == key, fs.tree.storage_key(x.clone()) == key
         (True, False)
-        >>> fs.tree.storage_key(torch.zeros(0)) is None
-        True
+        >>> fs.tree.storage_key(torch.zeros(0)) is None, fs.tree.storage_key(x[:0]) == key
+        (True, True)
     """
     if type(t) is not _Tensor and not isinstance(t, _TensorBase):
         return None
@@ -262,8 +263,14 @@ def storage_key(t: Any) -> tuple[int, int] | None:
         ptr = t.data_ptr()  # 0 for an empty or meta tensor
     except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
         return None
-    if not ptr:
-        return None
+    if not ptr:  # an empty or meta tensor: an empty view still holds its storage alive
+        if t.is_meta:
+            return None
+        try:
+            base = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+        return (t.get_device(), base) if base else None
     return t.get_device(), ptr - t.storage_offset() * t.element_size()
 
 

@@ -111,3 +111,15 @@ def test_missing_key_names_the_missing_path_either_way():
     where = tree.first_difference({"a": {"k": 1, "m": 2}}, {"a": {"m": 2}})
     assert where.startswith("['a']['k']"), where
     assert tree.first_difference([1, 2, 3], [1, 2]).startswith("[2]")
+
+
+def test_storage_key_and_nbytes_see_the_storage_of_an_empty_view():
+    # An empty view keeps its whole storage alive: it is that storage (as before the one
+    # storage_key helper), while a fresh empty tensor and a meta tensor have no storage.
+    x = torch.zeros(1000)
+    assert tree.storage_key(x[5:5]) == tree.storage_key(x) is not None
+    assert tree.nbytes({"e": x[5:5]}) == 4000
+    assert tree.nbytes({"e": x[5:5], "x": x[1:]}) == 4000
+    assert tree.storage_key(torch.zeros(0)) is None
+    assert tree.storage_key(torch.empty(3, device="meta")) is None
+    assert tree.storage_key(3.0) is None

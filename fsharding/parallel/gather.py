@@ -517,7 +517,7 @@ class _Reshard:
     def wanted(s: Sharding) -> _Reshard | None:
         """A reshard for this call, or None where it has no effect (stage 2, no grad, or
         inside a checkpoint region, whose hook must stay innermost)."""
-        if s.fulls is not None or not torch.is_grad_enabled() or _remat._in_remat():
+        if s.fulls is not None or not torch.is_grad_enabled() or _remat.in_remat():
             return None
         top = top_saved_tensors_hooks()
         name = getattr(top[0], "__qualname__", "") if top is not None else ""

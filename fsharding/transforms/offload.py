@@ -160,7 +160,7 @@ def _inside_remat() -> bool:
     """True inside a remat region (its forward or its recomputation), or wherever torch's
     checkpoint hook is the innermost saved-tensor hook (``torch.utils.checkpoint`` called
     directly, e.g. Hugging Face gradient checkpointing): offloading there would shadow it."""
-    if _remat._in_remat():
+    if _remat.in_remat():
         return True
     top = top_saved_tensors_hooks()
     return top is not None and getattr(top[0], "__qualname__", "").startswith(_CHECKPOINT_HOOKS)

@@ -37,7 +37,7 @@ What fsharding adds around torch's checkpoint:
   (``fsharding._replay``; a cache written in place raises instead of giving wrong grads);
 * the forward's context variables and ``fs.amp`` op rule are in force again during
   recomputation, so ``amp(remat(f))`` recomputes in the forward's precision;
-* :func:`_in_remat` tells other transforms that they run inside a region (``fs.offload``
+* :func:`in_remat` tells other transforms that they run inside a region (``fs.offload``
   inside ``remat`` steps aside: checkpoint's saved-tensor hook must stay innermost).
 
 torch.compile: ``torch.compile(remat(f))`` works; ``remat(torch.compile(f))`` runs torch's
@@ -82,7 +82,7 @@ _FRAMES = _context.REMAT_FRAMES
 _RECORDER = _context.SAVED_RECORDER
 
 
-def _in_remat() -> bool:
+def in_remat() -> bool:
     """True while the function of a remat region runs: its forward or its recomputation.
 
     Transforms that install saved-tensor hooks (``fs.offload``) check it and step aside:

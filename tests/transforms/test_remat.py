@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import fsharding as fs
 from fsharding.introspect import saved_activations
 from fsharding.transforms import policies as P
-from fsharding.transforms.remat import _in_remat, checkpoint_name, remat
+from fsharding.transforms.remat import checkpoint_name, in_remat, remat
 
 POLICIES = {
     "default": None,
@@ -203,7 +203,7 @@ def test_recomputes_each_backward():
     calls = []
 
     def f(x):
-        calls.append(_in_remat())
+        calls.append(in_remat())
         return x.sin().sin().sum()
 
     x = torch.randn(3, requires_grad=True)
@@ -216,7 +216,7 @@ def test_recomputes_each_backward():
     with torch.no_grad():
         remat(f)(x)
     assert len(calls) == 1
-    assert not _in_remat()
+    assert not in_remat()
 
 
 def test_offloaded_value_leaves_its_device_storage():
