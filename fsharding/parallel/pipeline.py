@@ -1,0 +1,817 @@
+"""Pipeline parallelism as a transform: ``fs.pipeline`` over functional stages.
+
+``fs.pipeline(stage_fn, loss_fn, mesh=..., microbatches=m)`` splits a model into stages
+(``stage_fn(params, x) -> y``, one stage per rank of the ``axis`` of the mesh), splits the
+batch into ``m`` microbatches and runs them through the stages on a schedule (GPipe or
+1F1B), sending activations forward and their gradients backward between neighbouring ranks.
+Every rank gets the loss and the grads of its own stage's params: the values and gradients
+of the unpipelined composition, ``fs.accumulate``-style over the microbatches.
+
+Design decision: fsharding runs its own small schedule executor on torch's P2P
+(``dist.isend`` / ``dist.irecv`` over the mesh axis's process group) instead of driving
+``torch.distributed.pipelining``'s ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B``
+through an ``nn.Module`` adapter. Reasons, read from torch's source (2.13 here, 2.11 on the
+GPU machines):
+
+1. *Stage metadata.* torch must know every stage's activation shapes before its first
+   step. Without static ``input_args``/``output_args`` it infers them by running the stage:
+   torch <= 2.12 calls the module on ``x.to("meta")`` inputs (a functional stage whose params
+   are real tensors then mixes devices and fails), torch 2.13's DYNAMIC mode runs the
+   stage's forward *and* backward and the loss function on ``torch.empty_strided`` tensors
+   (uninitialised data: a stage that indexes with a carried integer activation reads
+   garbage, and every user function is called extra times). Static metadata needs the
+   shapes known ahead of time, i.e. a probe of our own on our own P2P anyway.
+2. *Activations.* torch sends a flat tuple of tensors (older versions also call
+   ``requires_grad_`` on every receive buffer, which raises for an integer activation such
+   as an attention mask); pytree activations need our flatten, our treedef exchange and our
+   checks anyway.
+3. *Gradients.* torch's stages ``torch.autograd.backward`` into ``.grad`` of the module's
+   ``nn.Parameter`` s (in the param dtype) and scale by ``1/m`` afterwards (``scale_grads``);
+   fsharding's grads are returned values (``torch.autograd.grad`` on fresh aliases, as
+   ``fs.value_and_grad``), accumulated in float32 or wider, with ``fs.accumulate``'s token
+   weights ``Σ wᵢ·lossᵢ / Σ wᵢ`` and a loss scale.
+4. *Versions.* The schedule and stage internals an adapter would lean on differ between
+   the two torch versions fsharding runs on (2.13's warm-up vote protocol, ``InferenceMode``,
+   ``loss_kwargs``/``return_outputs`` in ``_step_microbatches``).
+
+What torch's schedules add beyond that adapter is the loop itself: for GPipe and 1F1B a
+list of ``F``/``B`` actions per rank (:func:`_actions`), executed here by :class:`_Runner`
+with asynchronous sends and receives waited where they are used, so any dependency-valid
+order runs without deadlock. The zero-bubble schedules split the backward into input and
+weight gradients; torch's ``pipelining._backward.stage_backward_input`` /
+``stage_backward_weight`` work on plain outputs, inputs and params and are the pieces to
+reuse for them (not the schedule classes).
+
+Protocol. The first call (and any call whose local signature changed on some rank: params,
+or the first stage's inputs, or the last stage's targets of other shapes) runs a *probe*:
+microbatch 0 goes through the stages one after another under ``no_grad`` (RNG state
+restored afterwards), each rank sending the next its activations' structure, shapes and
+dtypes, or an error marker. Every rank's error (a batch not divisible into microbatches,
+a bad weight, a stage function that raises, e.g. on params of the wrong structure) is then
+all-gathered and raised on every rank, so bad input never hangs. Later calls exchange one
+int per rank (an all-reduce) to learn that nothing changed, and use the cached shapes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import einops
+import optree
+import torch
+import torch.distributed as dist
+
+from fsharding import _compat
+from fsharding import tree as _tree
+from fsharding.parallel.mesh import Mesh
+from fsharding.precision import StaticLossScale
+
+__all__ = ["pipeline"]
+
+_API = "fs.pipeline"
+SCHEDULES = ("gpipe", "1f1b")
+_PLANNED = ("interleaved_1f1b",)
+
+PyTree = Any
+StageFn = Callable[[PyTree, PyTree], PyTree]
+
+
+def pipeline(
+    stage_fn: StageFn | Sequence[StageFn],
+    loss_fn: Callable[[PyTree, PyTree], torch.Tensor],
+    /,
+    *,
+    mesh: Mesh,
+    axis: str = "pp",
+    microbatches: int,
+    schedule: str = "1f1b",
+    virtual_stages: int = 1,
+    weights: Callable[[PyTree, PyTree], Any] | None = None,
+) -> Callable[..., tuple[torch.Tensor, PyTree]]:
+    """Pipeline parallelism: stages on the ranks of a mesh axis, microbatches on a schedule.
+
+    Stage ``s`` (of ``n = mesh.shape[axis] * virtual_stages``) runs on the rank with index
+    ``s`` along ``axis``. The batch (``inputs``, read by stage 0, and ``targets``, read by
+    the last stage's ``loss_fn``) is split along dim 0 into ``microbatches`` equal parts,
+    like ``fs.accumulate``'s split; each microbatch flows forward through the stages
+    (activations: any pytree of tensors, sent to the next rank) and its gradient flows
+    back. The result equals ``fs.accumulate(fs.value_and_grad(composition),
+    steps=microbatches, weights=weights)`` of the unpipelined composition
+    ``loss_fn(stage_{n-1}(... stage_0(params_0, inputs)), targets)``: the loss
+    ``Σ wᵢ·lossᵢ / Σ wᵢ`` (equal weights by default) on every rank, and on each rank the
+    grads of its own stage's params.
+
+    Schedules (``p`` ranks, ``m`` microbatches): ``"gpipe"`` runs every forward, then every
+    backward (each stage holds the saved activations of all ``m`` microbatches);
+    ``"1f1b"`` (default) starts the backward of microbatch ``i`` as soon as it reaches the
+    last stage and alternates one forward, one backward (stage ``s`` holds at most
+    ``p - s`` microbatches' activations). Both have the bubble ``(p-1)/(m+p-1)``.
+
+    The first call runs microbatch 0 once more through every stage under ``no_grad`` (a
+    probe that learns the activations' shapes and raises bad input on every rank; the RNG
+    state is restored after it), again whenever some rank's params, first-stage inputs or
+    last-stage targets change shape. A microbatch whose weight is 0 still runs forward, but
+    ``loss_fn`` is not called on it and it contributes nothing (no NaN from an all-padding
+    microbatch). Randomness: each stage draws its own RNG stream in schedule order, so
+    dropout differs from the unpipelined call; equivalence holds for functions that draw no
+    random numbers.
+
+    Composition: ``stage_fn`` may be any transformed function (``fs.remat``, ``fs.amp``,
+    ``fs.offload``); ``fs.pipeline`` returns a gradient function of the stage params.
+
+    Args:
+        stage_fn: ``stage_fn(params, x) -> y``, one function for every stage, or a sequence
+            of ``n`` functions, one per stage (e.g. embedding first, head last; param trees
+            may differ between stages). ``x`` of stage 0 is a microbatch of ``inputs``;
+            ``y`` of every stage but the last must be a pytree of tensors (integer leaves
+            such as masks are sent but get no gradient).
+        loss_fn: ``loss_fn(outputs, targets) -> loss``, a scalar floating tensor, run by the
+            last stage on its outputs and a microbatch of ``targets``.
+        mesh: the ``fs.Mesh``; every rank of ``axis`` must call the returned function.
+        axis: the mesh axis the stages are laid out on (default ``"pp"``).
+        microbatches: the number of microbatches ``m`` (an int >= 1); dim 0 of every tensor
+            leaf of ``inputs`` and ``targets`` must be divisible by it.
+        schedule: ``"gpipe"`` or ``"1f1b"``.
+        virtual_stages: stages per rank; only 1 for now.
+        weights: ``weights(inputsᵢ, targetsᵢ) -> number | 0-dim tensor``, microbatch ``i``'s
+            weight (e.g. its count of valid tokens, when ``loss_fn`` is a token mean), as in
+            ``fs.accumulate``. It is called on the last stage's rank, where ``inputsᵢ`` is
+            ``None`` when that rank was passed ``inputs=None``: compute it from the targets.
+            ``None``: equal weights.
+
+    Returns:
+        ``f(stage_params, inputs, targets, *, loss_scale=None) -> (loss, stage_grads)``.
+        ``stage_params`` are this rank's stage's params; ``stage_grads`` has their structure
+        and dtypes. Ranks that do not run stage 0 may pass ``inputs=None``, ranks that do not
+        run the last stage ``targets=None``. ``loss`` (detached, ``loss_fn``'s dtype) is the
+        same on every rank. With ``loss_scale`` (an ``fs.LossScale`` or a number) the loss is
+        scaled before backward and the grads unscaled, as ``fs.value_and_grad`` does.
+
+    Raises:
+        TypeError: a function is not callable, ``microbatches`` not an int, a params leaf is
+            not a floating tensor, ``loss_fn`` returned no scalar floating tensor.
+        ValueError: an unknown ``schedule`` or ``axis``, a stage count other than
+            ``mesh.shape[axis] * virtual_stages``, a batch not divisible into
+            ``microbatches`` (on every rank of the axis), a bad weight.
+        RuntimeError (or the original type): a stage or loss function raised during the
+            probe, reported on every rank with the stage and rank that raised.
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> embed = lambda p, x: {"h": x @ p["w"]}
+        >>> head = lambda p, a: a["h"] @ p["v"]
+        >>> mse = lambda y, t: ((y - t) ** 2).mean()
+        >>> f = fs.pipeline([embed, head], mse, mesh=fs.Mesh(pp=1), virtual_stages=2,
+        ...                 microbatches=2, schedule="gpipe")  # doctest: +SKIP
+        >>> # under fs.launch / torchrun with fs.Mesh(pp=2): rank r passes stage r's params
+        >>> x, t = torch.ones(4, 3), torch.zeros(4, 2)
+        >>> params = [{"w": torch.ones(3, 2)}, {"v": torch.eye(2)}]
+        >>> loss, grads = f(params, x, t)  # doctest: +SKIP
+        >>> float(loss), grads[1]["v"].shape  # doctest: +SKIP
+        (9.0, torch.Size([2, 2]))
+    """
+    fns = _check_args(stage_fn, loss_fn, mesh, axis, microbatches, schedule, virtual_stages)
+    if weights is not None and not callable(weights):
+        raise TypeError(
+            f"{_API}: weights must be None (equal weights) or a callable "
+            f"weights(inputs, targets) -> number, got {type(weights).__name__}. For token "
+            "weighting pass e.g. weights=lambda x, y: (y != -100).sum()."
+        )
+    runner = _Runner(fns, loss_fn, mesh, axis, microbatches, schedule, virtual_stages, weights)
+
+    def pipelined(
+        stage_params: PyTree, inputs: PyTree, targets: PyTree, *, loss_scale: Any = None
+    ) -> tuple[torch.Tensor, PyTree]:
+        return runner(stage_params, inputs, targets, _as_loss_scale(loss_scale))
+
+    return pipelined
+
+
+def _check_args(
+    stage_fn: Any,
+    loss_fn: Any,
+    mesh: Any,
+    axis: Any,
+    microbatches: Any,
+    schedule: Any,
+    virtual_stages: Any,
+) -> list[StageFn]:
+    """The per-stage functions, after the checks every rank makes alike (no communication)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{_API}: mesh must be an fs.Mesh, got {type(mesh).__name__}.")
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"{_API}: axis={axis!r} is not an axis of the mesh {mesh.shape}; pass one of "
+            f"{mesh.axis_names} (e.g. fs.Mesh(pp=2) with axis='pp')."
+        )
+    for name, value in (("microbatches", microbatches), ("virtual_stages", virtual_stages)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{_API}: {name} must be an int >= 1, got {value!r}.")
+        if value < 1:
+            raise ValueError(f"{_API}: {name} must be >= 1, got {value}.")
+    if schedule in _PLANNED:
+        raise NotImplementedError(
+            f"{_API}: schedule={schedule!r} is not implemented yet; use one of {SCHEDULES}."
+        )
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{_API}: unknown schedule={schedule!r}; valid values: {SCHEDULES}.")
+    p = mesh.shape[axis]
+    if virtual_stages != 1 and p > 1:
+        raise NotImplementedError(
+            f"{_API}: virtual_stages={virtual_stages} needs schedule='interleaved_1f1b', "
+            "which is not implemented yet; use virtual_stages=1 (one stage per rank)."
+        )
+    n = p * virtual_stages
+    if callable(stage_fn) and not isinstance(stage_fn, (list, tuple)):
+        fns = [stage_fn] * n
+    elif isinstance(stage_fn, Sequence) and not isinstance(stage_fn, str):
+        fns = list(stage_fn)
+        if len(fns) != n:
+            raise ValueError(
+                f"{_API}: got {len(fns)} stage functions but the pipeline has "
+                f"mesh.shape[{axis!r}] * virtual_stages = {p} * {virtual_stages} = {n} stages; "
+                f"pass {n} functions (one per stage) or build the mesh with {axis}="
+                f"{len(fns) // virtual_stages if len(fns) % virtual_stages == 0 else len(fns)}."
+            )
+        for i, f in enumerate(fns):
+            if not callable(f):
+                raise TypeError(
+                    f"{_API}: stage_fn[{i}] must be callable stage_fn(params, x), got "
+                    f"{type(f).__name__}."
+                )
+    else:
+        raise TypeError(
+            f"{_API}: stage_fn must be a function stage_fn(params, x) or a sequence of them "
+            f"(one per stage), got {type(stage_fn).__name__}."
+        )
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{_API}: loss_fn must be callable loss_fn(outputs, targets) -> loss, got "
+            f"{type(loss_fn).__name__}."
+        )
+    return fns
+
+
+def _as_loss_scale(loss_scale: Any) -> Any:
+    if loss_scale is None:
+        return None
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+        return StaticLossScale(loss_scale)
+    if not (hasattr(loss_scale, "scale") and hasattr(loss_scale, "unscale")):
+        raise TypeError(
+            f"{_API}: loss_scale must be None, a number or an fs.LossScale, got "
+            f"{type(loss_scale).__name__}."
+        )
+    return loss_scale
+
+
+# --------------------------------------------------------------------------------------
+# schedules: per-rank lists of actions
+# --------------------------------------------------------------------------------------
+
+_F, _B = "F", "B"
+
+
+def _actions(schedule: str, p: int, rank: int, m: int) -> list[tuple[str, int, int]]:
+    """``(kind, local stage, microbatch)`` in the order rank ``rank`` runs them."""
+    if schedule == "gpipe":
+        return [(_F, 0, i) for i in range(m)] + [(_B, 0, i) for i in range(m)]
+    # 1F1B (PipeDream-flush / Megatron): p - rank - 1 warm-up forwards, then one forward
+    # and one backward in turn, then the remaining backwards.
+    warmup = min(p - rank - 1, m)
+    out = [(_F, 0, i) for i in range(warmup)]
+    for i in range(m - warmup):
+        out += [(_F, 0, warmup + i), (_B, 0, i)]
+    out += [(_B, 0, i) for i in range(m - warmup, m)]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """A tensor leaf's shape and dtype (a pytree leaf: not a registered node)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Stage:
+    """One stage this rank runs: its function, position and cached activation metadata."""
+
+    def __init__(self, index: int, n: int, fn: StageFn):
+        self.index = index
+        self.fn = fn
+        self.is_first = index == 0
+        self.is_last = index == n - 1
+        self.in_meta: Any = None  # pytree of _Meta (what the previous stage sends)
+        self.out_meta: Any = None  # pytree of _Meta (what this stage sends)
+
+
+class _Runner:
+    def __init__(self, fns, loss_fn, mesh, axis, m, schedule, v, weights):
+        self.loss_fn = loss_fn
+        self.m = m
+        self.v = v
+        self.weights = weights
+        self.axis = axis
+        self.p = mesh.shape[axis]
+        self.rank = mesh.coordinate[axis]
+        self.n = self.p * v
+        self.group = mesh.group(axis) if self.p > 1 else None
+        # rank r runs stages r, r + p, ... (all of them, in order, on a one-rank axis)
+        self.stages = [_Stage(s, self.n, fns[s]) for s in range(self.rank, self.n, self.p)]
+        self.schedule = schedule
+        self.signature: Any = None
+        self.loss_dtype: torch.dtype | None = None
+
+    # -- communication --------------------------------------------------------------
+    # Messages are keyed by (kind, boundary, microbatch); boundary b is the link between
+    # stages b and b + 1 (activations go up it, their gradients down). Over P2P the key is
+    # the tag, so a receiver never takes another stage's or microbatch's message.
+
+    def _peer(self, stage: int) -> int:
+        """The global rank that runs ``stage``."""
+        return dist.get_global_rank(self.group, stage % self.p)
+
+    def _here(self, stage: int) -> bool:
+        return stage % self.p == self.rank
+
+    def _tag(self, kind: int, boundary: int, mb: int) -> int:
+        return 1 + (kind * self.n + boundary) * (self.m + 1) + mb
+
+    def _send(self, tensors: list[torch.Tensor], src: int, dst: int, kind: int, mb: int) -> None:
+        """Sends ``tensors`` from stage ``src`` to stage ``dst`` (asynchronously)."""
+        key = (kind, min(src, dst), mb)
+        if self._here(dst):
+            self.box[key] = [t.detach() for t in tensors]
+            return
+        peer, tag = self._peer(dst), self._tag(*key)
+        for t in tensors:
+            t = t.detach().contiguous()
+            self.pending.append((dist.isend(t, peer, group=self.group, tag=tag), t))
+
+    def _recv(
+        self, metas: list[_Meta], src: int, dst: int, kind: int, mb: int
+    ) -> list[torch.Tensor]:
+        """Receives, on stage ``dst``, the tensors ``metas`` describe from stage ``src``."""
+        key = (kind, min(src, dst), mb)
+        if self._here(src):
+            return self.box.pop(key)
+        peer, tag = self._peer(src), self._tag(*key)
+        out = [torch.empty(mt.shape, dtype=mt.dtype, device=self.device) for mt in metas]
+        works = [dist.irecv(t, peer, group=self.group, tag=tag) for t in out]
+        for w in works:
+            w.wait()
+        del works
+        return out
+
+    def _prune(self) -> None:
+        """Drops the sends that completed (their buffers are free again)."""
+        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+
+    def _wait_sends(self) -> None:
+        for w, _ in self.pending:
+            w.wait()
+        self.pending = []
+
+    def _send_obj(self, obj: Any, dst: int) -> None:
+        if self._here(dst):
+            self.box[("obj", dst)] = obj
+            return
+        dist.send_object_list([obj], self._peer(dst), group=self.group)
+
+    def _recv_obj(self, dst: int) -> Any:
+        if self._here(dst - 1):
+            return self.box.pop(("obj", dst))
+        objs: list[Any] = [None]
+        dist.recv_object_list(objs, self._peer(dst - 1), group=self.group)
+        return objs[0]
+
+    def _any(self, flag: bool) -> bool:
+        """True on every rank of the axis when ``flag`` is True on some rank."""
+        if self.group is None:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        before = _compat.use_counts([t])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        _compat.settle(before)
+        return bool(t.item())
+
+    # -- one call -------------------------------------------------------------------
+
+    def __call__(self, stage_params, inputs, targets, loss_scale):
+        self.box: dict[Any, Any] = {}
+        self.pending: list[tuple[Any, torch.Tensor]] = []
+        error, params, batch, signature = None, None, None, None
+        try:  # errors are raised on every rank (in the probe), never here alone
+            params = self._params(stage_params)
+            batch = self._split_batch(inputs, targets)
+            signature = (
+                _signature(params),
+                _signature(batch[0][0]) if batch[0] is not None else None,
+                _signature(batch[1][0]) if batch[1] is not None else None,
+            )
+        except Exception as e:
+            error = e
+        self.device = _device(params or [], inputs, targets)
+        if self._any(error is not None or signature != self.signature):
+            self.signature = None
+            self._probe(params, batch, error)
+            self.signature = signature
+        loss = self._run(params, batch, loss_scale)
+        grads = [self._grads_out(k) for k in range(len(self.stages))]
+        if loss_scale is not None:
+            grads = loss_scale.unscale(grads)
+        return loss, grads[0] if self.v == 1 else grads
+
+    def _params(self, stage_params: PyTree) -> list[PyTree]:
+        """This rank's stages' params, one pytree per local stage, checked."""
+        k = len(self.stages)
+        if k == 1:
+            per_stage = [stage_params]
+        else:
+            if not isinstance(stage_params, (list, tuple)) or len(stage_params) != k:
+                got = (
+                    f"a {type(stage_params).__name__} of length {len(stage_params)}"
+                    if isinstance(stage_params, (list, tuple))
+                    else type(stage_params).__name__
+                )
+                raise TypeError(
+                    f"{_API}: this rank runs stages {[s.index for s in self.stages]}, so "
+                    f"stage_params must be a list of {k} param trees (one per stage, in that "
+                    f"order), got {got}."
+                )
+            per_stage = list(stage_params)
+        for st, tree in zip(self.stages, per_stage, strict=True):
+            for path, leaf in _tree.leaves_with_path(tree):
+                if not _tree.is_floating(leaf):
+                    what = (
+                        f"a {leaf.dtype} tensor"
+                        if isinstance(leaf, torch.Tensor)
+                        else type(leaf).__name__
+                    )
+                    raise TypeError(
+                        f"{_API}: stage {st.index}'s params leaf {path} is {what}; params "
+                        "must be floating-point tensors. Keep integer or constant values in "
+                        "the inputs or a closure."
+                    )
+        return per_stage
+
+    def _split_batch(self, inputs, targets):
+        """``(inputs microbatches | None, targets microbatches | None, weights, total)``."""
+        first = any(st.is_first for st in self.stages)
+        last = any(st.is_last for st in self.stages)
+        xs = _split(inputs, "inputs", self.m, 0) if first else None
+        ys = _split(targets, "targets", self.m, self.n - 1) if last else None
+        ws, total = None, None
+        if last:
+            if self.weights is None:
+                ws = [1.0] * self.m
+            else:
+                xs_here = (
+                    xs
+                    if xs is not None
+                    else (
+                        _split(inputs, "inputs", self.m, 0)
+                        if inputs is not None
+                        else [None] * self.m
+                    )
+                )
+                ws = [_weight(self.weights(x, y), i) for i, (x, y) in enumerate(zip(xs_here, ys))]
+            total = math.fsum(ws)
+            if total == 0:
+                raise ValueError(
+                    f"{_API}: every microbatch has weight 0 (weights {ws}), so there is "
+                    "nothing to average (Σ wᵢ = 0). Drop batches without valid tokens, or "
+                    "return a positive weight for at least one microbatch."
+                )
+        return xs, ys, ws, total
+
+    # -- the probe: shapes once, errors on every rank ---------------------------------
+
+    def _probe(self, params, batch, error):
+        """Microbatch 0 through every stage under no_grad: caches each stage's activation
+        metadata (and the loss dtype) and raises any rank's error on every rank."""
+        failure = None if error is None else (None, error)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for k, st in enumerate(self.stages):
+                x, upstream_ok = None, True
+                if st.is_first:
+                    x = batch[0][0] if failure is None else None
+                else:
+                    status, meta = self._recv_obj(st.index)
+                    upstream_ok = status == "ok"
+                    if upstream_ok:
+                        st.in_meta = meta
+                        leaves, treedef = optree.tree_flatten(meta)
+                        got = self._recv(leaves, st.index - 1, st.index, 2, 0)
+                        x = optree.tree_unflatten(treedef, got)
+                out = None
+                if failure is None and upstream_ok:
+                    try:
+                        out = st.fn(params[k], x)
+                        if st.is_last:
+                            self.loss_dtype = self._loss(out, batch[1][0], 0).dtype
+                        else:
+                            st.out_meta = _metas(out, st.index)
+                    except Exception as e:
+                        failure, out = (st.index, e), None
+                if not st.is_last:
+                    if out is None:
+                        self._send_obj(("err", None), st.index + 1)
+                    else:
+                        self._send_obj(("ok", st.out_meta), st.index + 1)
+                        self._send(optree.tree_leaves(out), st.index, st.index + 1, 2, 0)
+                        self._wait_sends()
+        self._raise_any(failure)
+
+    def _raise_any(self, failure: tuple[int | None, Exception] | None) -> None:
+        """Raises on every rank when some rank failed (each its own error, the others the
+        first failure in stage order); learns the loss dtype from the last stage."""
+        mine = None
+        if failure is not None:
+            stage, e = failure
+            mine = (self.rank, stage, type(e).__name__, str(e))
+        reports = [(mine, self.loss_dtype)]
+        if self.group is not None:
+            reports = [None] * self.p
+            dist.all_gather_object(reports, (mine, self.loss_dtype), group=self.group)
+        dtypes = [d for _, d in reports if d is not None]
+        if dtypes:
+            self.loss_dtype = dtypes[0]
+        failed = [f for f, _ in reports if f is not None]
+        if not failed:
+            return
+        if failure is not None and failure[0] is None:
+            raise failure[1]  # this rank's own argument error (already says what to do)
+        if failure is not None:
+            rank, stage, name, msg = mine
+        else:
+            rank, stage, name, msg = min(failed, key=lambda f: (f[1] is not None, f[1] or 0))
+        kind = getattr(builtins, name, None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)) or kind is KeyError:
+            kind = RuntimeError
+        if stage is None:
+            text = f"rank {rank} of axis {self.axis!r} got bad arguments ({name}: {msg})"
+        else:
+            text = (
+                f"stage {stage} (rank {rank} of axis {self.axis!r}) raised {name}: {msg} on "
+                f"microbatch 0; if it reads a missing or unexpected params entry, pass that "
+                f"rank stage {stage}'s params (stage_params is one stage's tree, not the model's)"
+            )
+        error = kind(f"{_API}: {text}. Every rank of the axis raises; no microbatch ran.")
+        if failure is not None:
+            raise error from failure[1]
+        raise error
+
+    # -- the schedule ---------------------------------------------------------------
+
+    def _run(self, params, batch, loss_scale):
+        xs, ys, ws, total = batch
+        self.aliases = []
+        for tree in params:
+            leaves, treedef = optree.tree_flatten(tree)
+            fresh = [x.detach().requires_grad_(True) for x in leaves]
+            self.aliases.append((fresh, treedef, optree.tree_unflatten(treedef, fresh)))
+        self.bufs: list[list[torch.Tensor | None]] = [[None] * len(a[0]) for a in self.aliases]
+        self.saved: dict[tuple[int, int], Any] = {}
+        self.losses: list[torch.Tensor | None] = [None] * self.m
+        self.ws, self.total, self.ys, self.xs = ws, total, ys, xs
+        self.loss_scale = loss_scale
+        if self.p == 1:
+            order = [(_F, k, i) for i in range(self.m) for k in range(len(self.stages))]
+            order += [(_B, k, i) for i in range(self.m) for k in reversed(range(len(self.stages)))]
+        else:
+            order = _actions(self.schedule, self.p, self.rank, self.m)
+        for kind, k, i in order:
+            if kind == _F:
+                self._forward(k, i)
+            else:
+                self._backward(k, i)
+            self._prune()
+        self._wait_sends()
+        return self._loss_everywhere()
+
+    def _forward(self, k: int, i: int) -> None:
+        st = self.stages[k]
+        if st.is_first:
+            x, inputs = self.xs[i], []
+        else:
+            leaves, treedef = optree.tree_flatten(st.in_meta)
+            inputs = self._recv(leaves, st.index - 1, st.index, 0, i)
+            for t in inputs:
+                if _tree.is_floating(t):
+                    t.requires_grad_(True)
+            x = optree.tree_unflatten(treedef, inputs)
+        with torch.enable_grad():
+            out = st.fn(self.aliases[k][2], x)
+            if st.is_last:
+                w = self.ws[i]
+                if w == 0.0:  # skipped: loss_fn not called, nothing to differentiate
+                    self.saved[(k, i)] = (inputs, None)
+                    return
+                loss = self._loss(out, self.ys[i], i)
+                self.losses[i] = loss.detach()
+                obj = loss * (w / self.total)
+                if self.loss_scale is not None:
+                    obj = self.loss_scale.scale(obj)
+                self.saved[(k, i)] = (inputs, [obj])
+                return
+        leaves, treedef = optree.tree_flatten(out)
+        expected = st.out_meta
+        got = (
+            optree.tree_map(lambda t: _Meta(tuple(t.shape), t.dtype), out)
+            if all(isinstance(t, torch.Tensor) for t in leaves)
+            else None
+        )
+        if got != expected:
+            raise ValueError(
+                f"{_API}: stage {st.index} returned activations for microbatch {i} that "
+                f"differ from microbatch 0's ({_describe(got, out)} vs {expected}); every "
+                "microbatch must give the same structure, shapes and dtypes (pad "
+                "variable-length batches to one shape)."
+            )
+        self._send(leaves, st.index, st.index + 1, 0, i)
+        self.saved[(k, i)] = (inputs, [t for t in leaves if _tree.is_floating(t)])
+
+    def _backward(self, k: int, i: int) -> None:
+        st = self.stages[k]
+        inputs, outs = self.saved.pop((k, i))
+        float_in = [t for t in inputs if _tree.is_floating(t)]
+        if st.is_last:
+            pairs = [] if outs is None else [(outs[0], None)]
+        else:
+            metas = [
+                mt
+                for mt in optree.tree_leaves(st.out_meta)
+                if mt.dtype.is_floating_point or mt.dtype.is_complex
+            ]
+            cot = self._recv(metas, st.index + 1, st.index, 1, i)
+            pairs = [(o, g) for o, g in zip(outs, cot, strict=True) if o.requires_grad]
+        params = self.aliases[k][0]
+        wrt = params + float_in
+        if pairs:
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+            )
+        else:
+            grads = (None,) * len(wrt)
+        del pairs, outs
+        bufs = self.bufs[k]
+        for j, g in enumerate(grads[: len(params)]):
+            if g is None:
+                continue
+            if bufs[j] is None:
+                bufs[j] = g.detach().to(torch.promote_types(g.dtype, torch.float32), copy=True)
+            else:
+                bufs[j].add_(g)
+        if not st.is_first:
+            back = [
+                torch.zeros_like(x) if g is None else g
+                for x, g in zip(float_in, grads[len(params) :], strict=True)
+            ]
+            self._send(back, st.index, st.index - 1, 1, i)
+
+    def _loss(self, out, y, i):
+        loss = self.loss_fn(out, y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not _tree.is_floating(loss):
+            got = (
+                f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+                if isinstance(loss, torch.Tensor)
+                else type(loss).__name__
+            )
+            raise TypeError(
+                f"{_API}: loss_fn must return a scalar floating tensor, got {got} for "
+                f"microbatch {i}. Reduce it (e.g. .mean())."
+            )
+        return loss.reshape(())
+
+    def _grads_out(self, k: int) -> PyTree:
+        fresh, treedef, _ = self.aliases[k]
+        out = [
+            torch.zeros_like(p) if b is None else b.to(p.dtype)
+            for p, b in zip(fresh, self.bufs[k], strict=True)
+        ]
+        return optree.tree_unflatten(treedef, [g.detach() for g in out])
+
+    def _loss_everywhere(self) -> torch.Tensor:
+        """``Σ wᵢ·lossᵢ / Σ wᵢ`` on the last stage, broadcast to every rank of the axis."""
+        if any(st.is_last for st in self.stages):
+            acc = None
+            for loss, w in zip(self.losses, self.ws, strict=True):
+                if w == 0.0:
+                    continue
+                term = loss.to(torch.promote_types(loss.dtype, torch.float32)) * w
+                acc = term if acc is None else acc + term
+            value = (acc / self.total).to(self.loss_dtype)
+        else:
+            value = torch.empty((), dtype=self.loss_dtype, device=self.device)
+        if self.group is None:
+            return value
+        value = value.contiguous()
+        before = _compat.use_counts([value])
+        dist.broadcast(value, self._peer(self.n - 1), group=self.group)
+        _compat.settle(before)
+        return value
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _metas(out: PyTree, stage: int) -> PyTree:
+    """``out`` with each tensor leaf replaced by its ``_Meta``; non-tensor leaves raise."""
+    for path, leaf in _tree.leaves_with_path(out):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{_API}: stage {stage} returned a {type(leaf).__name__} at {path}; the "
+                "activations between stages must be a pytree of tensors (keep constants in "
+                "a closure)."
+            )
+    return optree.tree_map(lambda t: _Meta(tuple(t.shape), t.dtype), out)
+
+
+def _describe(got: Any, out: Any) -> str:
+    return str(got) if got is not None else f"a tree with non-tensor leaves: {out!r}"
+
+
+def _signature(tree: PyTree) -> Any:
+    leaves, treedef = optree.tree_flatten(tree)
+    return treedef, tuple(
+        (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else repr(t)
+        for t in leaves
+    )
+
+
+def _device(params: list[PyTree], inputs: PyTree, targets: PyTree) -> torch.device:
+    for tree in (*params, inputs, targets):
+        for leaf in optree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                return leaf.device
+    return torch.device("cpu")
+
+
+def _split(tree: PyTree, name: str, m: int, stage: int) -> list[PyTree]:
+    """``m`` microbatches of ``tree``: tensor leaves cut along dim 0, other leaves shared."""
+    if tree is None:
+        raise ValueError(
+            f"{_API}: {name} is None on the rank that runs stage {stage}, which reads "
+            f"{name}; pass the batch's {name} there (other ranks may pass None)."
+        )
+    accessors, leaves, treedef = optree.tree_flatten_with_accessor(tree)
+    cut = []
+    for acc, leaf in zip(accessors, leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            cut.append(None)
+            continue
+        if leaf.dim() == 0 or leaf.shape[0] % m != 0:
+            why = (
+                "it is 0-dim (no dim 0 to split); pass constants through a closure"
+                if leaf.dim() == 0
+                else f"dim 0 (size {leaf.shape[0]}) is not divisible by microbatches={m}; use "
+                f"a batch size that is a multiple of {m} (e.g. DataLoader(drop_last=True))"
+            )
+            path = acc.codify(name)
+            raise ValueError(
+                f"{_API}: cannot split {path} of shape {tuple(leaf.shape)} into {m} "
+                f"microbatches: {why}."
+            )
+        cut.append(einops.rearrange(leaf, "(k b) ... -> k b ...", k=m))
+    return [
+        optree.tree_unflatten(
+            treedef, [leaf if c is None else c[i] for leaf, c in zip(leaves, cut, strict=True)]
+        )
+        for i in range(m)
+    ]
+
+
+def _weight(w: Any, i: int) -> float:
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 0 or w.dtype == torch.bool or w.is_complex():
+            raise TypeError(
+                f"{_API}: weights returned a {w.dtype} tensor of shape {tuple(w.shape)} for "
+                f"microbatch {i}; return a number or a 0-dim numeric tensor (e.g. mask.sum())."
+            )
+        w = float(w.detach().to(torch.float64))
+    elif isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise TypeError(
+            f"{_API}: weights returned {w!r} of type {type(w).__name__} for microbatch {i}; "
+            "return a number or a 0-dim tensor (e.g. mask.sum())."
+        )
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(
+            f"{_API}: weights returned {w} for microbatch {i}; weights must be finite and "
+            ">= 0 (e.g. the number of valid tokens; 0 skips the microbatch)."
+        )
+    return w
