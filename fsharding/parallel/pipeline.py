@@ -14,17 +14,17 @@ through an ``nn.Module`` adapter. Reasons, read from torch's source (2.13 here, 
 GPU machines):
 
 1. *Stage metadata.* torch must know every stage's activation shapes before its first
-   step. Without static ``input_args``/``output_args`` it infers them by running the stage:
-   torch <= 2.12 calls the module on ``x.to("meta")`` inputs (a functional stage whose params
-   are real tensors then mixes devices and fails), torch 2.13's DYNAMIC mode runs the
-   stage's forward *and* backward and the loss function on ``torch.empty_strided`` tensors
-   (uninitialised data: a stage that indexes with a carried integer activation reads
-   garbage, and every user function is called extra times). Static metadata needs the
-   shapes known ahead of time, i.e. a probe of our own on our own P2P anyway.
-2. *Activations.* torch sends a flat tuple of tensors (older versions also call
-   ``requires_grad_`` on every receive buffer, which raises for an integer activation such
-   as an attention mask); pytree activations need our flatten, our treedef exchange and our
-   checks anyway.
+   step. Without static ``input_args``/``output_args`` it infers them by running the
+   stage on data that is not the batch: before 2.13 (``PipelineStage._shape_inference``)
+   the module runs on ``torch.zeros_like`` inputs; 2.13's DYNAMIC mode runs the stage's
+   forward *and* backward and the loss function on ``torch.empty_strided`` tensors
+   (uninitialised: a stage that indexes with a carried integer activation reads garbage).
+   Either way every user function runs extra times. Static metadata needs the shapes
+   ahead of time, i.e. a probe of our own on our own P2P anyway.
+2. *Activations.* torch sends a flat tuple of tensors, and before 2.13 it calls
+   ``requires_grad_(True)`` on every receive buffer (an integer activation such as an
+   attention mask raises); pytree activations need our flatten, our treedef exchange and
+   our checks anyway.
 3. *Gradients.* torch's stages ``torch.autograd.backward`` into ``.grad`` of the module's
    ``nn.Parameter`` s (in the param dtype) and scale by ``1/m`` afterwards (``scale_grads``);
    fsharding's grads are returned values (``torch.autograd.grad`` on fresh aliases, as
@@ -34,11 +34,13 @@ GPU machines):
    the two torch versions fsharding runs on (2.13's warm-up vote protocol, ``InferenceMode``,
    ``loss_kwargs``/``return_outputs`` in ``_step_microbatches``).
 
-What torch's schedules add beyond that adapter is the loop itself: for GPipe and 1F1B a
-list of ``F``/``B`` actions per rank (:func:`_actions`), executed here by :class:`_Runner`
-with asynchronous sends and receives waited where they are used, so any dependency-valid
-order runs without deadlock. The zero-bubble schedules split the backward into input and
-weight gradients; torch's ``pipelining._backward.stage_backward_input`` /
+What torch's schedules add beyond that adapter is the loop itself: for GPipe, 1F1B and
+interleaved 1F1B a list of ``F``/``B`` actions per rank (:func:`_actions`), executed here
+by :class:`_Runner` with asynchronous sends and receives waited where they are used, so
+any dependency-valid order runs without deadlock (messages are matched by tag; NCCL
+ignores tags, but between any two ranks these three schedules also receive in the order
+they send: the tests' ``fifo`` check; untested on NCCL so far). The zero-bubble schedules split the backward into
+input and weight gradients; torch's ``pipelining._backward.stage_backward_input`` /
 ``stage_backward_weight`` work on plain outputs, inputs and params and are the pieces to
 reuse for them (not the schedule classes).
 
@@ -73,8 +75,7 @@ from fsharding.precision import StaticLossScale
 __all__ = ["pipeline"]
 
 _API = "fs.pipeline"
-SCHEDULES = ("gpipe", "1f1b")
-_PLANNED = ("interleaved_1f1b",)
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 PyTree = Any
 StageFn = Callable[[PyTree, PyTree], PyTree]
@@ -106,10 +107,14 @@ def pipeline(
     grads of its own stage's params.
 
     Schedules (``p`` ranks, ``m`` microbatches): ``"gpipe"`` runs every forward, then every
-    backward (each stage holds the saved activations of all ``m`` microbatches);
-    ``"1f1b"`` (default) starts the backward of microbatch ``i`` as soon as it reaches the
-    last stage and alternates one forward, one backward (stage ``s`` holds at most
-    ``p - s`` microbatches' activations). Both have the bubble ``(p-1)/(m+p-1)``.
+    backward (each stage holds the saved activations of all ``m`` microbatches; with
+    ``virtual_stages > 1`` each local stage in turn, torch's LoopedBFS); ``"1f1b"``
+    (default) starts the backward of microbatch ``i`` as soon as it reaches the last stage
+    and alternates one forward, one backward (stage ``s`` holds at most ``p - s``
+    microbatches' activations). Both have the bubble ``(p-1)/(m+p-1)``.
+    ``"interleaved_1f1b"`` (Megatron-LM's) gives each rank ``v = virtual_stages`` stages
+    (rank ``r`` runs stages ``r, r+p, ...``; ``m`` a multiple of ``p``): the bubble shrinks
+    to ``(p-1)/(v·m+p-1)`` for ``v`` times the messages.
 
     The first call runs microbatch 0 once more through every stage under ``no_grad`` (a
     probe that learns the activations' shapes and raises bad input on every rank; the RNG
@@ -135,8 +140,9 @@ def pipeline(
         axis: the mesh axis the stages are laid out on (default ``"pp"``).
         microbatches: the number of microbatches ``m`` (an int >= 1); dim 0 of every tensor
             leaf of ``inputs`` and ``targets`` must be divisible by it.
-        schedule: ``"gpipe"`` or ``"1f1b"``.
-        virtual_stages: stages per rank; only 1 for now.
+        schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
+        virtual_stages: stages per rank ``v`` (``"1f1b"``: 1). With ``v > 1`` a rank passes
+            (and gets grads for) a list of its ``v`` stages' params, in stage order.
         weights: ``weights(inputsᵢ, targetsᵢ) -> number | 0-dim tensor``, microbatch ``i``'s
             weight (e.g. its count of valid tokens, when ``loss_fn`` is a token mean), as in
             ``fs.accumulate``. It is called on the last stage's rank, where ``inputsᵢ`` is
@@ -155,7 +161,9 @@ def pipeline(
         TypeError: a function is not callable, ``microbatches`` not an int, a params leaf is
             not a floating tensor, ``loss_fn`` returned no scalar floating tensor.
         ValueError: an unknown ``schedule`` or ``axis``, a stage count other than
-            ``mesh.shape[axis] * virtual_stages``, a batch not divisible into
+            ``mesh.shape[axis] * virtual_stages``, ``"1f1b"`` with ``virtual_stages > 1``,
+            ``"interleaved_1f1b"`` with ``microbatches`` not a multiple of the axis size,
+            a batch not divisible into
             ``microbatches`` (on every rank of the axis), a bad weight.
         RuntimeError (or the original type): a stage or loss function raised during the
             probe, reported on every rank with the stage and rank that raised.
@@ -186,7 +194,7 @@ def pipeline(
     def pipelined(
         stage_params: PyTree, inputs: PyTree, targets: PyTree, *, loss_scale: Any = None
     ) -> tuple[torch.Tensor, PyTree]:
-        return runner(stage_params, inputs, targets, _as_loss_scale(loss_scale))
+        return runner(stage_params, inputs, targets, loss_scale)
 
     return pipelined
 
@@ -213,17 +221,20 @@ def _check_args(
             raise TypeError(f"{_API}: {name} must be an int >= 1, got {value!r}.")
         if value < 1:
             raise ValueError(f"{_API}: {name} must be >= 1, got {value}.")
-    if schedule in _PLANNED:
-        raise NotImplementedError(
-            f"{_API}: schedule={schedule!r} is not implemented yet; use one of {SCHEDULES}."
-        )
     if schedule not in SCHEDULES:
         raise ValueError(f"{_API}: unknown schedule={schedule!r}; valid values: {SCHEDULES}.")
     p = mesh.shape[axis]
-    if virtual_stages != 1 and p > 1:
-        raise NotImplementedError(
-            f"{_API}: virtual_stages={virtual_stages} needs schedule='interleaved_1f1b', "
-            "which is not implemented yet; use virtual_stages=1 (one stage per rank)."
+    if schedule == "1f1b" and virtual_stages != 1:
+        raise ValueError(
+            f"{_API}: schedule='1f1b' runs one stage per rank, got virtual_stages="
+            f"{virtual_stages}; use schedule='interleaved_1f1b' (or 'gpipe') for several "
+            "stages per rank."
+        )
+    if schedule == "interleaved_1f1b" and virtual_stages > 1 and microbatches % p != 0:
+        raise ValueError(
+            f"{_API}: schedule='interleaved_1f1b' runs microbatches in rounds of "
+            f"mesh.shape[{axis!r}] = {p}, got microbatches={microbatches}; use a multiple of "
+            f"{p}."
         )
     n = p * virtual_stages
     if callable(stage_fn) and not isinstance(stage_fn, (list, tuple)):
@@ -276,18 +287,36 @@ def _as_loss_scale(loss_scale: Any) -> Any:
 _F, _B = "F", "B"
 
 
-def _actions(schedule: str, p: int, rank: int, m: int) -> list[tuple[str, int, int]]:
-    """``(kind, local stage, microbatch)`` in the order rank ``rank`` runs them."""
-    if schedule == "gpipe":
-        return [(_F, 0, i) for i in range(m)] + [(_B, 0, i) for i in range(m)]
-    # 1F1B (PipeDream-flush / Megatron): p - rank - 1 warm-up forwards, then one forward
-    # and one backward in turn, then the remaining backwards.
-    warmup = min(p - rank - 1, m)
-    out = [(_F, 0, i) for i in range(warmup)]
-    for i in range(m - warmup):
-        out += [(_F, 0, warmup + i), (_B, 0, i)]
-    out += [(_B, 0, i) for i in range(m - warmup, m)]
-    return out
+def _actions(schedule: str, p: int, rank: int, m: int, v: int = 1) -> list[tuple[str, int, int]]:
+    """``(kind, local stage, microbatch)`` in the order rank ``rank`` runs them; local stage
+    ``k`` is global stage ``rank + k * p``."""
+    if schedule == "gpipe":  # with v > 1: torch's LoopedBFS (each local stage in turn)
+        fwd = [(_F, k, i) for k in range(v) for i in range(m)]
+        return fwd + [(_B, k, i) for k in reversed(range(v)) for i in range(m)]
+    if v == 1:
+        # 1F1B (PipeDream-flush / Megatron): p - rank - 1 warm-up forwards, then one
+        # forward and one backward in turn, then the remaining backwards.
+        warmup = min(p - rank - 1, m)
+        out = [(_F, 0, i) for i in range(warmup)]
+        for i in range(m - warmup):
+            out += [(_F, 0, warmup + i), (_B, 0, i)]
+        return out + [(_B, 0, i) for i in range(m - warmup, m)]
+    # interleaved 1F1B (Megatron-LM, arXiv 2104.04473): microbatches in rounds of p; the
+    # j-th forward runs local stage (j // p) % v on microbatch (j // (p v)) p + j % p, the
+    # j-th backward the local stages in reverse order.
+    total = m * v
+
+    def fwd(j: int) -> tuple[str, int, int]:
+        return (_F, (j // p) % v, (j // (p * v)) * p + j % p)
+
+    def bwd(j: int) -> tuple[str, int, int]:
+        return (_B, v - 1 - (j // p) % v, (j // (p * v)) * p + j % p)
+
+    warmup = min((p - rank - 1) * 2 + (v - 1) * p, total)
+    out = [fwd(j) for j in range(warmup)]
+    for j in range(total - warmup):
+        out += [fwd(warmup + j), bwd(j)]
+    return out + [bwd(j) for j in range(total - warmup, total)]
 
 
 # --------------------------------------------------------------------------------------
@@ -412,6 +441,7 @@ class _Runner:
         self.pending: list[tuple[Any, torch.Tensor]] = []
         error, params, batch, signature = None, None, None, None
         try:  # errors are raised on every rank (in the probe), never here alone
+            loss_scale = _as_loss_scale(loss_scale)
             params = self._params(stage_params)
             batch = self._split_batch(inputs, targets)
             signature = (
@@ -427,9 +457,8 @@ class _Runner:
             self._probe(params, batch, error)
             self.signature = signature
         loss = self._run(params, batch, loss_scale)
-        grads = [self._grads_out(k) for k in range(len(self.stages))]
-        if loss_scale is not None:
-            grads = loss_scale.unscale(grads)
+        grads = [self._grads_out(k, loss_scale) for k in range(len(self.stages))]
+        self._release()
         return loss, grads[0] if self.v == 1 else grads
 
     def _params(self, stage_params: PyTree) -> list[PyTree]:
@@ -591,7 +620,7 @@ class _Runner:
             order = [(_F, k, i) for i in range(self.m) for k in range(len(self.stages))]
             order += [(_B, k, i) for i in range(self.m) for k in reversed(range(len(self.stages)))]
         else:
-            order = _actions(self.schedule, self.p, self.rank, self.m)
+            order = _actions(self.schedule, self.p, self.rank, self.m, self.v)
         for kind, k, i in order:
             if kind == _F:
                 self._forward(k, i)
@@ -695,13 +724,23 @@ class _Runner:
             )
         return loss.reshape(())
 
-    def _grads_out(self, k: int) -> PyTree:
+    def _grads_out(self, k: int, loss_scale: Any) -> PyTree:
+        """Local stage ``k``'s grads: the float32 (or wider) sums, unscaled, in the params'
+        dtypes (zeros where a param got no gradient)."""
         fresh, treedef, _ = self.aliases[k]
+        bufs = self.bufs[k]
+        if loss_scale is not None:
+            bufs = loss_scale.unscale(bufs)
         out = [
             torch.zeros_like(p) if b is None else b.to(p.dtype)
-            for p, b in zip(fresh, self.bufs[k], strict=True)
+            for p, b in zip(fresh, bufs, strict=True)
         ]
         return optree.tree_unflatten(treedef, [g.detach() for g in out])
+
+    def _release(self) -> None:
+        """Drops what the call held (batch, aliases, buffers): nothing outlives it."""
+        self.xs = self.ys = self.ws = self.aliases = self.bufs = self.losses = None
+        self.box, self.saved = {}, {}
 
     def _loss_everywhere(self) -> torch.Tensor:
         """``Σ wᵢ·lossᵢ / Σ wᵢ`` on the last stage, broadcast to every rank of the axis."""

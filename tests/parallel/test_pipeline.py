@@ -4,8 +4,11 @@ The reference is ``fs.accumulate(fs.value_and_grad(composition), steps=m, weight
 the unpipelined composition of the same stage functions (float64). Stages have uneven param
 trees (an embedding first, a head last) and pass a pytree activation with an integer leaf.
 The stage functions count their calls and log forward/backward events per rank, which shows
-that each rank ran only its stage, on every microbatch, in the schedule's order. Errors are
-checked to raise on every rank (no hang), and a good call still works after them.
+that each rank ran only its stage, on every microbatch, in the schedule's order; saved-tensor
+accounting shows 1F1B holding at most p - rank microbatches' activations (GPipe: all m).
+torch's own test_grad_with_manual (MultiMLP, MSELoss(sum)) is ported. Errors are checked to
+raise on every rank (no hang), and a good call still works after them. The schedules' action
+lists are checked without processes: no deadlock under fs.pipeline's communication model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fsharding as fs
+from fsharding import optim
 from fsharding.parallel.pipeline import _actions, pipeline
 from tests.dist_utils import assert_close, raises, run
 
@@ -85,37 +89,55 @@ def make_batch(seed: int = 1, pad_microbatch: int | None = None):
     return x, y
 
 
-def reference(fns, params, x, y, weights):
+def reference_grad_fn(fns, weights):
+    """``fs.accumulate(fs.value_and_grad(composition))`` over the list of all stages' params."""
+
     def composed(ps, x, y):
         a = x
         for f, p in zip(fns, ps, strict=True):
             a = f(p, a)
         return loss_fn(a, y)
 
-    return fs.accumulate(fs.value_and_grad(composed), steps=M, weights=weights)(params, x, y)
+    return fs.accumulate(fs.value_and_grad(composed), steps=M, weights=weights)
 
 
-def check_against_reference(mesh, fns, params, x, y, *, schedule, weights, what):
+def reference(fns, params, x, y, weights):
+    return reference_grad_fn(fns, weights)(params, x, y)
+
+
+def check_against_reference(mesh, fns, params, x, y, *, schedule, weights, what, v=1):
     """Runs the pipeline on this rank; compares loss and this rank's grads with the
     reference; returns this rank's stage forward calls during the pipelined call."""
     r, p = mesh.coordinate["pp"], mesh.shape["pp"]
-    f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule, weights=weights)
+    n = p * v
+    f = pipeline(
+        fns,
+        loss_fn,
+        mesh=mesh,
+        microbatches=M,
+        schedule=schedule,
+        weights=weights,
+        virtual_stages=v,
+    )
     ref_loss, ref_grads = reference(fns, params, x, y, weights)
     inputs = x if r == 0 else None
     targets = y if r == p - 1 else None
-    f(params[r], inputs, targets)  # first call: probe + run
+    mine = list(range(r, n, p))  # rank r runs stages r, r + p, ...
+    stage_params = params[r] if v == 1 else [params[s] for s in mine]
+    f(stage_params, inputs, targets)  # first call: probe + run
     before = dict(COUNTS)
-    loss, grads = f(params[r], inputs, targets)
+    loss, grads = f(stage_params, inputs, targets)
     calls = {k: COUNTS.get(k, 0) - before.get(k, 0) for k in COUNTS}
     assert_close(loss, ref_loss, f"{what}: loss", **TOL)
     assert torch.isfinite(loss)
-    assert fs.tree.structure(grads) == fs.tree.structure(params[r]), what
-    for (path, g), (_, e) in zip(
-        fs.tree.leaves_with_path(grads), fs.tree.leaves_with_path(ref_grads[r]), strict=True
-    ):
-        assert g.dtype == e.dtype, (what, path)
-        assert_close(g, e, f"{what}: rank {r} grad {path}", **TOL)
-    return {k: v for k, v in calls.items() if v}
+    for s, g_s in zip(mine, [grads] if v == 1 else grads, strict=True):
+        assert fs.tree.structure(g_s) == fs.tree.structure(params[s]), what
+        for (path, g), (_, e) in zip(
+            fs.tree.leaves_with_path(g_s), fs.tree.leaves_with_path(ref_grads[s]), strict=True
+        ):
+            assert g.dtype == e.dtype, (what, path)
+            assert_close(g, e, f"{what}: stage {s} grad {path}", **TOL)
+    return {k: c for k, c in calls.items() if c}
 
 
 def in_flight(events: list[tuple[str, int]]) -> int:
@@ -125,6 +147,83 @@ def in_flight(events: list[tuple[str, int]]) -> int:
         live += 1 if kind == "F" else -1
         peak = max(peak, live)
     return peak
+
+
+class SavedBytes:
+    """Saved-tensor accounting: bytes of activations saved for backward and still alive
+    (params excluded), their peak and their total over a call."""
+
+    def __init__(self, params):
+        self.exclude = {t.untyped_storage().data_ptr() for t in fs.tree.leaves(params)}
+        self.live = self.peak = self.total = 0
+
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() in self.exclude:
+            return t
+        return _Held(t, self)
+
+    @staticmethod
+    def unpack(held):
+        return held.t if isinstance(held, _Held) else held
+
+
+class _Held:
+    def __init__(self, t, owner):
+        self.t, self.owner, self.n = t, owner, t.numel() * t.element_size()
+        owner.live += self.n
+        owner.total += self.n
+        owner.peak = max(owner.peak, owner.live)
+
+    def __del__(self):
+        self.owner.live -= self.n
+
+
+def saved_bytes(f, *args):
+    acc = SavedBytes(args[0])
+    with torch.autograd.graph.saved_tensors_hooks(acc.pack, acc.unpack):
+        f(*args)
+    assert acc.live == 0
+    return acc.peak, acc.total
+
+
+class MLPModule(torch.nn.Module):
+    """torch's test model (test/distributed/pipelining/model_registry.py)."""
+
+    def __init__(self, d_hid):
+        super().__init__()
+        self.net1 = torch.nn.Linear(d_hid, d_hid)
+        self.relu = torch.nn.ReLU()
+        self.net2 = torch.nn.Linear(d_hid, d_hid)
+
+    def forward(self, x):
+        return self.net2(self.relu(self.net1(x)))
+
+
+def grad_with_manual(mesh):
+    """torch's test_schedule_multiproc.py::test_grad_with_manual, ported: a MultiMLP split
+    into one layer per rank (stages from fs.functional), MSELoss(reduction="sum"), two
+    steps; fs.pipeline's loss is the mean over microbatches, so m * loss and m * grads
+    equal the full model's."""
+    r, p = mesh.coordinate["pp"], mesh.shape["pp"]
+    torch.manual_seed(0)
+    d_hid, batch = 16, 32
+    layers = [MLPModule(d_hid) for _ in range(p)]
+    ref_mod = torch.nn.Sequential(*layers)
+    x = torch.randn(batch, d_hid)
+    with torch.no_grad():
+        target = ref_mod(x) + torch.randn(batch, d_hid)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    ref_loss = loss_fn(ref_mod(x), target)
+    ref_loss.backward()
+    applies, stage_params = zip(*(fs.functional(layer) for layer in layers))
+    for schedule in ("gpipe", "1f1b"):
+        f = pipeline(list(applies), loss_fn, mesh=mesh, microbatches=4, schedule=schedule)
+        for _ in range(2):
+            loss, grads = f(stage_params[r], x if r == 0 else None, target if r == p - 1 else None)
+            torch.testing.assert_close(loss * 4, ref_loss.detach())
+            for name, g in grads.items():
+                ref = layers[r].get_parameter(name).grad
+                torch.testing.assert_close(g * 4, ref, rtol=1e-5, atol=4e-5)
 
 
 # --------------------------------------------------------------------------------------
@@ -156,6 +255,61 @@ def _two_ranks():
     check_against_reference(
         mesh, fns, params, xp, yp, schedule="1f1b", weights=tokens, what="all-padding mb"
     )
+
+    # interleaved: 4 stages on 2 ranks (rank 0: embed, block; rank 1: block, head)
+    params4 = make_params(["embed", "block", "block", "head"], seed=7)
+    for schedule in ("interleaved_1f1b", "gpipe"):
+        calls = check_against_reference(
+            mesh,
+            [embed, block, block, head],
+            params4,
+            x,
+            y,
+            schedule=schedule,
+            weights=tokens,
+            what=f"{schedule}, v=2",
+            v=2,
+        )
+        assert calls == ({"embed": M, "block": M} if r == 0 else {"block": M, "head": M})
+
+    # stage functions under fs.remat, a loss scale
+    f = pipeline([fs.remat(embed), fs.remat(head)], loss_fn, mesh=mesh, microbatches=M)
+    args = (params[r], x if r == 0 else None, y if r == 1 else None)
+    ref_loss, ref_grads = reference(fns, params, x, y, None)
+    for scale in (None, fs.StaticLossScale(1024.0)):
+        loss, grads = f(*args, loss_scale=scale)
+        assert_close(loss, ref_loss, f"remat, scale {scale}: loss", **TOL)
+        for k in grads:
+            assert_close(grads[k], ref_grads[r][k], f"remat, scale {scale}: {k}", **TOL)
+
+    # saved activations in flight: 1F1B holds at most p - r microbatches, GPipe all m
+    peaks = {}
+    for schedule in ("gpipe", "1f1b"):
+        f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule)
+        f(*args)
+        peaks[schedule] = saved_bytes(f, *args)
+    peak, total = peaks["gpipe"]
+    assert total > 0 and peak == total, peaks
+    peak, total = peaks["1f1b"]
+    assert peak <= (2 - r) * total // M, peaks
+    out["saved"] = peaks
+
+    # fs.train_step on the pipeline: each rank updates its stage as the reference step does
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, weights=tokens)
+    step = fs.train_step(lambda p, b, **kw: f(p, *b, **kw), opt)
+    ref_fn = reference_grad_fn(fns, tokens)
+    ref_step = fs.train_step(lambda ps, b, **kw: ref_fn(ps, *b, **kw), opt)
+    mine, opt_state = step.init(params[r])
+    every, ref_state = ref_step.init(params)
+    for _ in range(3):
+        mine, opt_state, metrics = step.step(mine, opt_state, args[1:])
+        every, ref_state, ref_metrics = ref_step.step(every, ref_state, (x, y))
+        assert_close(metrics["loss"], ref_metrics["loss"], "train_step loss", **TOL)
+    for k in mine:
+        assert_close(mine[k], every[r][k], f"train_step params {k}", **TOL)
+
+    grad_with_manual(mesh)
 
     # bad input: an error on every rank, never a hang; the next good call still works
     f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M)
@@ -189,6 +343,10 @@ def test_two_ranks_gpipe_and_1f1b_equal_reference_and_raise_everywhere():
     orders, _ = results[0]
     # rank 0 (p=2, m=4): GPipe runs every forward first; 1F1B one warm-up forward, then
     # alternates, holding at most p = 2 microbatches (GPipe: m = 4)
+    for r, (res, _) in enumerate(results):  # bytes of saved activations: (peak, total)
+        (g_peak, g_total), (f_peak, f_total) = res["saved"]["gpipe"], res["saved"]["1f1b"]
+        assert g_total == f_total and g_peak == g_total, res["saved"]
+        assert f_peak * M <= (2 - r) * f_total < g_peak * M, res["saved"]
     for weighted in (False, True):
         assert orders[("gpipe", weighted)] == ["F"] * M + ["B"] * M
         assert orders[("1f1b", weighted)] == ["F", "F", "B", "F", "B", "F", "B", "B"]
@@ -220,6 +378,22 @@ def _four_ranks():
             mesh, fns, params, x, y, schedule=schedule, weights=weights, what=schedule
         )
         assert calls == {names[r]: M}, (schedule, calls)
+
+    # interleaved: 8 stages on 4 ranks
+    params8 = make_params(["embed"] + ["block"] * 6 + ["head"], seed=8)
+    fns8 = [embed] + [block] * 6 + [head]
+    calls = check_against_reference(
+        mesh,
+        fns8,
+        params8,
+        x,
+        y,
+        schedule="interleaved_1f1b",
+        weights=tokens,
+        what="interleaved v=2",
+        v=2,
+    )
+    assert sum(calls.values()) == 2 * M, calls
 
     # homogeneous: one stage function for all 4 stages, a pytree activation in and out
     def last(out, y):
@@ -256,7 +430,15 @@ def test_local_mesh_runs_every_stage_in_process():
     fns = [embed, block, head]
     params = make_params(["embed", "block", "head"])
     x, y = make_batch()
-    f = pipeline(fns, loss_fn, mesh=fs.Mesh(pp=1), virtual_stages=3, microbatches=M, weights=tokens)
+    f = pipeline(
+        fns,
+        loss_fn,
+        mesh=fs.Mesh(pp=1),
+        virtual_stages=3,
+        microbatches=M,
+        weights=tokens,
+        schedule="gpipe",
+    )
     loss, grads = f(params, x, y)
     ref_loss, ref_grads = reference(fns, params, x, y, tokens)
     assert_close(loss, ref_loss, "loss", **TOL)
@@ -279,6 +461,71 @@ def test_1f1b_order_is_valid_and_bounded(p, m):
         assert in_flight([(k, i) for k, _, i in _actions("gpipe", p, rank, m)]) == m
 
 
+def simulate(schedule: str, p: int, v: int, m: int) -> None:
+    """Runs every rank's action list with fs.pipeline's communication model (sends never
+    block; a receive waits for its producer): no deadlock, each action exactly once."""
+    n = p * v
+    lists = {r: _actions(schedule, p, r, m, v) for r in range(p)}
+    pos = dict.fromkeys(range(p), 0)
+    done: set[tuple[str, int, int]] = set()
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            while pos[r] < len(lists[r]):
+                kind, k, i = lists[r][pos[r]]
+                s = r + k * p
+                if kind == "F":
+                    ready = s == 0 or ("F", s - 1, i) in done
+                else:
+                    ready = ("F", s, i) in done and (s == n - 1 or ("B", s + 1, i) in done)
+                if not ready:
+                    break
+                assert (kind, s, i) not in done
+                done.add((kind, s, i))
+                pos[r] += 1
+                progress = True
+    stuck = {r: lists[r][pos[r]] for r in range(p) if pos[r] < len(lists[r])}
+    assert not stuck, f"{schedule} p={p} v={v} m={m} deadlocks at {stuck}"
+    assert len(done) == 2 * n * m
+
+
+def fifo(schedule: str, p: int, v: int, m: int) -> bool:
+    """Whether, between every two ranks, messages are received in the order they are sent
+    (what a tag-less backend such as NCCL needs; gloo matches fs.pipeline's tags)."""
+    sent: dict[tuple[int, int], list] = {}
+    received: dict[tuple[int, int], list] = {}
+    n = p * v
+    for r in range(p):
+        for kind, k, i in _actions(schedule, p, r, m, v):
+            s = r + k * p
+            if kind == "F":
+                inbox, outbox = (s - 1, s, "act", i), (s, s + 1, "act", i)
+                has_in, has_out = s > 0, s < n - 1
+            else:
+                inbox, outbox = (s + 1, s, "grad", i), (s, s - 1, "grad", i)
+                has_in, has_out = s < n - 1, s > 0
+            if has_in:  # received at the start of the action, sent at its end
+                received.setdefault((inbox[0] % p, r), []).append(inbox)
+            if has_out:
+                sent.setdefault((r, outbox[1] % p), []).append(outbox)
+    return sent == received
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("v", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 12])
+def test_schedules_run_without_deadlock(p, v, m):
+    simulate("gpipe", p, v, m)
+    assert fifo("gpipe", p, v, m)
+    if v == 1:
+        simulate("1f1b", p, v, m)
+        assert fifo("1f1b", p, v, m)
+    elif m % p == 0:
+        simulate("interleaved_1f1b", p, v, m)
+        assert fifo("interleaved_1f1b", p, v, m)
+
+
 def test_bad_arguments_raise_at_build_time():
     mesh = fs.Mesh(pp=1)
     msg = raises(lambda: pipeline(embed, loss_fn, mesh=mesh, microbatches=0), ValueError)
@@ -287,6 +534,11 @@ def test_bad_arguments_raise_at_build_time():
         lambda: pipeline(embed, loss_fn, mesh=mesh, microbatches=2, schedule="x"), ValueError
     )
     assert "'gpipe'" in msg and "'1f1b'" in msg
+    msg = raises(
+        lambda: pipeline([embed] * 2, loss_fn, mesh=mesh, microbatches=2, virtual_stages=2),
+        ValueError,
+    )
+    assert "interleaved_1f1b" in msg
     msg = raises(lambda: pipeline(embed, loss_fn, mesh=mesh, axis="dp", microbatches=2), ValueError)
     assert "axis='dp'" in msg
     msg = raises(lambda: pipeline([embed, head], loss_fn, mesh=mesh, microbatches=2), ValueError)
