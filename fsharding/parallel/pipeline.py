@@ -39,10 +39,10 @@ interleaved 1F1B a list of ``F``/``B`` actions per rank (:func:`_actions`), exec
 by :class:`_Runner` with asynchronous sends and receives waited where they are used, so
 any dependency-valid order runs without deadlock (messages are matched by tag; NCCL
 ignores tags, but between any two ranks these three schedules also receive in the order
-they send: the tests' ``fifo`` check; untested on NCCL so far). The zero-bubble schedules split the backward into
-input and weight gradients; torch's ``pipelining._backward.stage_backward_input`` /
-``stage_backward_weight`` work on plain outputs, inputs and params and are the pieces to
-reuse for them (not the schedule classes).
+they send: the tests' ``fifo`` check; untested on NCCL so far). The zero-bubble schedules
+split the backward into input and weight gradients; torch's
+``pipelining._backward.stage_backward_input`` / ``stage_backward_weight`` work on plain
+outputs, inputs and params and are the pieces to reuse for them (not the schedule classes).
 
 Protocol. The first call (and any call whose local signature changed on some rank: params,
 or the first stage's inputs, or the last stage's targets of other shapes) runs a *probe*:
