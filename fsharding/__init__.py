@@ -28,7 +28,7 @@ import-linter contracts in ``pyproject.toml``):
 ``step``                    ``Step``, ``TrainState``, ``train_step``: the update tail that
                             every step shares
 ``parallel/``               SPMD: ``mesh``, ``launch``, ``collectives``, ``shard``,
-                            ``gather``, ``zero``
+                            ``gather``, ``zero``, ``pipeline``
 ``memory``, ``introspect``  ``memory_report``, ``print_saved_activations``
 ``models/``, ``data``       the reference GPT and the bundled corpus (import nothing above)
 ``train``                   the main job, ``python -m fsharding.train``
@@ -58,6 +58,7 @@ from fsharding.parallel.collectives import (
 from fsharding.parallel.gather import gather
 from fsharding.parallel.launch import LaunchError, launch
 from fsharding.parallel.mesh import Mesh, P, from_local
+from fsharding.parallel.pipeline import pipeline
 from fsharding.parallel.shard import shard
 from fsharding.parallel.zero import zero
 from fsharding.precision import (
@@ -102,6 +103,7 @@ __all__ = [
     "memory_report",
     "offload",
     "optim",
+    "pipeline",
     "pmax",
     "pmean",
     "policies",

@@ -19,6 +19,7 @@ PUBLIC = {
     # meshes and SPMD
     "Mesh", "P", "from_local", "launch", "LaunchError", "psum", "pmean", "pmax",
     "all_gather", "psum_scatter", "ppermute", "axis_index", "axis_size", "shard", "gather",
+    "pipeline",
     # training steps
     "Step", "TrainState", "train_step", "zero",
     # introspection

@@ -14,6 +14,8 @@ below ``parallel/``: ``transforms/``, ``functional``, ``optim``, ``tree``, ``_co
   binds for it, and ``fs.functional``'s apply-entry gather.
 - ``_overlap``: ``fs.zero``'s gradient reduction overlapped with backward.
 - ``zero``: ``fs.zero``, data-parallel steps with ZeRO stages 0-3.
+- ``pipeline``: ``fs.pipeline``, a model's stages on the ranks of one axis (GPipe, 1F1B,
+  interleaved 1F1B) over point-to-point sends (imports ``mesh``).
 
 The workaround every collective here ends with (return only after gloo's worker thread has
 let go of the tensors: ``settle``) lives in ``fsharding._compat``, so that ``optim`` can

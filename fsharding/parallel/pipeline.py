@@ -174,12 +174,12 @@ def pipeline(
         >>> head = lambda p, a: a["h"] @ p["v"]
         >>> mse = lambda y, t: ((y - t) ** 2).mean()
         >>> f = fs.pipeline([embed, head], mse, mesh=fs.Mesh(pp=1), virtual_stages=2,
-        ...                 microbatches=2, schedule="gpipe")  # doctest: +SKIP
+        ...                 microbatches=2, schedule="gpipe")
         >>> # under fs.launch / torchrun with fs.Mesh(pp=2): rank r passes stage r's params
         >>> x, t = torch.ones(4, 3), torch.zeros(4, 2)
         >>> params = [{"w": torch.ones(3, 2)}, {"v": torch.eye(2)}]
-        >>> loss, grads = f(params, x, t)  # doctest: +SKIP
-        >>> float(loss), grads[1]["v"].shape  # doctest: +SKIP
+        >>> loss, grads = f(params, x, t)
+        >>> float(loss), grads[1]["v"].shape
         (9.0, torch.Size([2, 2]))
     """
     fns = _check_args(stage_fn, loss_fn, mesh, axis, microbatches, schedule, virtual_stages)
