@@ -647,9 +647,7 @@ def _prepare(arg: _PyTree, argnum: int, api: str) -> tuple[list[torch.Tensor], A
     out = []
     for acc, leaf in zip(accessors, leaves):
         if not _tree.is_floating(leaf):
-            what = (
-                f"a {leaf.dtype} tensor" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-            )
+            what = _tree.describe(leaf)
             raise TypeError(
                 f"{api}: argument {argnum} has a non-float leaf at {_tree.keystr(acc)} "
                 f"({what}); only floating-point tensors can be differentiated. Move it to "
@@ -779,11 +777,7 @@ def _as_loss_scale(loss_scale: Any) -> Any:
 
 def _check_scalar(value: Any) -> None:
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or not _tree.is_floating(value):
-        got = (
-            f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-            if isinstance(value, torch.Tensor)
-            else type(value).__name__
-        )
+        got = _tree.describe(value, shape=True)
         raise TypeError(
             f"fs.value_and_grad: fn must return a scalar floating tensor, got {got}. Reduce "
             "the output (e.g. .mean()), or return (loss, aux) with has_aux=True."

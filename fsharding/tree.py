@@ -42,6 +42,7 @@ __all__ = [
     "local_tensor",
     "is_dtensor",
     "storage_key",
+    "describe",
 ]
 
 _PyTree = Any
@@ -279,6 +280,22 @@ def storage_key(t: Any) -> tuple[int, int] | None:
 # derives from, is checked in C.
 _Tensor = torch.Tensor
 _TensorBase = torch._C.TensorBase
+
+
+def describe(x: Any, *, shape: bool = False) -> str:
+    """How an error message names a value it did not expect: ``a <dtype> tensor`` (with
+    ``shape=True``: ``... of shape (2, 3)``), or the name of its type.
+
+    Example:
+        >>> import torch, fsharding as fs
+        >>> fs.tree.describe(torch.zeros(2, dtype=torch.int64)), fs.tree.describe(3)
+        ('a torch.int64 tensor', 'int')
+        >>> fs.tree.describe(torch.zeros(2, 3), shape=True)
+        'a torch.float32 tensor of shape (2, 3)'
+    """
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor" + (f" of shape {tuple(x.shape)}" if shape else "")
+    return type(x).__name__
 
 
 def local_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -482,11 +482,7 @@ class _Runner:
         for st, tree in zip(self.stages, per_stage, strict=True):
             for path, leaf in _tree.leaves_with_path(tree):
                 if not _tree.is_floating(leaf):
-                    what = (
-                        f"a {leaf.dtype} tensor"
-                        if isinstance(leaf, torch.Tensor)
-                        else type(leaf).__name__
-                    )
+                    what = _tree.describe(leaf)
                     raise TypeError(
                         f"{_API}: stage {st.index}'s params leaf {path} is {what}; params "
                         "must be floating-point tensors. Keep integer or constant values in "
@@ -713,11 +709,7 @@ class _Runner:
     def _loss(self, out, y, i):
         loss = self.loss_fn(out, y)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not _tree.is_floating(loss):
-            got = (
-                f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
-                if isinstance(loss, torch.Tensor)
-                else type(loss).__name__
-            )
+            got = _tree.describe(loss, shape=True)
             raise TypeError(
                 f"{_API}: loss_fn must return a scalar floating tensor, got {got} for "
                 f"microbatch {i}. Reduce it (e.g. .mean())."
