@@ -156,6 +156,9 @@ def pipeline(
         run the last stage ``targets=None``. ``loss`` (detached, ``loss_fn``'s dtype) is the
         same on every rank. With ``loss_scale`` (an ``fs.LossScale`` or a number) the loss is
         scaled before backward and the grads unscaled, as ``fs.value_and_grad`` does.
+        The function carries ``f.mesh``, ``f.axis`` (the pipeline's mesh axis), ``f.stages``
+        (the global stage indices this rank runs, in order), ``f.microbatches``,
+        ``f.schedule`` and ``f.virtual_stages``, for transforms that compose with it.
 
     Raises:
         TypeError: a function is not callable, ``microbatches`` not an int, a params leaf is
@@ -196,6 +199,14 @@ def pipeline(
     ) -> tuple[torch.Tensor, PyTree]:
         return runner(stage_params, inputs, targets, loss_scale)
 
+    # what a composing transform (fs.zero over a dp x pp mesh, fs.train_step's grad norm)
+    # reads: the mesh, the pipeline's axis and the global stages this rank runs
+    pipelined.mesh = mesh  # type: ignore[attr-defined]
+    pipelined.axis = axis  # type: ignore[attr-defined]
+    pipelined.stages = tuple(st.index for st in runner.stages)  # type: ignore[attr-defined]
+    pipelined.microbatches = microbatches  # type: ignore[attr-defined]
+    pipelined.schedule = schedule  # type: ignore[attr-defined]
+    pipelined.virtual_stages = virtual_stages  # type: ignore[attr-defined]
     return pipelined
 
 

@@ -439,6 +439,8 @@ def test_local_mesh_runs_every_stage_in_process():
         weights=tokens,
         schedule="gpipe",
     )
+    assert (f.mesh.shape, f.axis, f.stages) == ({"pp": 1}, "pp", (0, 1, 2))
+    assert (f.microbatches, f.schedule, f.virtual_stages) == (M, "gpipe", 3)
     loss, grads = f(params, x, y)
     ref_loss, ref_grads = reference(fns, params, x, y, tokens)
     assert_close(loss, ref_loss, "loss", **TOL)
