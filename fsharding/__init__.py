@@ -29,7 +29,8 @@ import-linter contracts in ``pyproject.toml``):
                             every step shares
 ``parallel/``               SPMD: ``mesh``, ``launch``, ``collectives``, ``shard``,
                             ``gather``, ``zero``, ``pipeline``
-``memory``, ``introspect``  ``memory_report``, ``print_saved_activations``
+``serialization``,         ``save``, ``load``, ``latest``, ``CheckpointError``: training
+``memory``, ``introspect``  state on disk; ``memory_report``, ``print_saved_activations``
 ``models/``, ``data``       the reference GPT and the bundled corpus (import nothing above)
 ``train``                   the main job, ``python -m fsharding.train``
 ==========================  ============================================================
@@ -68,6 +69,7 @@ from fsharding.precision import (
     Policy,
     StaticLossScale,
 )
+from fsharding.serialization import CheckpointError, latest, load, save
 from fsharding.step import Step, TrainState, train_step
 from fsharding.transforms import policies
 from fsharding.transforms.accumulate import accumulate
@@ -77,6 +79,7 @@ from fsharding.transforms.remat import checkpoint_name, remat
 from fsharding.tree import all_finite
 
 __all__ = [
+    "CheckpointError",
     "DynamicLossScale",
     "LaunchError",
     "LossScale",
@@ -99,7 +102,9 @@ __all__ = [
     "functional",
     "gather",
     "grad",
+    "latest",
     "launch",
+    "load",
     "memory_report",
     "offload",
     "optim",
@@ -112,6 +117,7 @@ __all__ = [
     "psum",
     "psum_scatter",
     "remat",
+    "save",
     "saved_activations",
     "shard",
     "train_step",

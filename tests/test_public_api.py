@@ -22,6 +22,8 @@ PUBLIC = {
     "pipeline",
     # training steps
     "Step", "TrainState", "train_step", "zero",
+    # state on disk
+    "save", "load", "latest", "CheckpointError",
     # introspection
     "memory_report",
     "__version__",
