@@ -38,11 +38,14 @@ What torch's schedules add beyond that adapter is the loop itself: for GPipe, 1F
 interleaved 1F1B a list of ``F``/``B`` actions per rank (:func:`_actions`), executed here
 by :class:`_Runner` with asynchronous sends and receives waited where they are used, so
 any dependency-valid order runs without deadlock (messages are matched by tag; NCCL
-ignores tags, but between any two ranks these three schedules also receive in the order
-they send: the tests' ``fifo`` check; untested on NCCL so far). The zero-bubble schedules
-split the backward into input and weight gradients; torch's
-``pipelining._backward.stage_backward_input`` / ``stage_backward_weight`` work on plain
-outputs, inputs and params and are the pieces to reuse for them (not the schedule classes).
+ignores tags, but between any two ranks these schedules also receive in the order they
+send: the tests' ``fifo`` check; untested on NCCL so far). The zero-bubble schedule splits
+the backward into input gradients (``B``) and weight gradients (``W``) with the algorithm
+of torch's ``pipelining._backward.stage_backward_input`` / ``stage_backward_weight``,
+written here (:func:`_backward_input`): torch's writes ``.grad`` and (2.13, checked) gives
+no gradient to a weight whose path to the outputs meets no input's (e.g. an output
+``params["b"] * 2``); the order is built by simulating ZB-H1's greedy rule
+(:func:`_zero_bubble`).
 
 Protocol. The first call (and any call whose local signature changed on some rank: params,
 or the first stage's inputs, or the last stage's targets of other shapes) runs a *probe*:
@@ -57,6 +60,8 @@ int per rank (an all-reduce) to learn that nothing changed, and use the cached s
 from __future__ import annotations
 
 import builtins
+import collections
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,7 +80,7 @@ from fsharding.precision import StaticLossScale
 __all__ = ["pipeline"]
 
 _API = "fs.pipeline"
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
 PyTree = Any
 StageFn = Callable[[PyTree, PyTree], PyTree]
@@ -114,7 +119,12 @@ def pipeline(
     microbatches' activations). Both have the bubble ``(p-1)/(m+p-1)``.
     ``"interleaved_1f1b"`` (Megatron-LM's) gives each rank ``v = virtual_stages`` stages
     (rank ``r`` runs stages ``r, r+p, ...``; ``m`` a multiple of ``p``): the bubble shrinks
-    to ``(p-1)/(v·m+p-1)`` for ``v`` times the messages.
+    to ``(p-1)/(v·m+p-1)`` for ``v`` times the messages. ``"zero_bubble"`` (ZB-H1, Qi et
+    al. 2024) splits each backward into ``B``, the input gradient the previous stage waits
+    for, and ``W``, the weight gradient, deferred into what would be bubble: with forward,
+    input-grad and weight-grad of equal time the idle time per rank is ``p-1`` of them
+    instead of 1F1B's ``3 (p-1)``. It holds 1F1B's ``p - s`` microbatches up to their ``B``,
+    and after it what their ``W`` needs (the weights' inputs) for up to ``2p - 1 - s``.
 
     The first call runs microbatch 0 once more through every stage under ``no_grad`` (a
     probe that learns the activations' shapes and raises bad input on every rank; the RNG
@@ -140,9 +150,10 @@ def pipeline(
         axis: the mesh axis the stages are laid out on (default ``"pp"``).
         microbatches: the number of microbatches ``m`` (an int >= 1); dim 0 of every tensor
             leaf of ``inputs`` and ``targets`` must be divisible by it.
-        schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
-        virtual_stages: stages per rank ``v`` (``"1f1b"``: 1). With ``v > 1`` a rank passes
-            (and gets grads for) a list of its ``v`` stages' params, in stage order.
+        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"`` or ``"zero_bubble"``.
+        virtual_stages: stages per rank ``v`` (``"1f1b"`` and ``"zero_bubble"``: 1). With
+            ``v > 1`` a rank passes (and gets grads for) a list of its ``v`` stages' params,
+            in stage order.
         weights: ``weights(inputsᵢ, targetsᵢ) -> number | 0-dim tensor``, microbatch ``i``'s
             weight (e.g. its count of valid tokens, when ``loss_fn`` is a token mean), as in
             ``fs.accumulate``. It is called on the last stage's rank, where ``inputsᵢ`` is
@@ -164,7 +175,8 @@ def pipeline(
         TypeError: a function is not callable, ``microbatches`` not an int, a params leaf is
             not a floating tensor, ``loss_fn`` returned no scalar floating tensor.
         ValueError: an unknown ``schedule`` or ``axis``, a stage count other than
-            ``mesh.shape[axis] * virtual_stages``, ``"1f1b"`` with ``virtual_stages > 1``,
+            ``mesh.shape[axis] * virtual_stages``, ``"1f1b"`` or ``"zero_bubble"`` with
+            ``virtual_stages > 1``,
             ``"interleaved_1f1b"`` with ``microbatches`` not a multiple of the axis size,
             a batch not divisible into
             ``microbatches`` (on every rank of the axis), a bad weight.
@@ -235,9 +247,9 @@ def _check_args(
     if schedule not in SCHEDULES:
         raise ValueError(f"{_API}: unknown schedule={schedule!r}; valid values: {SCHEDULES}.")
     p = mesh.shape[axis]
-    if schedule == "1f1b" and virtual_stages != 1:
+    if schedule in ("1f1b", "zero_bubble") and virtual_stages != 1:
         raise ValueError(
-            f"{_API}: schedule='1f1b' runs one stage per rank, got virtual_stages="
+            f"{_API}: schedule={schedule!r} runs one stage per rank, got virtual_stages="
             f"{virtual_stages}; use schedule='interleaved_1f1b' (or 'gpipe') for several "
             "stages per rank."
         )
@@ -295,12 +307,15 @@ def _as_loss_scale(loss_scale: Any) -> Any:
 # schedules: per-rank lists of actions
 # --------------------------------------------------------------------------------------
 
-_F, _B = "F", "B"
+_F, _B, _W = "F", "B", "W"
 
 
 def _actions(schedule: str, p: int, rank: int, m: int, v: int = 1) -> list[tuple[str, int, int]]:
     """``(kind, local stage, microbatch)`` in the order rank ``rank`` runs them; local stage
-    ``k`` is global stage ``rank + k * p``."""
+    ``k`` is global stage ``rank + k * p``. ``"zero_bubble"`` has ``B`` (input gradients
+    only) and ``W`` (weight gradients) actions; the other schedules' ``B`` does both."""
+    if schedule == "zero_bubble":
+        return [(kind, 0, i) for kind, i in _zero_bubble(p, m)[rank]]
     if schedule == "gpipe":  # with v > 1: torch's LoopedBFS (each local stage in turn)
         fwd = [(_F, k, i) for k in range(v) for i in range(m)]
         return fwd + [(_B, k, i) for k in reversed(range(v)) for i in range(m)]
@@ -328,6 +343,155 @@ def _actions(schedule: str, p: int, rank: int, m: int, v: int = 1) -> list[tuple
     for j in range(total - warmup):
         out += [fwd(warmup + j), bwd(j)]
     return out + [bwd(j) for j in range(total - warmup, total)]
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_bubble(p: int, m: int) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", arXiv 2401.10241): every rank's
+    ``(kind, microbatch)`` list, built by simulating the pipeline with unit-time ``F``,
+    ``B`` (input grad) and ``W`` (weight grad) and a greedy choice per idle rank.
+
+    Rank ``r`` runs a ready ``B`` first (it is on the critical path: the rank below waits
+    for it), else a ready ``F`` while fewer than ``p - r`` microbatches are forwarded but
+    not ``B``-ed (1F1B's bound on un-backwarded activations), else a deferred ``W`` (that
+    fills what 1F1B leaves as bubble); once ``p`` ``W`` s are pending, ``W`` goes first (it
+    bounds the graphs kept for them). With equal times the bubble is ``(p-1)`` units per
+    rank instead of 1F1B's ``3 (p-1)`` (``F = B = W = 1``, 1F1B's backward ``= 2``)."""
+    done: dict[tuple[str, int, int], int] = {}
+    nxt = {kind: [0] * p for kind in (_F, _B, _W)}
+    busy, lists, t = [0] * p, [[] for _ in range(p)], 0
+    never = 1 << 60
+
+    def ready(kind: str, r: int) -> bool:
+        i = nxt[kind][r]
+        if kind == _F:
+            upstream = r == 0 or done.get((_F, r - 1, i), never) <= t
+            return i < m and i - nxt[_B][r] < p - r and upstream
+        if kind == _B:
+            downstream = r == p - 1 or done.get((_B, r + 1, i), never) <= t
+            return i < nxt[_F][r] and done[(_F, r, i)] <= t and downstream
+        return i < nxt[_B][r] and done[(_B, r, i)] <= t
+
+    while sum(map(len, lists)) < 3 * p * m:
+        for r in range(p):
+            if busy[r] > t:
+                continue
+            order = (_W, _B, _F) if nxt[_B][r] - nxt[_W][r] >= p else (_B, _F, _W)
+            for kind in order:
+                if ready(kind, r):
+                    i = nxt[kind][r]
+                    nxt[kind][r] += 1
+                    done[(kind, r, i)] = busy[r] = t + 1
+                    lists[r].append((kind, i))
+                    break
+        t += 1
+    return tuple(tuple(x) for x in lists)
+
+
+# --------------------------------------------------------------------------------------
+# split backward (zero bubble): input gradients now, weight gradients later
+# --------------------------------------------------------------------------------------
+
+
+def _node(t: torch.Tensor) -> Any:
+    """``t``'s autograd node: its ``grad_fn``, or for a leaf its gradient accumulator."""
+    if t.grad_fn is not None:
+        return t.grad_fn
+    with torch.enable_grad():
+        return t.view_as(t).grad_fn.next_functions[0][0]
+
+
+def _backward_input(
+    outs: list[torch.Tensor], cots: list[Any], inputs: list[torch.Tensor], params: list
+) -> tuple[tuple[torch.Tensor | None, ...], Any]:
+    """The ``B`` of zero bubble: the gradients of ``inputs`` only, and what ``W`` needs.
+
+    torch's ``pipelining._backward.stage_backward_input`` algorithm, written here for
+    fsharding's returned grads (no ``.grad``) and for outputs that depend on params only:
+    the *intermediates* are the autograd nodes on the inputs' path to the outputs that also
+    take something computed from params; this pass records the gradient flowing into each
+    (a node pre-hook) while differentiating towards the inputs, keeping the graph below
+    them. ``W`` then starts from those nodes with the recorded gradients. Outputs whose
+    graph no input reaches are left to ``W`` whole."""
+    roots = [_node(o) for o in outs]
+    parents: dict[Any, list[Any]] = collections.defaultdict(list)
+    seen, queue = set(roots), collections.deque(roots)
+    while queue:
+        node = queue.popleft()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            parents[child].append(node)
+            if child not in seen:
+                seen.add(child)
+                queue.append(child)
+
+    def upwards(starts: list[Any], stop: set[Any]) -> tuple[set[Any], set[Any]]:
+        closure, hit, queue = set(starts), set(), collections.deque(starts)
+        while queue:
+            for parent in parents.get(queue.popleft(), ()):
+                if parent in closure or parent in hit:
+                    continue
+                if parent in stop:
+                    hit.add(parent)
+                    continue
+                closure.add(parent)
+                queue.append(parent)
+        return closure, hit
+
+    on_path, _ = upwards([_node(x) for x in inputs], set())
+    _, mids = upwards([_node(w) for w in params], on_path)
+    now = [(o, c) for o, c, root in zip(outs, cots, roots, strict=True) if root in on_path]
+    later = [(o, c) for o, c, root in zip(outs, cots, roots, strict=True) if root not in on_path]
+    recorded: dict[Any, tuple] = {}
+    handles = [
+        n.register_prehook(functools.partial(lambda n, g: recorded.__setitem__(n, g), n))
+        for n in mids
+    ]
+    try:
+        if now and inputs:
+            grads = torch.autograd.grad(
+                [o for o, _ in now],
+                inputs,
+                [c for _, c in now],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        else:
+            grads = (None,) * len(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return grads, (recorded, later)
+
+
+def _backward_weight(state: Any, params: list) -> tuple[torch.Tensor | None, ...]:
+    """The ``W`` of zero bubble: ``params``' gradients from what ``_backward_input`` kept."""
+    recorded, later = state
+    edges: list[Any] = []
+    cots: list[Any] = []
+    for node, grads in recorded.items():
+        for j, g in enumerate(grads):
+            if g is not None:
+                edges.append(torch.autograd.graph.GradientEdge(node, j))
+                cots.append(g)
+    for o, c in later:
+        edges.append(o)
+        cots.append(c)
+    if not edges:
+        return (None,) * len(params)
+    # an intermediate below another gets its recorded gradient, not the sum of that and
+    # what flows down from the one above again (which it already contains)
+    handles = (
+        [n.register_prehook(lambda _, g=g: g) for n, g in recorded.items()]
+        if len(recorded) > 1
+        else []
+    )
+    try:
+        return torch.autograd.grad(edges, params, cots, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------
@@ -620,6 +784,7 @@ class _Runner:
             self.aliases.append((fresh, treedef, optree.tree_unflatten(treedef, fresh)))
         self.bufs: list[list[torch.Tensor | None]] = [[None] * len(a[0]) for a in self.aliases]
         self.saved: dict[tuple[int, int], Any] = {}
+        self.deferred: dict[tuple[int, int], Any] = {}  # zero bubble: W's state
         self.losses: list[torch.Tensor | None] = [None] * self.m
         self.ws, self.total, self.ys, self.xs = ws, total, ys, xs
         self.loss_scale = loss_scale
@@ -628,11 +793,14 @@ class _Runner:
             order += [(_B, k, i) for i in range(self.m) for k in reversed(range(len(self.stages)))]
         else:
             order = _actions(self.schedule, self.p, self.rank, self.m, self.v)
+        self.split = any(kind == _W for kind, _, _ in order)
         for kind, k, i in order:
             if kind == _F:
                 self._forward(k, i)
-            else:
+            elif kind == _B:
                 self._backward(k, i)
+            else:
+                self._accumulate(k, _backward_weight(self.deferred.pop((k, i)), self.aliases[k][0]))
             self._prune()
         self._wait_sends()
         return self._loss_everywhere()
@@ -694,28 +862,38 @@ class _Runner:
             cot = self._recv(metas, st.index + 1, st.index, 1, i)
             pairs = [(o, g) for o, g in zip(outs, cot, strict=True) if o.requires_grad]
         params = self.aliases[k][0]
-        wrt = params + float_in
-        if pairs:
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+        if self.split:  # zero bubble: input grads now, the weights' at this W
+            grads_in, self.deferred[(k, i)] = _backward_input(
+                [o for o, _ in pairs], [g for _, g in pairs], float_in, params
             )
         else:
-            grads = (None,) * len(wrt)
+            wrt = params + float_in
+            if pairs:
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+                )
+            else:
+                grads = (None,) * len(wrt)
+            self._accumulate(k, grads[: len(params)])
+            grads_in = grads[len(params) :]
         del pairs, outs
+        if not st.is_first:
+            back = [
+                torch.zeros_like(x) if g is None else g
+                for x, g in zip(float_in, grads_in, strict=True)
+            ]
+            self._send(back, st.index, st.index - 1, 1, i)
+
+    def _accumulate(self, k: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """Adds one microbatch's param grads of local stage ``k`` to its float32 sums."""
         bufs = self.bufs[k]
-        for j, g in enumerate(grads[: len(params)]):
+        for j, g in enumerate(grads):
             if g is None:
                 continue
             if bufs[j] is None:
                 bufs[j] = g.detach().to(torch.promote_types(g.dtype, torch.float32), copy=True)
             else:
                 bufs[j].add_(g)
-        if not st.is_first:
-            back = [
-                torch.zeros_like(x) if g is None else g
-                for x, g in zip(float_in, grads[len(params) :], strict=True)
-            ]
-            self._send(back, st.index, st.index - 1, 1, i)
 
     def _loss(self, out, y, i):
         loss = self.loss_fn(out, y)
@@ -743,7 +921,7 @@ class _Runner:
     def _release(self) -> None:
         """Drops what the call held (batch, aliases, buffers): nothing outlives it."""
         self.xs = self.ys = self.ws = self.aliases = self.bufs = self.losses = None
-        self.box, self.saved = {}, {}
+        self.box, self.saved, self.deferred = {}, {}, {}
 
     def _loss_everywhere(self) -> torch.Tensor:
         """``Σ wᵢ·lossᵢ / Σ wᵢ`` on the last stage, broadcast to every rank of the axis."""

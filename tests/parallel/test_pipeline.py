@@ -56,6 +56,19 @@ def head(p, a):
     return (a["h"] @ p["out"], a["mask"])
 
 
+TRACE: list[tuple[str, int]] = []  # zero bubble: ("B" | "W", forward index) on "head"
+
+
+def head_traced(p, a):
+    """``head`` that logs when its input's gradient ("B") and its weight's ("W") are made."""
+    n = _count("head")
+    h, w = a["h"] * 1, p["out"].view_as(p["out"])
+    if h.requires_grad:
+        h.register_hook(lambda g: TRACE.append(("B", n)))
+        w.register_hook(lambda g: TRACE.append(("W", n)))
+    return (h @ w, a["mask"])
+
+
 def loss_fn(out, y):
     """Token mean over the valid targets (0/0 = NaN for an all-padding microbatch)."""
     logits, _ = out
@@ -168,8 +181,10 @@ class SavedBytes:
 
 
 class _Held:
+    # detached: a saved output kept with its grad_fn would make a cycle through C++ that
+    # only running its node breaks (a graph kept by retain_graph and dropped unrun leaks)
     def __init__(self, t, owner):
-        self.t, self.owner, self.n = t, owner, t.numel() * t.element_size()
+        self.t, self.owner, self.n = t.detach(), owner, t.numel() * t.element_size()
         owner.live += self.n
         owner.total += self.n
         owner.peak = max(owner.peak, owner.live)
@@ -272,19 +287,34 @@ def _two_ranks():
         )
         assert calls == ({"embed": M, "block": M} if r == 0 else {"block": M, "head": M})
 
+    # zero bubble: equal to the reference; on the last stage the input grads (B) run ahead
+    # of the weight grads (W), in the schedule's order
+    TRACE.clear()
+    calls = check_against_reference(
+        mesh, [embed, head_traced], params, x, y, schedule="zero_bubble", weights=tokens, what="zb"
+    )
+    assert calls == ({"embed": M} if r == 0 else {"head": M}), calls
+    if r == 1:
+        base = TRACE[-2 * M][1]
+        out["zb_trace"] = [(kind, n - base) for kind, n in TRACE[-2 * M :]]
+
     # stage functions under fs.remat, a loss scale
-    f = pipeline([fs.remat(embed), fs.remat(head)], loss_fn, mesh=mesh, microbatches=M)
     args = (params[r], x if r == 0 else None, y if r == 1 else None)
     ref_loss, ref_grads = reference(fns, params, x, y, None)
-    for scale in (None, fs.StaticLossScale(1024.0)):
-        loss, grads = f(*args, loss_scale=scale)
-        assert_close(loss, ref_loss, f"remat, scale {scale}: loss", **TOL)
-        for k in grads:
-            assert_close(grads[k], ref_grads[r][k], f"remat, scale {scale}: {k}", **TOL)
+    for schedule in ("1f1b", "zero_bubble"):
+        f = pipeline(
+            [fs.remat(embed), fs.remat(head)], loss_fn, mesh=mesh, microbatches=M, schedule=schedule
+        )
+        for scale in (None, fs.StaticLossScale(1024.0)):
+            loss, grads = f(*args, loss_scale=scale)
+            what = f"remat, {schedule}, scale {scale}"
+            assert_close(loss, ref_loss, f"{what}: loss", **TOL)
+            for k in grads:
+                assert_close(grads[k], ref_grads[r][k], f"{what}: {k}", **TOL)
 
     # saved activations in flight: 1F1B holds at most p - r microbatches, GPipe all m
     peaks = {}
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in ("gpipe", "1f1b", "zero_bubble"):
         f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule)
         f(*args)
         peaks[schedule] = saved_bytes(f, *args)
@@ -352,6 +382,16 @@ def test_two_ranks_gpipe_and_1f1b_equal_reference_and_raise_everywhere():
         assert orders[("1f1b", weighted)] == ["F", "F", "B", "F", "B", "F", "B", "B"]
         assert in_flight([(k, 0) for k in orders[("gpipe", weighted)]]) == M
         assert in_flight([(k, 0) for k in orders[("1f1b", weighted)]]) == 2
+    # zero bubble (p=2, m=4), rank 1: B0 B1 W0 B2 W1 B3 W2 W3, each W after its B
+    trace = results[1][0]["zb_trace"]
+    assert trace == [(k, i) for k, _, i in _actions("zero_bubble", 2, 1, M) if k != "F"], trace
+    assert trace[:3] == [("B", 0), ("B", 1), ("W", 0)], trace  # a W deferred past a B
+    for r, (res, _) in enumerate(results):
+        # zero bubble keeps, past B, what W needs of up to 2p - 1 - r microbatches (rank 0:
+        # its B is empty, so all of it; the last rank only its weights' inputs)
+        (z_peak, z_total), (f_peak, f_total) = res["saved"]["zero_bubble"], res["saved"]["1f1b"]
+        assert z_total == f_total and z_peak * M <= (3 - r) * z_total, res["saved"]
+        assert f_peak <= z_peak < res["saved"]["gpipe"][0], res["saved"]
     for r, (_, errors) in enumerate(results):
         assert "fs.pipeline" in errors["split"] and "divisible" in errors["split"], errors
         if r == 1:
@@ -373,7 +413,12 @@ def _four_ranks():
     params = make_params(["embed", "block", "block", "head"], seed=2)
     fns = [embed, block, block, head]
     names = ["embed", "block", "block", "head"]
-    for schedule, weights in (("gpipe", tokens), ("1f1b", None), ("1f1b", tokens)):
+    for schedule, weights in (
+        ("gpipe", tokens),
+        ("1f1b", None),
+        ("1f1b", tokens),
+        ("zero_bubble", tokens),
+    ):
         calls = check_against_reference(
             mesh, fns, params, x, y, schedule=schedule, weights=weights, what=schedule
         )
@@ -479,6 +524,8 @@ def simulate(schedule: str, p: int, v: int, m: int) -> None:
                 s = r + k * p
                 if kind == "F":
                     ready = s == 0 or ("F", s - 1, i) in done
+                elif kind == "W":
+                    ready = ("B", s, i) in done
                 else:
                     ready = ("F", s, i) in done and (s == n - 1 or ("B", s + 1, i) in done)
                 if not ready:
@@ -489,7 +536,7 @@ def simulate(schedule: str, p: int, v: int, m: int) -> None:
                 progress = True
     stuck = {r: lists[r][pos[r]] for r in range(p) if pos[r] < len(lists[r])}
     assert not stuck, f"{schedule} p={p} v={v} m={m} deadlocks at {stuck}"
-    assert len(done) == 2 * n * m
+    assert len(done) == (3 if schedule == "zero_bubble" else 2) * n * m
 
 
 def fifo(schedule: str, p: int, v: int, m: int) -> bool:
@@ -501,6 +548,8 @@ def fifo(schedule: str, p: int, v: int, m: int) -> bool:
     for r in range(p):
         for kind, k, i in _actions(schedule, p, r, m, v):
             s = r + k * p
+            if kind == "W":  # no message
+                continue
             if kind == "F":
                 inbox, outbox = (s - 1, s, "act", i), (s, s + 1, "act", i)
                 has_in, has_out = s > 0, s < n - 1
@@ -523,9 +572,97 @@ def test_schedules_run_without_deadlock(p, v, m):
     if v == 1:
         simulate("1f1b", p, v, m)
         assert fifo("1f1b", p, v, m)
+        simulate("zero_bubble", p, v, m)
+        assert fifo("zero_bubble", p, v, m)
     elif m % p == 0:
         simulate("interleaved_1f1b", p, v, m)
         assert fifo("interleaved_1f1b", p, v, m)
+
+
+def idle_time(schedule: str, p: int, m: int, cost: dict[str, int]) -> int:
+    """Per-rank idle time (the bubble) of every rank's action list run with the given
+    action times (no communication cost); it is the same on every rank."""
+    lists = [_actions(schedule, p, r, m) for r in range(p)]
+    end: dict[tuple[str, int, int], int] = {}
+    pos, clock = [0] * p, [0] * p
+    while any(pos[r] < len(lists[r]) for r in range(p)):
+        for r in range(p):
+            while pos[r] < len(lists[r]):
+                kind, _, i = lists[r][pos[r]]
+                deps = {
+                    "F": [("F", r - 1, i)] if r > 0 else [],
+                    "B": [("F", r, i)] + ([("B", r + 1, i)] if r < p - 1 else []),
+                    "W": [("B", r, i)],
+                }[kind]
+                if any(d not in end for d in deps):
+                    break
+                clock[r] = max([clock[r]] + [end[d] for d in deps]) + cost[kind]
+                end[(kind, r, i)] = clock[r]
+                pos[r] += 1
+    work = [sum(cost[kind] for kind, _, _ in lst) for lst in lists]
+    idle = {max(clock) - w for w in work}
+    assert len(idle) == 1, idle
+    return idle.pop()
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 12])
+def test_zero_bubble_splits_backward_and_shrinks_the_bubble(p, m):
+    """B and W once per microbatch, W after its B, some W deferred past a later B; with
+    F = B = W = 1 (1F1B's backward B + W = 2) the bubble is p - 1 instead of 3 (p - 1)
+    once m >= p, and never larger than 1F1B's; 1F1B's bound p - r on un-B'd microbatches
+    holds, and fewer than 2p - r are forwarded but not yet W'd."""
+    for r in range(p):
+        acts = _actions("zero_bubble", p, r, m)
+        for kind in "FBW":
+            assert [i for k, _, i in acts if k == kind] == list(range(m)), (kind, acts)
+        assert all(acts.index(("W", 0, i)) > acts.index(("B", 0, i)) for i in range(m))
+        assert in_flight([(k, i) for k, _, i in acts if k != "W"]) <= p - r
+        freed_by_w = [("B" if k == "W" else k, i) for k, _, i in acts if k != "B"]
+        assert in_flight(freed_by_w) <= min(2 * p - 1 - r, m)
+    if m >= 2:
+        last = _actions("zero_bubble", p, p - 1, m)
+        assert last.index(("W", 0, 0)) > last.index(("B", 0, 1)), last
+    one = idle_time("1f1b", p, m, {"F": 1, "B": 2})
+    zb = idle_time("zero_bubble", p, m, {"F": 1, "B": 1, "W": 1})
+    assert one == 3 * (p - 1)
+    assert zb <= one and (m < p or zb == p - 1), (zb, one)
+
+
+def _twice(p, a):
+    """A weight used twice on the input's path and an output made from params only."""
+    h = torch.tanh(a["h"] @ p["w"] + p["b"]) @ p["w"] + a["extra"][0][:, None, :]
+    return {"h": h, "extra": (p["b"] * 2,), "mask": a["mask"]}
+
+
+def _bypass(p, a):
+    """The input passed through, a weight that meets the input's path once."""
+    return {"h": a["h"], "extra": (a["extra"][0] * p["b"].sum(),), "mask": a["mask"]}
+
+
+@pytest.mark.parametrize("fn", [block, _twice, _bypass, head])
+def test_split_backward_equals_one_backward(fn):
+    """B's input grads and W's weight grads equal one autograd.grad over both."""
+    from fsharding.parallel.pipeline import _backward_input, _backward_weight
+
+    params = make_params(["block"], seed=3)[0] if fn is not head else make_params(["head"])[0]
+    x, _ = make_batch()
+    a = embed(make_params(["embed"])[0], x)
+    h, e = a["h"].detach().requires_grad_(True), a["extra"][0].detach().requires_grad_(True)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    out = fn(leaves, {"h": h, "extra": (e,), "mask": a["mask"]})
+    outs = [t for t in fs.tree.leaves(out) if t.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    cots = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in outs]
+    ws = list(leaves.values())
+    expected = torch.autograd.grad(outs, ws + [h, e], cots, retain_graph=True, allow_unused=True)
+    grads_in, state = _backward_input(outs, cots, [h, e], ws)
+    del outs, out
+    got = list(_backward_weight(state, ws)) + list(grads_in)
+    for name, a_, b_ in zip([*leaves, "h", "extra"], got, expected, strict=True):
+        assert (a_ is None) == (b_ is None), name
+        if a_ is not None:
+            assert_close(a_, b_, name, **TOL)
 
 
 def test_bad_arguments_raise_at_build_time():
