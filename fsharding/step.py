@@ -9,10 +9,17 @@ This module owns what every training step shares, whatever produces its grads:
   (``loss``, ``grad_norm``, ``lr``, ``aux``, ``loss_scale``, ``skipped``), the loss-scale
   skip (a step whose grads are not all finite returns params and optimizer state
   bit-identical and an adjusted scale) and the optimizer update with donation
-  (:func:`apply_update`). ``fs.train_step`` and ``fs.zero`` call it with their own grads
-  (and so will ``fs.pipeline``); an SPMD step supplies how every rank agrees on the finite check
-  (``reduce_all``) and, where its state is stored otherwise, how the update runs
-  (``update``);
+  (:func:`apply_update`). ``fs.train_step`` and ``fs.zero`` call it with their own grads;
+  an SPMD step supplies how every rank agrees on the finite check (``reduce_all``), what
+  the optimizer's global decisions reduce over (``within``) and, where its state is stored
+  otherwise, how the update runs (``update``);
+* the one protocol by which a grad function says that its grads are only a *part* of the
+  model's, the other parts held by other ranks (``fs.pipeline``: each rank of the pipeline
+  axis holds its own stage's grads): :func:`partition` and :class:`Partition`. A step over
+  such a grad function makes the grad norm, ``optim.clip_by_global_norm`` (any
+  ``optim.base.sharded_norm`` decision) and the loss-scale finite check global over those
+  ranks: ``fs.train_step`` here, ``fs.zero`` over a ``dp x pp`` mesh by composing its own
+  data-parallel reductions with the partition's;
 * the checks and conversions of a step's arguments (:func:`check_params_arg`,
   :func:`as_loss_scale`, :func:`split_state`, :func:`split_value`,
   :func:`stack_microbatches`).
@@ -31,8 +38,10 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.distributed as dist
 
 from fsharding import tree as _tree
+from fsharding._compat import settle, use_counts
 from fsharding.optim import base as _optim
 from fsharding.precision import StaticLossScale
 from fsharding.transforms.accumulate import PerMicrobatch
@@ -199,7 +208,11 @@ def train_step(
         grad_fn: ``grad_fn(params, batch) -> (loss, grads)`` or ``((loss, aux), grads)``,
             e.g. ``fs.value_and_grad(loss_fn)`` (``has_aux=True`` for the second form),
             possibly wrapped in ``fs.accumulate``. With ``loss_scale`` it is called as
-            ``grad_fn(params, batch, loss_scale=scale)``.
+            ``grad_fn(params, batch, loss_scale=scale)``. Or ``fs.pipeline``'s
+            ``f(stage_params, inputs, targets)``: ``batch`` is then ``(inputs, targets)``,
+            each rank steps its own stage, and the grad norm, ``optim.clip_by_global_norm``
+            (every global decision of the optimizer) and the loss-scale skip are over all
+            the stages together, as in the unpipelined step (see :class:`Partition`).
         optimizer: an ``optim.GradientTransformation``.
         loss_scale: an initial ``fs.LossScale`` (e.g. ``fs.DynamicLossScale()``) for fp16,
             or a number ``s``, meaning ``fs.StaticLossScale(s)``.
@@ -249,6 +262,7 @@ def train_step(
     if not callable(grad_fn):
         raise TypeError(f"fs.train_step: grad_fn must be callable, got {grad_fn!r}.")
     loss_scale = as_loss_scale(loss_scale, "fs.train_step")
+    part = partition(grad_fn, "fs.train_step.step")
 
     def init(params: PyTree) -> tuple[PyTree, Any]:
         check_params_arg(params, "fs.train_step.init")
@@ -265,10 +279,13 @@ def train_step(
         api = "fs.train_step.step"
         opt, scale = split_state(opt_state, loss_scale, api)
         kw = {"loss_scale": scale} if scale is not None else {}
-        value, grads = grad_fn(params, batch, **kw)
+        if part is None:
+            value, grads = grad_fn(params, batch, **kw)
+        else:
+            value, grads = part.call(grad_fn, params, batch, **kw)
         loss, aux, has_aux = split_value(value, api)
         _tree.check_same_structure(params, grads, names=("params", "grads"), api=api)
-        grad_norm = _optim.global_norm(grads)
+        grad_norm = _optim.global_norm(grads) if part is None else part.global_norm(grads)
         owned = [grads]  # the tail's alone: freed once the optimizer has read them
         del grads
         return update_tail(
@@ -282,6 +299,8 @@ def train_step(
             aux=aux,
             loss_scale=scale,
             donate=donate,
+            reduce_all=None if part is None else part.all_min,
+            within=None if part is None else part.norms(),
         )
 
     def gather(params: PyTree) -> PyTree:
@@ -291,7 +310,7 @@ def train_step(
 
 
 # --------------------------------------------------------------------------------------
-# the update tail (train_step, zero; pipeline next)
+# the update tail (train_step, zero; a pipeline through either)
 # --------------------------------------------------------------------------------------
 
 
@@ -309,6 +328,7 @@ def update_tail(
     donate: bool = False,
     reduce_all: Callable[[torch.Tensor], torch.Tensor] | None = None,
     update: Callable[[Any, bool], tuple[PyTree, Any]] | None = None,
+    within: contextlib.AbstractContextManager[Any] | None = None,
 ) -> tuple[PyTree, Any, dict[str, Any]]:
     """The end of every training step: metrics, the loss-scale skip, the update.
 
@@ -332,6 +352,9 @@ def update_tail(
             ``optim.sharded_norm``'s ``reduce_all``).
         update: ``update(grads, donate) -> (params, opt)`` for a step that stores its
             state otherwise (``fs.zero``: DTensor shards); default :func:`apply_update`.
+        within: with the default ``update``, entered around ``optimizer.update`` (see
+            :func:`apply_update`): e.g. :meth:`Partition.norms`, so that the optimizer's
+            global norm and decisions span every rank holding a part of the grads.
 
     Returns:
         ``(params, opt_state, metrics)`` as ``Step.step`` returns them: ``opt_state`` is a
@@ -356,7 +379,9 @@ def update_tail(
         if not finite:  # the same tensors back: nothing updated, no schedule count
             return params, TrainState(opt=opt, loss_scale=new_scale), metrics
     if update is None:
-        params, opt = apply_update(optimizer, grads.pop(), opt, params, donate=donate)
+        params, opt = apply_update(
+            optimizer, grads.pop(), opt, params, donate=donate, within=within
+        )
     else:
         params, opt = update(grads.pop(), donate)
     if loss_scale is not None:
@@ -389,3 +414,114 @@ def apply_update(
     if donate:
         return _optim.apply_updates_(params, updates), opt
     return _optim.apply_updates(params, updates), opt
+
+
+# --------------------------------------------------------------------------------------
+# partitioned grad functions (fs.pipeline): grads held in parts by several ranks
+# --------------------------------------------------------------------------------------
+
+
+class Partition:
+    """The ranks holding the other parts of a partitioned grad function's grads.
+
+    The protocol: a grad function whose grads are one part of the model's, the others
+    held by the ranks along one axis of a mesh, carries the attributes ``mesh`` (an
+    ``fs.Mesh``) and ``axis`` (the name of that axis). ``fs.pipeline``'s function does
+    (each rank of the pipeline axis holds its own stage's grads; it is called as
+    ``grad_fn(params, inputs, targets)``). A step over it then
+
+    * calls it with ``batch = (inputs, targets)`` (:meth:`call`);
+    * reports the norm of *all* the parts as ``grad_norm`` (:meth:`global_norm`);
+    * runs the optimizer inside :meth:`norms`, so ``optim.clip_by_global_norm`` clips by
+      that norm and ``optim.apply_if_finite`` skips on every part together;
+    * agrees on the loss-scale finite check over the parts (:meth:`all_min`), so every
+      stage skips the same steps.
+
+    Sums over the parts are deterministic: each rank's value is all-gathered and added in
+    rank order (the same bits on every rank, whatever the backend's reduction order).
+
+    Attributes:
+        group: the process group of the axis (the ranks holding the other parts).
+        size: the number of parts (ranks along the axis).
+    """
+
+    def __init__(self, group: Any, size: int, api: str = "a partitioned grad function"):
+        self.group, self.size, self.api = group, size, api
+
+    def call(self, grad_fn: Callable[..., Any], params: PyTree, batch: Any, **kw: Any) -> Any:
+        """``grad_fn(params, inputs, targets, **kw)`` for ``batch = (inputs, targets)``."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            got = f"a {type(batch).__name__}"
+            if isinstance(batch, (tuple, list)):
+                got += f" of length {len(batch)}"
+            raise TypeError(
+                f"{self.api}: batch must be (inputs, targets) for a pipeline grad function "
+                f"(fs.pipeline's f(params, inputs, targets)), got {got}. Pass e.g. "
+                "step.step(params, opt_state, (x, y)); ranks that do not run the first "
+                "(last) stage may pass None as inputs (targets)."
+            )
+        return grad_fn(params, batch[0], batch[1], **kw)
+
+    @torch.no_grad()
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (a 0-dim tensor) summed over the parts in float64, in rank order."""
+        mine = x.detach().to(torch.float64).reshape(1)
+        if self.size == 1:
+            return mine.reshape(())
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        before = use_counts([mine, *parts])
+        dist.all_gather(parts, mine, group=self.group)
+        settle(before)  # gloo's worker has let go of the tensors (no SIGABRT at exit)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total.reshape(())
+
+    @torch.no_grad()
+    def all_min(self, flag: torch.Tensor) -> torch.Tensor:
+        """A yes/no flag (0-dim int32, 1: true here) agreed by every part: the MIN."""
+        out = flag.detach().to(torch.int32).clone()
+        if self.size == 1:
+            return out
+        before = use_counts([out])
+        dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.group)
+        settle(before)
+        return out
+
+    def sq_reduce(self, sq_per_leaf: list[torch.Tensor]) -> torch.Tensor:
+        """The global sum of squares from this part's per-leaf squared norms (the
+        ``reduce`` of ``optim.base.sharded_norm``)."""
+        if not sq_per_leaf:  # a part without floating grads still takes part in the sum
+            return self.sum(torch.zeros((), dtype=torch.float64))
+        return self.sum(torch.stack([s.to(torch.float64) for s in sq_per_leaf]).sum())
+
+    @staticmethod
+    def leaf_sq_reduce(positions: list[int], sq: torch.Tensor) -> torch.Tensor:
+        """Per-leaf squared norms: a leaf lives whole in one part, so they are local."""
+        return sq
+
+    def norms(self) -> contextlib.AbstractContextManager[None]:
+        """The ``optim.base.sharded_norm`` block the optimizer runs in: its global norm
+        and decisions over all the grads are over every part."""
+        return _optim.sharded_norm(self.sq_reduce, self.leaf_sq_reduce, reduce_all=self.all_min)
+
+    @torch.no_grad()
+    def global_norm(self, grads: PyTree) -> torch.Tensor:
+        """The L2 norm of every part's grads together (float32, or float64 when this
+        part has a float64 leaf), the same on every rank."""
+        leaves = [x for x in optree.tree_leaves(grads) if _tree.is_floating(x)]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
+        local = [_tree.local_tensor(x) for x in leaves]
+        sq = [n.to(torch.float64).square() for n in torch._foreach_norm(local, 2)] if local else []
+        return self.sq_reduce(sq).sqrt().to(dtype)
+
+
+def partition(grad_fn: Any, api: str = "fs.train_step") -> Partition | None:
+    """The :class:`Partition` of a partitioned grad function (``fs.pipeline``'s, with its
+    ``mesh`` and ``axis`` attributes), or None for any other grad function. On an axis of
+    size 1 (every stage in this process) its reductions are the identity."""
+    mesh, axis = getattr(grad_fn, "mesh", None), getattr(grad_fn, "axis", None)
+    if mesh is None or axis is None or not hasattr(mesh, "group"):
+        return None
+    size = mesh.shape[axis]
+    return Partition(mesh.group(axis) if size > 1 else None, size, api)

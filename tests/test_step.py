@@ -306,3 +306,36 @@ def test_grads_are_freed_before_the_new_params_are_allocated(monkeypatch):
     p, s = step.init({"w": torch.zeros(3)})
     p, s, _ = step.step(p, s, None)
     assert alive_at_apply == [False]
+
+
+def test_a_pipeline_grad_fn_takes_batch_inputs_targets_and_steps_like_its_composition():
+    """fs.pipeline's f(params, inputs, targets) (a local mesh: every stage here) plugs into
+    fs.train_step directly: batch = (inputs, targets); params, loss and norm equal the
+    step on the unpipelined composition (float64); another batch raises a clear error."""
+    g = torch.Generator().manual_seed(0)
+    embed = lambda p, x: torch.tanh(x @ p["w"])  # noqa: E731
+    head = lambda p, h: h @ p["v"]  # noqa: E731
+    mse = lambda y, t: ((y - t) ** 2).mean()  # noqa: E731
+    params = [
+        {"w": torch.randn(3, 4, generator=g, dtype=torch.float64)},
+        {"v": torch.randn(4, 2, generator=g, dtype=torch.float64)},
+    ]
+    x, t = (torch.randn(6, k, generator=g, dtype=torch.float64) for k in (3, 2))
+    opt = optim.chain(optim.clip_by_global_norm(0.1), optim.sgd(0.5))
+    f = fs.pipeline(
+        [embed, head], mse, mesh=fs.Mesh(pp=1), virtual_stages=2, microbatches=2, schedule="gpipe"
+    )
+    step = fs.train_step(f, opt)
+    composed = lambda ps, b: mse(head(ps[1], embed(ps[0], b[0])), b[1])  # noqa: E731
+    ref = fs.train_step(fs.accumulate(fs.value_and_grad(composed), steps=2), opt)
+    p, s = step.init(params)
+    q, r = ref.init(params)
+    for _ in range(3):
+        p, s, m = step.step(p, s, (x, t))
+        q, r, e = ref.step(q, r, (x, t))
+        torch.testing.assert_close(m["loss"], e["loss"])
+        torch.testing.assert_close(m["grad_norm"], e["grad_norm"])
+        assert float(m["grad_norm"]) > 0.1  # the clip acts
+    torch.testing.assert_close(p, q)
+    with pytest.raises(TypeError, match=r"batch must be \(inputs, targets\).*got a dict"):
+        step.step(p, s, {"x": x, "t": t})

@@ -6,20 +6,31 @@ byte vocabulary, learned position embeddings, pre-LN blocks with
 an untied output head. Transforms reach each block through
 ``fs.functional(model, wrap={Block: transform})``; :func:`generate` samples through the
 functional ``apply`` so it works on any params tree (trained, gathered, cast).
+:func:`split_gpt` cuts a GPT into pipeline stages (:class:`GPTStage` modules sharing its
+weights) for ``fs.pipeline``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "PRESETS", "GPT", "Block", "generate", "decay_mask"]
+__all__ = [
+    "GPTConfig",
+    "PRESETS",
+    "GPT",
+    "Block",
+    "GPTStage",
+    "split_gpt",
+    "generate",
+    "decay_mask",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,22 +212,158 @@ class GPT(nn.Module):
                     module.bias.zero_()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"GPT.forward: ids must be an integer tensor of shape [batch, time], got "
-                f"{ids.dtype} of shape {tuple(ids.shape)}."
-            )
-        t = ids.shape[1]
-        if t > self.config.seq_len:
-            raise ValueError(
-                f"GPT.forward: sequence length {t} exceeds config.seq_len="
-                f"{self.config.seq_len}; crop the input (generate() keeps the last seq_len ids)."
-            )
-        pos = torch.arange(t, device=ids.device)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(pos))
+        x = _embed(self, ids, "GPT.forward")
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def _embed(model: nn.Module, ids: torch.Tensor, api: str) -> torch.Tensor:
+    """Token plus position embeddings of ``ids`` (with dropout): the start of a GPT's
+    forward, shared by :class:`GPT` and its first :class:`GPTStage`."""
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.ndim != 2
+        or ids.dtype
+        not in (
+            torch.int32,
+            torch.int64,
+        )
+    ):
+        got = (
+            f"{ids.dtype} of shape {tuple(ids.shape)}"
+            if isinstance(ids, torch.Tensor)
+            else (type(ids).__name__)
+        )
+        raise ValueError(f"{api}: ids must be an integer tensor of shape [batch, time], got {got}.")
+    t = ids.shape[1]
+    seq_len = model.pos_emb.num_embeddings
+    if t > seq_len:
+        raise ValueError(
+            f"{api}: sequence length {t} exceeds config.seq_len={seq_len}; crop the input "
+            "(generate() keeps the last seq_len ids)."
+        )
+    pos = torch.arange(t, device=ids.device)
+    return model.drop(model.tok_emb(ids) + model.pos_emb(pos))
+
+
+class GPTStage(nn.Module):
+    """One pipeline stage of a :class:`GPT`: a contiguous run of its blocks, after the
+    embeddings on the first stage and before the final LayerNorm and the head on the last.
+
+    Built by :func:`split_gpt`. A stage holds the GPT's own submodules (no copy), so its
+    parameters are the model's tensors under the model's names (``"tok_emb.weight"``,
+    ``"blocks.3.attn.qkv.weight"``, ``"head.weight"``): the stages' params together are the
+    model's, each once, and a checkpoint of the stages is one of the model. Its blocks are
+    the model's :class:`Block` s, so ``fs.functional(stage, wrap={Block: ...})`` applies
+    per-block transforms (``fs.remat``, ``fs.gather``) as on the whole model.
+
+    ``forward(x)``: the first stage takes ids ``[B, T]`` (as :class:`GPT`), the others the
+    residual stream ``[B, T, d_model]``; the last returns logits ``[B, T, vocab_size]``,
+    the others the residual stream.
+
+    Attributes:
+        first: whether this stage embeds the ids.
+        last: whether this stage ends with the final LayerNorm and the head.
+        layers: the indices of its blocks in the model.
+    """
+
+    def __init__(self, model: GPT, layers: range, *, first: bool, last: bool):
+        super().__init__()
+        self.config = model.config
+        self.first, self.last, self.layers = first, last, layers
+        if first:
+            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        # keyed by the model's block index: parameter names are the model's
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+        if last:
+            self.ln_f, self.head = model.ln_f, model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = _embed(self, x, "GPTStage.forward")
+        for block in self.blocks.values():
+            x = block(x)
+        if self.last:
+            x = self.head(self.ln_f(x))
+        return x
+
+
+def split_gpt(model: GPT, n: int, *, layers: Sequence[int] | None = None) -> list[GPTStage]:
+    """Cuts ``model`` into ``n`` pipeline stages (modules sharing its weights).
+
+    Stage 0 holds the embeddings and its first blocks, the middle stages blocks only, the
+    last stage its last blocks, the final LayerNorm and the head; ``stage[n-1](...stage[0](
+    ids))`` is ``model(ids)`` (the same operations in the same order: equal bits). The GPT's
+    head is untied (no weight is shared between stages). For ``fs.pipeline`` take each
+    stage's ``apply, params = fs.functional(stage)``: the stage functions are the applies,
+    rank ``r`` passes the params of its stage(s). A rank that keeps only its own stage (and
+    drops ``model`` and the other stages) holds only that stage's weights.
+
+    Args:
+        model: the :class:`GPT` to split.
+        n: the number of stages (``mesh.shape["pp"] * virtual_stages`` of the pipeline).
+        layers: the number of blocks of each stage (``n`` ints summing to
+            ``config.n_layers``; the first and last stage may have 0). Default: as even as
+            possible, the extra blocks on the last stages (under 1F1B stage ``s`` holds
+            ``p - s`` microbatches' activations, so later stages have memory to spare).
+
+    Returns:
+        The ``n`` :class:`GPTStage` s, in order.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`GPT`, ``n`` or ``layers`` not ints.
+        ValueError: ``n < 1``; more stages than blocks (default ``layers``); ``layers`` of
+            another length or sum, negative, or leaving a middle stage without blocks.
+
+    Example:
+        >>> import fsharding as fs
+        >>> model = GPT(GPTConfig.preset("tiny").with_(n_layers=3))
+        >>> stages = split_gpt(model, 2)
+        >>> [list(s.layers) for s in stages]
+        [[0], [1, 2]]
+        >>> (apply0, p0), (apply1, p1) = fs.functional(stages[0]), fs.functional(stages[1])
+        >>> sorted(p0)[:2], sorted(p1)[-2:]
+        (['blocks.0.attn.proj.bias', 'blocks.0.attn.proj.weight'], ['ln_f.bias', 'ln_f.weight'])
+        >>> ids = torch.zeros(2, 5, dtype=torch.long)
+        >>> torch.equal(apply1(p1, apply0(p0, ids)), model(ids))
+        True
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"split_gpt: model must be a GPT, got {type(model).__name__}.")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"split_gpt: n must be an int >= 1 (the stage count), got {n!r}.")
+    if n < 1:
+        raise ValueError(f"split_gpt: n must be >= 1 (the stage count), got {n}.")
+    total = model.config.n_layers
+    if layers is None:
+        if n > total:
+            raise ValueError(
+                f"split_gpt: {n} stages but the model has {total} blocks; use at most {total} "
+                f"stages, or pass layers= (n counts summing to {total}; only the first and "
+                "last stage may have 0 blocks)."
+            )
+        layers = [total // n + (s >= n - total % n) for s in range(n)]
+    else:
+        layers = list(layers)
+        if any(isinstance(k, bool) or not isinstance(k, int) for k in layers):
+            raise TypeError(f"split_gpt: layers must be a sequence of ints, got {layers!r}.")
+        if len(layers) != n or sum(layers) != total or min(layers) < 0:
+            raise ValueError(
+                f"split_gpt: layers must be {n} counts >= 0 (one per stage) summing to the "
+                f"model's {total} blocks, got {layers}."
+            )
+        empty = [s for s in range(1, n - 1) if layers[s] == 0]
+        if empty:
+            raise ValueError(
+                f"split_gpt: layers={layers} leaves middle stage {empty[0]} without blocks "
+                "(it would have no params); give every middle stage at least one block."
+            )
+    stages, start = [], 0
+    for s, k in enumerate(layers):
+        stages.append(GPTStage(model, range(start, start + k), first=s == 0, last=s == n - 1))
+        start += k
+    return stages
 
 
 def decay_mask(params: Mapping[str, torch.Tensor]) -> dict[str, bool]:

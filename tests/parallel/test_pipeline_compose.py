@@ -1,0 +1,265 @@
+"""fs.pipeline composed with the training steps and with the repo's GPT, on gloo ranks.
+
+* ``fs.train_step(pipeline_f, opt)`` on 2 stages with ``optim.clip_by_global_norm`` (a max
+  small enough that every step clips) and a ``fs.DynamicLossScale``, with an inf in the
+  grads of ONE stage on one step: the params of every stage after N steps, the grad norm,
+  the loss, the scale and the skip equal the single-process ``fs.train_step`` on the
+  unpipelined composition (float64). The old per-stage step (the pipeline behind a lambda,
+  which hides its ``mesh``/``axis``) is run beside it and must differ: per-stage clipping
+  and a skip on one stage only.
+* A GPT split with ``fsharding.models.split_gpt`` through ``fs.pipeline`` (2 stages with
+  1F1B, 4 stages interleaved on 2 ranks) gives the unsplit GPT's loss and grads.
+* ``fs.zero`` over ``fs.Mesh(dp=2, pp=2)`` at stages 1 and 3 on 4 processes equals the
+  single-process reference on the global batch (dp x local), with clipping and a skip caused
+  by one rank's inf.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fsharding as fs
+from fsharding import optim
+from fsharding.models import GPT, GPTConfig, split_gpt
+from tests.dist_utils import assert_close, run
+
+D, H, C, B, M, N = 5, 7, 3, 8, 4, 5
+POISON_STEP = 2  # the step whose batch makes stage 0's grads inf
+TOL = {"rtol": 1e-5, "atol": 1e-9}
+
+
+class _Poison(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``k`` (inf: a non-finite grad
+    in this stage's params only, the forward values untouched)."""
+
+    @staticmethod
+    def forward(ctx, w, k):
+        ctx.save_for_backward(k)
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (k,) = ctx.saved_tensors
+        return g * k, None
+
+
+def first(p, x):
+    w = _Poison.apply(p["w"], x["k"].max())
+    return {"h": torch.tanh(x["x"] @ w + p["b"])}
+
+
+def last(p, a):
+    return a["h"] @ p["v"]
+
+
+def mse(y, t):
+    return ((y - t) ** 2).mean()
+
+
+FNS = [first, last]
+
+
+def make_params(seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return [{"w": r(D, H), "b": r(H)}, {"v": r(H, C)}]
+
+
+def make_batches(n: int, b: int, seed: int = 1, poison_row: int = 1) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        k = torch.ones(b, dtype=torch.float64)
+        if i == POISON_STEP:
+            k[poison_row] = torch.inf
+        x = {"x": torch.randn(b, D, generator=g, dtype=torch.float64), "k": k}
+        out.append((x, torch.randn(b, C, generator=g, dtype=torch.float64)))
+    return out
+
+
+def optimizer() -> optim.GradientTransformation:
+    # sgd after the clip: the clip factor shows in the params (adam would normalise it away)
+    return optim.chain(optim.clip_by_global_norm(0.05), optim.sgd(0.1))
+
+
+def scale() -> fs.DynamicLossScale:
+    return fs.DynamicLossScale(2.0**4, period=2)
+
+
+def reference_run(batches: list[tuple], microbatches: int) -> tuple[list, list]:
+    """Single process: fs.train_step on the unpipelined composition of all stages."""
+
+    def composed(ps, batch):
+        x, t = batch
+        return mse(last(ps[1], first(ps[0], x)), t)
+
+    grad_fn = fs.accumulate(fs.value_and_grad(composed), steps=microbatches)
+    step = fs.train_step(grad_fn, optimizer(), loss_scale=scale())
+    params, state = step.init(make_params())
+    metrics = []
+    for batch in batches:
+        params, state, m = step.step(params, state, batch)
+        metrics.append(m)
+    return params, metrics
+
+
+def _check_metrics(mine: list, ref: list, what: str) -> None:
+    for i, (m, e) in enumerate(zip(mine, ref, strict=True)):
+        assert m["skipped"] == e["skipped"], (what, i, m["skipped"], e["skipped"])
+        assert m["loss_scale"] == e["loss_scale"], (what, i)
+        if not e["skipped"]:
+            norm = m["grad_norm"].double()
+            assert_close(norm, e["grad_norm"].double(), f"{what} norm {i}", **TOL)
+            assert_close(m["loss"], e["loss"], f"{what} loss {i}", **TOL)
+
+
+# --------------------------------------------------------------------------------------
+# 2 ranks: fs.train_step on a pipeline; the GPT split through fs.pipeline
+# --------------------------------------------------------------------------------------
+
+
+def _two_ranks():
+    torch.set_num_threads(1)  # tiny ops: no intra-op threads to wait on (a fresh process)
+    mesh = fs.Mesh(pp=2)
+    r = mesh.coordinate["pp"]
+    out = {}
+    batches = make_batches(N, B)
+    ref_params, ref_metrics = reference_run(batches, M)
+    assert ref_metrics[POISON_STEP]["skipped"] and sum(m["skipped"] for m in ref_metrics) == 1
+    assert all(float(m["grad_norm"]) > 0.05 for m in ref_metrics if not m["skipped"])
+
+    f = fs.pipeline(FNS, mse, mesh=mesh, microbatches=M)
+    for name, grad_fn in (("global", f), ("per_stage", lambda p, b, **kw: f(p, *b, **kw))):
+        step = fs.train_step(grad_fn, optimizer(), loss_scale=scale())
+        params, state = step.init(make_params()[r])
+        metrics = []
+        for x, t in batches:
+            params, state, m = step.step(params, state, (x if r == 0 else None, t))
+            metrics.append(m)
+        out[name] = (params, metrics)
+
+    params, metrics = out["global"]
+    _check_metrics(metrics, ref_metrics, f"rank {r}")
+    for k in params:
+        assert_close(params[k], ref_params[r][k], f"rank {r} params {k}", **TOL)
+
+    # the old per-stage step: each stage clips by its own norm, only stage 0 skips
+    params, metrics = out["per_stage"]
+    assert metrics[POISON_STEP]["skipped"] == (r == 0)
+    assert any(not torch.allclose(params[k], ref_params[r][k], **TOL) for k in params), (
+        "per-stage clipping should differ from the reference"
+    )
+
+    # a bad batch for a pipeline step: the error names the batch and the fix
+    step = fs.train_step(f, optimizer())
+    p0, s0 = step.init(make_params()[r])
+    try:
+        step.step(p0, s0, batches[0][0])
+    except TypeError as e:
+        out["bad_batch"] = str(e)
+
+    out["gpt"] = _gpt_through_pipeline(mesh)
+    return out
+
+
+def _gpt_config() -> GPTConfig:
+    return GPTConfig(vocab_size=17, seq_len=6, d_model=8, n_layers=4, n_heads=2)
+
+
+def _gpt_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 17, (B, 6), generator=g)
+    return ids, torch.randint(0, 17, (B, 6), generator=g)
+
+
+def gpt_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _gpt_through_pipeline(mesh):
+    """Loss and grads of the split GPT (2 stages 1F1B; 4 stages interleaved) against the
+    unsplit model's fs.value_and_grad; returns the stage param names per case."""
+    r = mesh.coordinate["pp"]
+    model = GPT(_gpt_config(), seed=5).double()
+    ids, targets = _gpt_batch()
+    apply, full = fs.functional(model)
+    ref_loss, ref_grads = fs.value_and_grad(lambda p: gpt_loss(apply(p, ids), targets))(full)
+    names = {}
+    for n, schedule in ((2, "1f1b"), (4, "interleaved_1f1b")):
+        applies, params = zip(*(fs.functional(s) for s in split_gpt(model, n)))
+        v = n // 2
+        f = fs.pipeline(
+            list(applies),
+            gpt_loss,
+            mesh=mesh,
+            microbatches=M,
+            schedule=schedule,
+            virtual_stages=v,
+        )
+        mine = [params[s] for s in range(r, n, 2)]
+        loss, grads = f(mine if v > 1 else mine[0], ids if r == 0 else None, targets)
+        grads = grads if v > 1 else [grads]
+        assert_close(loss, ref_loss, f"gpt {n} stages loss", **TOL)
+        for stage_grads in grads:
+            for k, g in stage_grads.items():
+                assert_close(g, ref_grads[k], f"gpt {n} stages grad {k}", **TOL)
+        names[n] = [sorted(p) for p in mine]
+    return names
+
+
+@pytest.mark.timeout(240)
+def test_train_step_on_a_pipeline_clips_and_skips_globally_and_gpt_split_matches():
+    results = run(_two_ranks, 2, timeout=200)
+    for out in results:
+        assert "(inputs, targets)" in out["bad_batch"], out["bad_batch"]
+    # every rank compared itself with the reference in the worker; the stages' params
+    # cover the GPT's, each exactly once
+    every = {n: sorted(k for out in results for p in out["gpt"][n] for k in p) for n in (2, 4)}
+    model_names = sorted(dict(GPT(_gpt_config()).named_parameters()))
+    assert every[2] == model_names and every[4] == model_names
+
+
+# --------------------------------------------------------------------------------------
+# 4 ranks: fs.zero over a dp x pp mesh
+# --------------------------------------------------------------------------------------
+
+
+def _dp_pp(zero_stage: int):
+    mesh = fs.Mesh(dp=2, pp=2)
+    d, r = mesh.coordinate["dp"], mesh.coordinate["pp"]
+    dp = mesh.shape["dp"]
+    # the global batch (dp x local): the poisoned row lies in dp rank 0's half
+    batches = make_batches(N, dp * B, seed=7, poison_row=1)
+    ref_params, ref_metrics = reference_run(batches, dp * M)
+    f = fs.pipeline(FNS, mse, mesh=mesh, axis="pp", microbatches=M)
+    step = fs.zero(f, optimizer(), mesh=mesh, stage=zero_stage, axis="dp", loss_scale=scale())
+    params, state = step.init(make_params()[r])
+    metrics = []
+    for x, t in batches:
+        local = slice(d * B, (d + 1) * B)
+        xs = {k: v[local] for k, v in x.items()}
+        params, state, m = step.step(params, state, (xs if r == 0 else None, t[local]))
+        metrics.append(m)
+    _check_metrics(metrics, ref_metrics, f"zero {zero_stage} rank {d},{r}")
+    full = step.gather(params)
+    for k in full:
+        assert_close(full[k], ref_params[r][k], f"zero {zero_stage} params {k}", **TOL)
+    return True
+
+
+def _four_ranks():
+    torch.set_num_threads(1)
+    return [_dp_pp(1), _dp_pp(3)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the fs.zero side of the pipeline partition (P2's zero.py diff: call a "
+    "pipeline grad fn with batch=(inputs, targets), norm and finite check over dp AND pp); "
+    "remove this mark when the coordinator applies it",
+)
+@pytest.mark.timeout(240)
+def test_zero_over_dp_and_pp_equals_the_single_process_reference():
+    assert run(_four_ranks, 4, timeout=200) == [[True, True]] * 4
