@@ -29,7 +29,7 @@ import-linter contracts in ``pyproject.toml``):
                             every step shares
 ``parallel/``               SPMD: ``mesh``, ``launch``, ``collectives``, ``shard``,
                             ``gather``, ``zero``, ``pipeline``
-``serialization``,         ``save``, ``load``, ``latest``, ``CheckpointError``: training
+``serialization``,         ``save``, ``load``, ``latest``, ``CheckpointError``, ``export``:
 ``memory``, ``introspect``  state on disk; ``memory_report``, ``print_saved_activations``
 ``models/``, ``data``       the reference GPT and the bundled corpus (import nothing above)
 ``train``                   the main job, ``python -m fsharding.train``
@@ -69,7 +69,7 @@ from fsharding.precision import (
     Policy,
     StaticLossScale,
 )
-from fsharding.serialization import CheckpointError, latest, load, save
+from fsharding.serialization import CheckpointError, export, latest, load, save
 from fsharding.step import Step, TrainState, train_step
 from fsharding.transforms import policies
 from fsharding.transforms.accumulate import accumulate
@@ -98,6 +98,7 @@ __all__ = [
     "axis_index",
     "axis_size",
     "checkpoint_name",
+    "export",
     "from_local",
     "functional",
     "gather",

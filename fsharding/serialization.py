@@ -1,4 +1,5 @@
-"""Training state on disk: ``fs.save``, ``fs.load``, ``fs.latest`` and ``fs.CheckpointError``.
+"""Training state on disk: ``fs.save``, ``fs.load``, ``fs.latest`` and ``fs.CheckpointError``
+(and ``fs.export``, re-exported from ``_export``: params as safetensors for other tools).
 
 This module owns checkpoints of any training-state pytree (params, optimizer state such as
 ``optim``'s ``ScaleByAdamState``, ``fs.TrainState`` with its loss scale, schedule counts,
@@ -86,8 +87,9 @@ import torch
 import torch.distributed as dist
 
 from fsharding import tree as _tree
+from fsharding._export import export
 
-__all__ = ["CheckpointError", "save", "load", "latest"]
+__all__ = ["CheckpointError", "save", "load", "latest", "export"]
 
 _PyTree = Any
 

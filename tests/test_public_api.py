@@ -23,7 +23,7 @@ PUBLIC = {
     # training steps
     "Step", "TrainState", "train_step", "zero",
     # state on disk
-    "save", "load", "latest", "CheckpointError",
+    "save", "load", "latest", "CheckpointError", "export",
     # introspection
     "memory_report",
     "__version__",
