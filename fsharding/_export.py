@@ -113,6 +113,7 @@ class _Leaf:
     where: str  # the pytree path (or module attribute) it was found at, for messages
     value: torch.Tensor
     dtensor: bool
+    mesh_ranks: frozenset[int]  # a DTensor's: the global ranks of its device mesh
     shape: tuple[int, ...]
     dtype: torch.dtype  # as written (after the dtype= cast)
 
@@ -241,7 +242,9 @@ def export(
                 out.write(plan.header(names))
             for n in names:
                 leaf = leaves.get(n)
-                if leaf is None or not (leaf.dtensor or out is not None):
+                # a DTensor: gathered by every rank of the writer's mesh (other meshes
+                # holding a replica, e.g. other replicate groups of HSDP, skip it)
+                if leaf is None or not (writer in leaf.mesh_ranks or out is not None):
                     continue
                 t = _materialize(leaf)  # a collective for a DTensor: joined even after an error
                 if out is not None:
@@ -361,7 +364,8 @@ def _add(
             f"{_API}: {where} has dtype {out_dtype}, which safetensors cannot hold; "
             f"supported: {sorted(str(d) for d in _DTYPES)}."
         )
-    leaves[name] = _Leaf(where, value, dtensor, tuple(value.shape), out_dtype)
+    ranks = frozenset(value.device_mesh.mesh.flatten().tolist()) if dtensor else frozenset()
+    leaves[name] = _Leaf(where, value, dtensor, ranks, tuple(value.shape), out_dtype)
 
 
 def _module_extras(module: nn.Module, leaves: dict[str, _Leaf]):
@@ -496,12 +500,15 @@ def _materialize(leaf: _Leaf) -> torch.Tensor:
         if x.dtype != leaf.dtype:
             x = x.to(leaf.dtype)  # on the shards for a DTensor: less to gather
         if leaf.dtensor:
-            local = _tree.local_tensor(x)
+            local = x._local_tensor  # what a collective reads (to_local() is an alias)
             before = use_counts([local])
             x = x.full_tensor()
-            if hasattr(x, "wait") and type(x).__name__ == "AsyncCollectiveTensor":
+            if type(x).__name__ == "AsyncCollectiveTensor":
                 x = x.wait()
-            settle([(x, 1), *before])  # gloo's worker has let go of both
+            # no collective ran where the DTensor was already whole (Replicate, a one-rank
+            # mesh): x is then a view of the local tensor, nothing to wait for
+            if _tree.storage_key(x) != _tree.storage_key(local):
+                settle([(x, 1), *before])  # gloo's worker has let go of both
             del local
         return x
 

@@ -342,10 +342,13 @@ GPT_CFG = GPTConfig(vocab_size=61, seq_len=16, d_model=32, n_layers=2, n_heads=2
 
 def _worker(root: str):
     import gc
+    import warnings
 
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
 
+    # every collective's buffers released in time (fsharding's settle() warns otherwise)
+    warnings.filterwarnings("error", message="fsharding settle", category=RuntimeWarning)
     rank = dist.get_rank()
     out: dict = {}
     mesh = fs.Mesh(dp=2)
@@ -403,6 +406,23 @@ def _worker(root: str):
     shape = {"w": torch.ones(2 + rank)}
     out["err_shape"] = raises(lambda: export(f"{root}/bad", shape), ValueError)
     out["replica_map"] = export(f"{root}/replica", {"w": torch.ones(2), f"r{rank}": torch.ones(1)})
+
+    # HSDP-like replicas: each rank holds "h" as a DTensor on its own one-rank mesh; only
+    # the writer's mesh gathers it (rank 1 reads nothing)
+    import fsharding._export as impl
+
+    sub = fs.Mesh(replicate=2, shard=1)["shard"].device_mesh
+    replica = {"h": DTensor.from_local(torch.full((3,), 7.0), sub, [Shard(0)])}
+    from torch.distributed.tensor import Replicate
+
+    replica["r"] = DTensor.from_local(torch.arange(4.0), mesh.device_mesh, [Replicate()])
+    calls, real = [], impl._materialize
+    impl._materialize = lambda leaf: calls.append(leaf) or real(leaf)
+    try:
+        out["hsdp_map"] = export(f"{root}/hsdp", replica)
+    finally:
+        impl._materialize = real
+    out["hsdp_gathers"] = len(calls)
     return out
 
 
@@ -485,3 +505,6 @@ def test_two_ranks_zero3_gpt_streaming_pipeline_errors(tmp_path, monkeypatch):
     assert r0["replica_map"] == r1["replica_map"]
     got, wm = read_export(tmp_path / "replica")
     assert set(got) == {"w", "r0", "r1"} and len(set(wm.values())) == 2
+    assert (r0["hsdp_gathers"], r1["hsdp_gathers"]) == (2, 1)  # rank 1: "r" only
+    got, _ = read_export(tmp_path / "hsdp")
+    assert torch.equal(got["h"], torch.full((3,), 7.0)) and torch.equal(got["r"], torch.arange(4.0))
