@@ -468,13 +468,17 @@ def save(
     api = "fs.save"
     path = os.path.abspath(os.fspath(path))
     rank, world = _world()
-    pairs = _tree.leaves_with_path(tree)
-    err = _check_tree(pairs, allow_nonfinite)
-    if err is None and os.path.lexists(path):
-        err = f"{api}: {path} exists; save each checkpoint to a new path (e.g. step-numbered)."
-    if err is None and step is not None and (type(step) is not int or step < 0):
-        err = f"{api}: step must be a non-negative int or None, got {step!r}."
-    index = {} if err else {p: _spec(x) for p, x in pairs}
+    pairs: list[tuple[str, Any]] = []
+    try:  # any local failure is agreed below: every rank raises, none waits for a peer
+        pairs = _tree.leaves_with_path(tree)
+        err = _check_tree(pairs, allow_nonfinite)
+        if err is None and os.path.lexists(path):
+            err = f"{api}: {path} exists; save each checkpoint to a new path (e.g. step-numbered)."
+        if err is None and step is not None and (type(step) is not int or step < 0):
+            err = f"{api}: step must be a non-negative int or None, got {step!r}."
+        index = {} if err else {p: _spec(x) for p, x in pairs}
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        err, index = f"{api}: checking tree failed: {type(e).__name__}: {e}", {}
     token = uuid.uuid4().hex[:12]
     payload = (path, token, index)
     everyone = _agree(api, err, payload)
@@ -703,15 +707,18 @@ def load(path: str | os.PathLike[str], like: _PyTree) -> _PyTree:
     api = "fs.load"
     path = os.path.abspath(os.fspath(path))
     rank, world = _world()
-    pairs = _tree.leaves_with_path(like)
+    pairs: list[tuple[str, Any]] = []
     err, md, index = None, None, {}
     try:
+        pairs = _tree.leaves_with_path(like)
         index = _read_index(path)["leaves"]
         err = _match(path, index, pairs)
         if err is None:
             md = _read_metadata(path, index)
     except CheckpointError as e:
         err = str(e)
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        err = f"{api}: reading {path} failed: {type(e).__name__}: {e}"
     keys = _agree(api, err, [k for k, _ in pairs])
     extra = sorted(set(index) - {k for ks in keys for k in ks})
     if extra:

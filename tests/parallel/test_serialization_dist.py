@@ -116,8 +116,15 @@ def two_ranks(d, ref):
     exact = full(got)
     assert same(local_clone(exact), local_clone(ref["saved"])), "values differ from the saved"
     assert same(local_clone(full(fs.load(f"{d}/async-2", like))), local_clone(ref["saved"]))
+    fs.save(f"{d}/on-2", got)  # 4 -> 2 -> 1: saved again here, loaded in one process
     p, _, losses = train(step, got["params"], got["opt_state"], range(2, 5), rank, world)
     final = full(p)
+    # stage 3 -> stage 0: sharded DTensors -> plain full tensors on every rank
+    gf, params0 = make()
+    p0, s0 = fs.zero(gf, make_opt(), mesh=fs.Mesh(dp=world), stage=0).init(params0)
+    plain = fs.load(f"{d}/step-2", {"params": p0, "opt_state": s0, "step": 0})
+    assert not any(fs.tree.is_dtensor(x) for x in fs.tree.leaves(plain))
+    assert same(local_clone(plain), local_clone(ref["saved"]))
 
     # a 2-stage pipeline: each rank saves its own stage and generator state
     gen = torch.Generator().manual_seed(rank)
@@ -168,6 +175,7 @@ def test_zero3_state_across_world_sizes_stages_and_pipeline(tmp_path):
     assert same(local_clone(like), before)
     assert same(local_clone(got), local_clone(ref["saved"]))  # exactly the gathered state
     fs.tree.check_same_structure(got, ref["saved"])
+    assert same(local_clone(fs.load(f"{d}/on-2", like)), local_clone(ref["saved"]))
     p, _, losses = train(step, got["params"], got["opt_state"], range(2, 5), 0, 1)
     for name, res in (("1 process", (losses, p)), ("2 ranks", (two[0]["losses"], two[0]["final"]))):
         torch.testing.assert_close(res[0], ref["losses"], rtol=1e-5, atol=1e-6, msg=name)
@@ -197,7 +205,7 @@ def test_zero3_state_across_world_sizes_stages_and_pipeline(tmp_path):
         assert "['extra']" in e["load"]
     assert "rank 1" in errors[0]["nan"] and "rank 1" in errors[0]["load"]
     listing = errors[0]["listing"]
-    assert set(listing) == {"step-2", "async-2", "pipe"}, listing
+    assert set(listing) == {"step-2", "async-2", "on-2", "pipe"}, listing
 
 
 def killed(d):
