@@ -238,6 +238,15 @@ def test_bad_input_names_the_path(tmp_path):
     assert torch.equal(read_export(tmp_path / "ok")[0]["a"], t)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tensors need a GPU")
+def test_cuda_tensors(tmp_path):
+    params = {"w": torch.randn(5, 3, device="cuda"), "i": torch.arange(4, device="cuda")}
+    export(tmp_path, params, dtype=torch.bfloat16)
+    got, _ = read_export(tmp_path)
+    assert torch.equal(got["w"], params["w"].bfloat16().cpu())
+    assert torch.equal(got["i"], params["i"].cpu())
+
+
 def test_max_shard_size_strings():
     from fsharding._export import _parse_size
 
@@ -368,6 +377,16 @@ def _worker(root: str):
     del big, warm
     gc.collect()
 
+    # plain tensors, each rank its own names (a pipeline's layout), cast to bf16 on the way
+    plain = {f"stage{rank}.p{i}": big_shard(i, rank) for i in range(N_BIG)}  # 16 x 4 MiB
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status()["VmRSS"]
+    export(f"{root}/cast", plain, dtype=torch.bfloat16, max_shard_size=40 * MiB)
+    out["cast_peak_delta"] = _status()["VmHWM"] - base
+    del plain
+    gc.collect()
+
     # (2) ZeRO-3 on a GPT: train 2 steps, export the DTensor params.
     model = GPT(GPT_CFG, seed=0)
     apply, params = fs.functional(model)
@@ -468,6 +487,18 @@ def test_two_ranks_zero3_gpt_streaming_pipeline_errors(tmp_path, monkeypatch):
         f" peak RSS delta rank0 {peaks[0] / MiB:.1f} MiB, rank1 {peaks[1] / MiB:.1f} MiB"
     )
     assert max(peaks) < 3 * largest, peaks  # materializing the model would take > 128 MiB
+    # the same for plain tensors cast to bf16: about one cast tensor, not all of them
+    cast_largest = ROWS // 2 * COLS * 2
+    cast_peaks = [r0["cast_peak_delta"], r1["cast_peak_delta"]]
+    print(
+        f"export cast streaming: {2 * N_BIG} tensors of {cast_largest / MiB:.0f} MiB in bf16, "
+        f"peak RSS delta rank0 {cast_peaks[0] / MiB:.1f} MiB, rank1 {cast_peaks[1] / MiB:.1f} MiB"
+    )
+    assert max(cast_peaks) < 3 * cast_largest, cast_peaks  # casting all first: 32 MiB
+    got, _ = read_export(tmp_path / "cast")
+    for i in range(N_BIG):
+        for r in (0, 1):
+            assert torch.equal(got[f"stage{r}.p{i}"], big_shard(i, r).bfloat16()), (i, r)
     got, weight_map = read_export(tmp_path / "big")
     assert len(set(weight_map.values())) == 4  # 40 MiB files of 8 MiB tensors: 5 per file
     for i in range(N_BIG):
