@@ -2,12 +2,22 @@
 
     python -m fsharding.train                  # tiny preset, under two minutes on 2 CPU cores
     python -m fsharding.train --preset small   # ANCHORS.md's GPT "small" workload
+    python -m fsharding.train --save-dir ckpt --save-every 100 --resume   # restartable
 
 Every piece is a plain function of ``args``: ``build_model``, ``build_apply`` (per-block
 transforms go here, through ``fs.functional(model, wrap=...)``), ``build_grad_fn`` (wraps
 ``fs.value_and_grad(loss_fn)`` in further transforms), ``build_optimizer`` and
 ``build_step``; ``main`` only wires them into the loop. Adding a feature flag means adding
 an argument and one line in the builder it concerns.
+
+The training state is one pytree, :func:`training_state`: ``params``, ``opt_state`` (with
+the loss scale and the schedule count), the ``step`` index, the ``losses`` so far, every
+rank's random state (torch's CPU generator, the CUDA one when CUDA is available, and the
+position of its data stream) and the ``config`` fingerprint of the flags that decide the
+trajectory. ``--save-dir`` writes it with ``fs.save`` every ``--save-every`` steps and at the
+end; ``--resume`` loads ``fs.latest(--save-dir)`` into the layout this run built (any ZeRO
+stage's DTensors) and continues bit for bit where the saved run was: the resumed losses and
+params equal those of a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -90,6 +100,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="STAGE",
         help="data parallel with ZeRO stage 0-3 (run under torchrun --nproc-per-node N)",
     )
+    p.add_argument("--dropout", type=float, default=0.0, help="GPT dropout probability")
+    p.add_argument("--save-dir", metavar="DIR", help="write the training state here (fs.save)")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        metavar="N",
+        help="with --save-dir: every N steps (and at the end)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --save-dir: continue from fs.latest(DIR) (start afresh when it holds none)",
+    )
+    p.add_argument("--export", metavar="DIR", help="fs.export the final params (safetensors)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.preset].items():
@@ -111,6 +135,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.amp = fs.Policy.parse(args.amp)
         except ValueError as e:
             p.error(f"--amp: {e}")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if (args.save_every is not None or args.resume) and args.save_dir is None:
+        p.error("--save-every and --resume need --save-dir DIR (where checkpoints live)")
+    if args.save_every is not None and args.save_every < 1:
+        p.error(f"--save-every must be >= 1, got {args.save_every}")
+    if args.save_dir is not None and args.offload not in (None, "cpu"):
+        p.error(
+            f"--save-dir with --offload {args.offload}: the optimizer state lives in files there "
+            "and is not saved; use --offload cpu (or no --offload) to save checkpoints"
+        )
     return args
 
 
@@ -121,7 +156,7 @@ def build_model(args: argparse.Namespace) -> GPT:
         >>> build_model(parse_args(["--preset", "small"])).config.d_model
         384
     """
-    return GPT(GPTConfig.preset(args.preset), seed=args.seed)
+    return GPT(GPTConfig.preset(args.preset).with_(dropout=args.dropout), seed=args.seed)
 
 
 def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any], dict]:
@@ -234,6 +269,238 @@ def build_step(
     return fs.zero(grad_fn, opt, mesh=mesh, stage=args.zero, loss_scale=scale, gather=gather)
 
 
+# The flags that decide a run's trajectory (its values, batches and random draws): a
+# checkpoint resumes only a run with the same ones. --remat, --offload and the flags of
+# evaluation and output change no value.
+TRAJECTORY_FLAGS = (
+    "preset",
+    "seed",
+    "lr",
+    "warmup",
+    "steps",
+    "batch_size",
+    "accumulate",
+    "amp",
+    "zero",
+    "dropout",
+    "data_bytes",
+)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def config_fingerprint(args: argparse.Namespace) -> str:
+    """The :data:`TRAJECTORY_FLAGS` and the world size, as JSON: a checkpoint's ``config``.
+
+    Example:
+        >>> json.loads(config_fingerprint(parse_args(["--steps", "5", "--amp", "bf16"])))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'accumulate': 1, 'amp': 'p=f32,c=bf16,o=f32', 'batch_size': 32, 'data_bytes': 4000000,
+         'dropout': 0.0, 'lr': 0.003, 'preset': 'tiny', 'seed': 0, 'steps': 5, 'warmup': 1,
+         'world_size': 1, 'zero': None}
+    """
+    flags = {name: getattr(args, name) for name in TRAJECTORY_FLAGS}
+    flags["amp"] = None if args.amp is None else str(args.amp)
+    flags["world_size"] = _world()[1]
+    return json.dumps(flags, sort_keys=True)
+
+
+def seed_rng(args: argparse.Namespace) -> torch.Generator:
+    """Seeds torch's global generators (dropout) for this rank; returns the data generator.
+
+    Rank ``r`` draws its dropout masks from ``args.seed + 104_729 * (r + 1)`` and its
+    batches (its share of the global batch) from ``args.seed + 7919 * r``.
+
+    Example:
+        >>> g = seed_rng(parse_args([]))
+        >>> torch.rand(1, generator=g).item() == torch.rand(
+        ...     1, generator=torch.Generator().manual_seed(0)).item()
+        True
+    """
+    rank = _world()[0]
+    torch.manual_seed(args.seed + 104_729 * (rank + 1))  # CPU and every CUDA device
+    return torch.Generator().manual_seed(args.seed + 7919 * rank)
+
+
+def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """This process's random state as uint8 tensors.
+
+    ``"cpu"``: torch's global CPU generator (dropout on CPU); ``"data"``: ``generator``, the
+    position of the batch stream that draws with it; ``"cuda"`` (only when CUDA is
+    available): the current CUDA device's generator (dropout on the GPU; one device per
+    process, as under torchrun).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> state = rng_state(g)
+        >>> a = torch.rand(2), torch.rand(2, generator=g)
+        >>> set_rng_state(state, g)
+        >>> b = torch.rand(2), torch.rand(2, generator=g)
+        >>> all(torch.equal(x, y) for x, y in zip(a, b))
+        True
+    """
+    state = {"cpu": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Restores what :func:`rng_state` captured into the global generators and ``generator``.
+
+    Example:
+        >>> g = torch.Generator()
+        >>> set_rng_state(rng_state(torch.Generator().manual_seed(3)), g)
+        >>> g.initial_seed()
+        3
+    """
+    torch.set_rng_state(state["cpu"].contiguous())
+    generator.set_state(state["data"].contiguous())
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].contiguous())
+
+
+def _every_rank(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's ``tensor`` as row ``rank`` of a ``[world_size, ...]`` tensor sharded over
+    all ranks (a DTensor with a process group): each rank saves and loads its own row."""
+    rank, world = _world()
+    if world == 1 and not torch.distributed.is_initialized():
+        return tensor[None]
+    return fs.from_local(tensor[None], fs.Mesh(rank=world), fs.P("rank"))
+
+
+def _this_rank(tensor: torch.Tensor) -> torch.Tensor:
+    return fs.tree.local_tensor(tensor)[0].clone()
+
+
+def training_state(
+    params: Any,
+    opt_state: Any,
+    step: int,
+    losses: torch.Tensor,
+    generator: torch.Generator,
+    config: str,
+) -> dict[str, Any]:
+    """The whole training state as one pytree: what ``--save-dir`` saves, ``--resume`` loads.
+
+    ``{"params", "opt_state", "step", "losses", "rng", "config"}``: ``opt_state`` as the step
+    returned it (with the schedule count, and the loss scale in a ``fs.TrainState``);
+    ``step`` the number of steps done; ``losses`` a float64 tensor of every step's loss (0
+    from ``step`` on); ``rng`` every rank's :func:`rng_state` (with ``generator``, the data
+    position), each leaf ``[world_size, n]`` with row ``r`` from rank ``r`` (sharded over
+    the ranks: each rank saves and loads its own row); ``config`` a string naming the run
+    (the main job's :func:`config_fingerprint`). Built from a fresh run's values, it is the
+    ``like`` that ``fs.load`` fills; :func:`resume_rng` then restores the random state.
+
+    Example:
+        >>> losses = torch.zeros(4, dtype=torch.float64)
+        >>> state = training_state({"w": torch.zeros(2)}, (), 0, losses, torch.Generator(), "")
+        >>> sorted(state), state["rng"]["data"].shape[0]
+        (['config', 'losses', 'opt_state', 'params', 'rng', 'step'], 1)
+    """
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": step,
+        "losses": losses,
+        "rng": {k: _every_rank(v) for k, v in rng_state(generator).items()},
+        "config": config,
+    }
+
+
+def resume_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Restores this rank's row of a loaded :func:`training_state`'s ``rng``.
+
+    Call it just before the first step: anything drawing random numbers in between (an
+    evaluation with dropout, a memory report) would shift the draws.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(5)
+        >>> state = training_state({}, (), 0, torch.zeros(0), g, "")
+        >>> a = torch.rand(3), torch.rand(3, generator=g)
+        >>> resume_rng(state, g)
+        >>> torch.equal(torch.rand(3), a[0]) and torch.equal(torch.rand(3, generator=g), a[1])
+        True
+    """
+    set_rng_state({k: _this_rank(v) for k, v in state["rng"].items()}, generator)
+
+
+def checkpoint_path(save_dir: str | os.PathLike[str], step: int) -> str:
+    """Where the main job saves the state after ``step`` steps: ``<save_dir>/step_<8 digits>``.
+
+    Example:
+        >>> checkpoint_path("ckpt", 300)
+        'ckpt/step_00000300'
+    """
+    return os.path.join(save_dir, f"step_{step:08d}")
+
+
+def load_training_state(save_dir: str, like: dict[str, Any]) -> dict[str, Any] | None:
+    """``fs.load(fs.latest(save_dir), like)``; None when no checkpoint is there yet.
+
+    ``like`` is :func:`training_state` of this run's fresh values: the loaded state comes
+    back in its layout (this run's ZeRO stage and world), as new tensors.
+
+    Raises:
+        SystemExit: the checkpoint's ``config`` differs from ``like``'s (for the main job:
+            other :data:`TRAJECTORY_FLAGS` or another world size; the message lists them):
+            it would not continue that run.
+        fs.CheckpointError: the checkpoint is damaged or does not fit ``like``.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> losses = torch.zeros(4, dtype=torch.float64)
+        >>> state = training_state({"w": torch.ones(2)}, (), 3, losses, torch.Generator(), "{}")
+        >>> _ = fs.save(checkpoint_path(d, 3), state, step=3)
+        >>> load_training_state(d, {**state, "step": 0})["step"]
+        3
+    """
+    path = fs.latest(save_dir)
+    if path is None:
+        return None
+    try:
+        state = fs.load(path, like)
+    except fs.CheckpointError:
+        _check_config(path, _saved_config(path), like["config"])  # a clearer reason first
+        raise
+    _check_config(path, state["config"], like["config"])
+    return state
+
+
+def _saved_config(path: str) -> str | None:
+    # fs.save's index (fsharding.json, see fsharding.serialization) records str leaves.
+    try:
+        with open(os.path.join(path, "fsharding.json")) as f:
+            value = json.load(f)["leaves"]["['config']"]["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _check_config(path: str, saved: str | None, config: str) -> None:
+    if saved is not None and saved != config:
+        try:
+            then, now = json.loads(saved), json.loads(config)
+        except ValueError:
+            then, now = {"config": saved}, {"config": config}
+        diff = ", ".join(
+            f"{k.replace('_', ' ') if k == 'world_size' else '--' + k.replace('_', '-')} "
+            f"{then.get(k)!r} (this run: {now.get(k)!r})"
+            for k in sorted(then.keys() | now.keys())
+            if then.get(k) != now.get(k)
+        )
+        raise SystemExit(
+            f"fsharding.train: --resume: {path} was saved by a run with {diff}; it would not "
+            "continue that run. Resume with the same flags and world size, or pass another "
+            "--save-dir to start afresh."
+        )
+
+
 @torch.no_grad()
 def evaluate(loss_fn: Callable[..., torch.Tensor], params: dict, batches: Iterable[dict]) -> float:
     """Mean of ``loss_fn(params, batch)`` over ``batches``.
@@ -253,29 +520,45 @@ def _peak_rss_mib() -> float:
 
 
 def _train_loop(
-    args: argparse.Namespace, step: fs.Step, params: Any, opt_state: Any, batches: Iterator[dict]
-) -> tuple[Any, Any, list[float], float]:
-    """Runs ``args.steps`` steps with a progress bar; returns ``(params, opt_state, losses,
-    tokens_per_s)``, tokens/s counted from the second step on (the first one warms up)."""
-    losses: list[float] = []
-    bar = tqdm(range(args.steps), desc=f"train {args.preset}", disable=args.no_progress)
-    tokens = 0
+    args: argparse.Namespace,
+    step: fs.Step,
+    params: Any,
+    opt_state: Any,
+    batches: Iterator[dict],
+    losses: torch.Tensor,
+    start: int,
+    save: Callable[[int, Any, Any], None] | None,
+) -> tuple[Any, Any, float]:
+    """Runs steps ``start, ..., args.steps - 1`` with a progress bar, writing each loss into
+    ``losses`` and calling ``save(steps_done, params, opt_state)`` every ``--save-every``
+    steps and after the last; returns ``(params, opt_state, tokens_per_s)``, tokens/s
+    counted from this process's second step on (the first one warms up)."""
+    bar = tqdm(
+        range(start, args.steps),
+        desc=f"train {args.preset}",
+        initial=start,
+        total=args.steps,
+        disable=args.no_progress,
+    )
+    tokens, t0 = 0, math.nan
     for i in bar:
         batch = next(batches)
         # donate=True: the old params and opt_state are updated in place (one copy in memory)
         params, opt_state, metrics = step.step(params, opt_state, batch, donate=True)
-        losses.append(float(metrics["loss"]))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"fsharding.train: loss is {losses[-1]} at step {i}.")
-        if i == 0:
+        loss = float(metrics["loss"])
+        losses[i] = loss
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"fsharding.train: loss is {loss} at step {i}.")
+        if i == start:
             t0 = time.perf_counter()
         else:
             tokens += batch["x"].numel()
-            bar.set_postfix(
-                loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}"
-            )
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
+        done = i + 1
+        if save is not None and (done == args.steps or done % (args.save_every or args.steps) == 0):
+            save(done, params, opt_state)
     tokens_per_s = tokens / (time.perf_counter() - t0) if tokens else float("nan")
-    return params, opt_state, losses, tokens_per_s
+    return params, opt_state, tokens_per_s
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -284,7 +567,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Metrics: ``initial_val_loss``, ``train_loss`` (mean of the last 10 steps), ``val_loss``
     (the same fixed val batches), ``unigram_baseline`` (nats/byte), ``tokens_per_s`` (from
     the second step on), ``peak_rss_mib``, ``params_bytes``, ``opt_state_bytes``, the
-    per-step ``losses``, a generated ``sample`` and timings.
+    per-step ``losses`` (with ``--resume``: also those of the steps before, from the
+    checkpoint), ``resumed_from`` (the checkpoint's step, or None), a generated ``sample``
+    and timings.
 
     Example:
         >>> argv = ["--steps", "2", "--batch-size", "2", "--eval-batches", "1", "--no-progress"]
@@ -318,16 +603,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params, opt_state = step.init(params)
     if args.zero == 3:  # apply passes every param explicitly: drop the module's full replica
         model.to("meta")
+    generator = seed_rng(args)  # after build_step: under torchrun the group is up
+    losses = torch.zeros(args.steps, dtype=torch.float64)  # (fs.save refuses NaN)
+    start, resumed = 0, None
+    config = config_fingerprint(args)
+    if args.resume:
+        like = training_state(params, opt_state, 0, losses, generator, config)
+        resumed = load_training_state(args.save_dir, like)
+        del like
+        if resumed is None:
+            if rank == 0:
+                print(f"fsharding.train: no checkpoint in {args.save_dir} yet: starting at step 0")
+        else:
+            params, opt_state = resumed.pop("params"), resumed.pop("opt_state")
+            start, losses = resumed["step"], resumed["losses"]
+            resume_rng(resumed, generator)  # the data position now; again before the loop
+            model.to("meta")  # the module's initial weights: apply passes the loaded ones
 
+    model.eval()  # no dropout while evaluating
     val_stream = corpus.batches(
         "val", args.batch_size, seq_len, torch.Generator().manual_seed(10_000 + args.seed)
     )
     val_batches = [next(val_stream) for _ in range(args.eval_batches)]
     initial_val = evaluate(loss_fn, step.gather(params), val_batches)
+    model.train()
     # Under --zero every rank draws its own batches (its share of the global batch).
-    train_stream = corpus.batches(
-        "train", args.batch_size, seq_len, torch.Generator().manual_seed(args.seed + 7919 * rank)
-    )
+    train_stream = corpus.batches("train", args.batch_size, seq_len, generator)
     first = next(train_stream)
     report = fs.memory_report(step, params, opt_state, first)
     reports = [report]
@@ -335,13 +636,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         reports = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(reports, report)
     args.no_progress = args.no_progress or rank != 0
+    if resumed is not None:  # the memory report drew dropout masks: restore them last
+        data_position = generator.get_state()
+        resume_rng(resumed, generator)
+        generator.set_state(data_position)  # (`first` was drawn: the position after it)
+
+    def save(done: int, params: Any, opt_state: Any) -> None:
+        # the data generator has drawn the batches of `done` steps (the stream is lazy)
+        path = checkpoint_path(args.save_dir, done)
+        fs.save(path, training_state(params, opt_state, done, losses, generator, config), step=done)
+        if rank == 0 and not args.no_progress:
+            tqdm.write(f"saved {path}")
+
     t_train = time.perf_counter()
-    params, opt_state, losses, tokens_per_s = _train_loop(
-        args, step, params, opt_state, itertools.chain([first], train_stream)
+    params, opt_state, tokens_per_s = _train_loop(
+        args,
+        step,
+        params,
+        opt_state,
+        itertools.chain([first], train_stream),
+        losses,
+        start,
+        save if args.save_dir is not None else None,
     )
     train_s = time.perf_counter() - t_train
+    if args.export is not None:
+        fs.export(args.export, params)  # every rank: each streams its own shards
 
     full = step.gather(params)
+    model.eval()
     sample_ids = generate(
         apply,
         full,
@@ -357,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "seq_len": seq_len,
         "initial_val_loss": initial_val,
-        "train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "train_loss": float(losses[-10:].mean()),
         "val_loss": evaluate(loss_fn, full, val_batches),
         "unigram_baseline": corpus.unigram_baseline(),
         "tokens_per_s": tokens_per_s,
@@ -367,7 +690,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "opt_state_bytes": fs.tree.nbytes(opt_state),
         "saved_activations_bytes": report.saved_activations,
         "memory_reports": [str(r) for r in reports],
-        "losses": losses,
+        "losses": losses.tolist(),
+        "resumed_from": start if resumed is not None else None,
         "sample": data.decode(sample_ids),
         "wall_s": time.perf_counter() - t_start,
     }
