@@ -325,7 +325,7 @@ def _dcp_classes() -> tuple[type, type, type, type]:
             self._fs_metadata = metadata
             self._fs_dir = path
 
-        def read_metadata(self) -> Any:  # type: ignore[override]
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             return self._fs_metadata
 
         def read_data(self, plan: Any, planner: Any) -> Any:
