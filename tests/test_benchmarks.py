@@ -244,3 +244,132 @@ def test_bench_zero_fused_baselines_and_params_check(tmp_path):
         assert r["params_dev"] is not None and r["params_dev"] <= 1e-3, (k, r)
         assert r["loss_dev"] <= 1e-4 and r["grad_norm_dev"] <= 1e-3, (k, r)
     assert rows["zero3-blocks-reshard"]["state_mib"] < 0.6 * rows["ddp"]["state_mib"]
+
+
+# --------------------------------------------------------------------------- pipeline, checkpoints
+# bench_pipeline.py and bench_checkpoint.py on GPT tiny: the rows exist, their same-work
+# checks ran (the scripts exit non-zero otherwise), and the figures measure something.
+
+DS_PYTHON = "/work/dsvenv/bin/python"
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, BENCH)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(BENCH)
+    return mod
+
+
+@pytest.mark.timeout(120)
+def test_bench_pipeline_fs_vs_torch_same_work_and_gpipe_holds_more(tmp_path):
+    res = _bench(
+        "bench_pipeline.py", tmp_path, "--preset", "tiny", "--steps", "2", "--warmup", "1",
+        "--retries", "0", "--ds-variants", "", "--variants", "torch-1f1b,fs-1f1b,fs-gpipe",
+        "--memory", "--memory-steps", "1", "--memory-variants", "fs-1f1b,fs-gpipe", timeout=300,
+    )  # fmt: skip
+    rows = res["rows"]
+    assert list(rows) == ["torch-1f1b", "fs-1f1b", "fs-gpipe"]
+    assert "Schedule1F1B" in rows["torch-1f1b"]["label"]
+    assert rows["torch-1f1b"]["ratio"] == 1.0
+    for k, r in rows.items():  # the same work as the one-process eager reference
+        assert r["loss_dev"] <= 1e-4 and r["grad_norm_dev"] <= 1e-3, (k, r)
+        assert r["params_dev"] <= 1e-3 and r["median_ms"] > 0, (k, r)
+        assert r["ratio"] == pytest.approx(r["median_ms"] / rows["torch-1f1b"]["median_ms"])
+    for k in ("fs-1f1b", "fs-gpipe"):  # each alone in a fresh launch: per rank
+        r = rows[k]
+        assert len(r["peak_rss"]) == 2 and "peak_rss" not in rows["torch-1f1b"]
+        assert all(p > b > 0 for p, b in zip(r["peak_rss"], r["base_rss"])), (k, r)
+    # peak live measures the schedule: GPipe holds all 8 microbatches' activations on rank 0,
+    # 1F1B at most 2 (rank 0 of 2); 8 x 64 tokens x 128 wide x 3 blocks is several MiB
+    assert rows["fs-gpipe"]["peak_live"][0] > rows["fs-1f1b"]["peak_live"][0] + 1.0, rows
+
+
+def test_bench_pipeline_check_fails_loudly_on_other_work():
+    bp = _bench_module("bench_pipeline")
+    ref = [(5.0, [1.0, 2.0]), (4.0, [1.0, 2.0])]
+    out = {
+        "loss": [[5.0, 4.0]],
+        "grad_norm": [[[1.0, 2.0], [1.0, 2.0]]],
+        "params_dev": [(0.0, "w")],
+    }
+    assert bp.check("same", out, 0, ref)["loss_dev"] == 0.0
+    for bad in (
+        {**out, "loss": [[5.0, 4.01]]},  # a different loss at step 2
+        {**out, "grad_norm": [[[1.0, 2.0], [1.0, 2.1]]]},  # stage 1's grads differ
+        {**out, "params_dev": [(2e-3, "w")]},  # params end elsewhere
+        {**out, "loss": [[5.0, None]]},  # no loss reported
+    ):
+        with pytest.raises(AssertionError):
+            bp.check("other", bad, 0, ref)
+
+
+@pytest.mark.timeout(120)
+def test_bench_checkpoint_fs_vs_dcp_state_roundtrips_and_sizes(tmp_path):
+    res = _bench(
+        "bench_checkpoint.py", tmp_path, "--preset", "tiny", "--repeats", "3", "--dir",
+        str(tmp_path), "--ds-python", "", timeout=300,
+    )  # fmt: skip
+    ops = res["ops"]
+    assert set(ops) == {"fs.save", "fs.load", "dcp.save", "dcp.load", "fs.export"}
+    for op, o in ops.items():
+        assert o["time"]["n"] == 3 and o["time"]["median"] > 0, op
+        assert len(o["delta"]) == 2, op
+    from fsharding.models import GPT, GPTConfig
+
+    params = list(GPT(GPTConfig.preset("tiny")).parameters())
+    full = sum(p.numel() * 4 for p in params) / 2**20
+    sizes = res["sizes"]
+    assert sizes["full_params"] == pytest.approx(full)
+    assert sizes["largest_tensor"] == pytest.approx(max(p.numel() * 4 for p in params) / 2**20)
+    assert sizes["local_params"] == pytest.approx(full / 2, rel=0.05)  # ZeRO-3: a half each
+    # params + AdamW mu + nu on disk (both formats; + DCP's metadata), the export the params
+    for k in ("fs", "dcp"):
+        assert 3 * full <= res["disk"][k] <= 3 * full + 1.0, (k, res["disk"])
+    assert full <= res["disk"]["export"] <= full + 0.1, res["disk"]
+    assert all(v >= 0 for v in res["evicted_resident"].values())  # fincore answered
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not os.path.exists(DS_PYTHON), reason="DeepSpeed's virtualenv is absent")
+def test_bench_checkpoint_deepspeed_rows_same_state(tmp_path):
+    res = _bench(
+        "bench_checkpoint.py", tmp_path, "--preset", "tiny", "--repeats", "3", "--dir",
+        str(tmp_path), "--ds-exports", "get_fp32", timeout=600,
+    )  # fmt: skip
+    # (the script asserts that DeepSpeed's load restores its zeroed partitions and that its
+    # zero_to_fp32 export holds fs.export's params: same model, batch and AdamW step)
+    assert {"ds.save", "ds.load"} <= set(res["ops"])
+    assert set(res["ds_exports"]) == {"get_fp32"}
+    for how, e in res["ds_exports"].items():
+        assert e["time"]["n"] == 3 and e["time"]["median"] > 0, how
+
+
+def test_run_headlines_pipeline_commands_use_existing_options():
+    # The quiet run of §6 / §7 happens once: every option the wrapper passes must exist, and
+    # its processes must carry "run_headlines.sh" (the pause signal for everyone else).
+    import re
+
+    path = os.path.join(BENCH, "run_headlines_pipeline.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read().replace("\\\n", " ")
+    assert re.search(r"exec -a run_headlines\.sh ", text)
+    calls = dict(re.findall(r"python (benchmarks/\w+\.py)([^\n]*)", text))
+    pipe, ckpt = "benchmarks/bench_pipeline.py", "benchmarks/bench_checkpoint.py"
+    assert set(calls) == {pipe, ckpt}
+    helps = {}
+    for s in calls:
+        proc = subprocess.run([sys.executable, s, "--help"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        helps[s] = proc.stdout
+    for s, args in calls.items():
+        assert "--write" in args, s
+        for opt in re.findall(r"--[a-z][a-z0-9-]*", args):
+            assert opt in helps[s], (s, opt)
+    # (the options of NO_DEEPSPEED=1, passed through the PDS / CDS arrays)
+    assert "--ds-variants" in text and "--ds-variants" in helps[pipe]
+    assert "--ds-python" in text and "--ds-python" in helps[ckpt]
