@@ -292,7 +292,8 @@ def _read_metadata(path: str, index: dict[str, dict[str, Any]]) -> Any:
         ok = (
             isinstance(rel, str) and rel == os.path.basename(rel) and rel not in ("", ".", "..")
             and isinstance(info.offset, int) and isinstance(info.length, int)
-            and info.offset >= 0 and info.length >= 0 and not info.transform_descriptors
+            and info.offset >= 0 and info.length >= 0
+            and not getattr(info, "transform_descriptors", None)
         )  # fmt: skip
         if not ok:
             raise bad(f"storage entry {info!r} is not a plain file slice of the checkpoint")
