@@ -63,7 +63,7 @@ import builtins
 import collections
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,7 @@ def pipeline(
     schedule: str = "1f1b",
     virtual_stages: int = 1,
     weights: Callable[[PyTree, PyTree], Any] | None = None,
+    tied: Mapping[str, Any] | None = None,
 ) -> Callable[..., tuple[torch.Tensor, PyTree]]:
     """Pipeline parallelism: stages on the ranks of a mesh axis, microbatches on a schedule.
 
@@ -159,6 +160,13 @@ def pipeline(
             ``fs.accumulate``. It is called on the last stage's rank, where ``inputsᵢ`` is
             ``None`` when that rank was passed ``inputs=None``: compute it from the targets.
             ``None``: equal weights.
+        tied: weights shared between stages (the embedding of stage 0 and the LM head of the
+            last): ``{name: stages}``, e.g. ``{"wte": (0, -1)}`` (the leaf ``params["wte"]``
+            of stages 0 and ``n-1``), or ``{name: {stage: path}}`` where the leaf's path
+            differs, e.g. ``{"wte": {0: "wte", -1: ("head", "w")}}``. Each owner keeps its
+            own copy; every owner gets the sum of the owners' grads (exchanged between their
+            ranks after the schedule), so identical updates keep the copies identical. The
+            first call checks that the copies have one shape, dtype and value.
 
     Returns:
         ``f(stage_params, inputs, targets, *, loss_scale=None) -> (loss, stage_grads)``.
@@ -180,8 +188,10 @@ def pipeline(
             ``"interleaved_1f1b"`` with ``microbatches`` not a multiple of the axis size,
             a batch not divisible into
             ``microbatches`` (on every rank of the axis), a bad weight.
-        RuntimeError (or the original type): a stage or loss function raised during the
-            probe, reported on every rank with the stage and rank that raised.
+        RuntimeError (or the original type): a stage or loss function raised (during the
+            probe, or on any microbatch later: the rank that raised sends its neighbours a
+            stop marker in place of each message it still owed, so no rank waits forever),
+            reported on every rank with the stage, rank, microbatch and message.
 
     Example:
         >>> import torch, fsharding as fs
@@ -204,7 +214,9 @@ def pipeline(
             f"weights(inputs, targets) -> number, got {type(weights).__name__}. For token "
             "weighting pass e.g. weights=lambda x, y: (y != -100).sum()."
         )
-    runner = _Runner(fns, loss_fn, mesh, axis, microbatches, schedule, virtual_stages, weights)
+    runner = _Runner(
+        fns, loss_fn, mesh, axis, microbatches, schedule, virtual_stages, weights, tied
+    )
 
     def pipelined(
         stage_params: PyTree, inputs: PyTree, targets: PyTree, *, loss_scale: Any = None
@@ -308,6 +320,14 @@ def _as_loss_scale(loss_scale: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 _F, _B, _W = "F", "B", "W"
+
+# Message tags. A call that fails mid-schedule leaves messages unreceived and sends pending;
+# every rank of the axis then moves its group to the next generation of tags (one range of
+# _TAG_SPAN tags each), so that no later call, of this pipeline or another on the same
+# group, receives them.
+_TAG_SPAN = 1 << 20
+_GENERATIONS = (1 << 31) // _TAG_SPAN - 1
+_GENERATION: dict[tuple[int, ...], int] = {}
 
 
 def _actions(schedule: str, p: int, rank: int, m: int, v: int = 1) -> list[tuple[str, int, int]]:
@@ -519,8 +539,17 @@ class _Stage:
         self.out_meta: Any = None  # pytree of _Meta (what this stage sends)
 
 
+class _Poisoned(Exception):
+    """A message this rank waited for came from a rank that had stopped (it raised, or was
+    poisoned itself): this rank stops too."""
+
+    def __init__(self, rank: int):
+        super().__init__(rank)
+        self.rank = rank
+
+
 class _Runner:
-    def __init__(self, fns, loss_fn, mesh, axis, m, schedule, v, weights):
+    def __init__(self, fns, loss_fn, mesh, axis, m, schedule, v, weights, tied=None):
         self.loss_fn = loss_fn
         self.m = m
         self.v = v
@@ -535,6 +564,20 @@ class _Runner:
         self.schedule = schedule
         self.signature: Any = None
         self.loss_dtype: torch.dtype | None = None
+        self.group_key = (
+            tuple(dist.get_process_group_ranks(self.group)) if self.group is not None else ()
+        )
+        span = 3 * self.n * (m + 1) + len(tied or ()) * self.n
+        if span >= _TAG_SPAN:
+            raise ValueError(
+                f"{_API}: {self.n} stages x {m} microbatches need {span} message tags, more "
+                f"than {_TAG_SPAN}; use fewer microbatches (e.g. fs.accumulate around the "
+                "pipeline)."
+            )
+        self.stale: list[Any] = []  # pending sends of failed calls (their buffers)
+        self.nccl = self.group is not None and "nccl" in str(dist.get_backend(self.group))
+        self.broken: str | None = None
+        self.tied = _resolve_tied(tied, self.n)
 
     # -- communication --------------------------------------------------------------
     # Messages are keyed by (kind, boundary, microbatch); boundary b is the link between
@@ -549,15 +592,34 @@ class _Runner:
         return stage % self.p == self.rank
 
     def _tag(self, kind: int, boundary: int, mb: int) -> int:
-        return 1 + (kind * self.n + boundary) * (self.m + 1) + mb
+        """Kinds 0 (activations), 1 (their grads), 2 (the probe), 3 (tied grads; boundary
+        = the tie's index, mb = the owner stage), in the group's current generation."""
+        base = 1 + _GENERATION.get(self.group_key, 0) * _TAG_SPAN
+        if kind == 3:
+            return base + 3 * self.n * (self.m + 1) + boundary * self.n + mb
+        return base + (kind * self.n + boundary) * (self.m + 1) + mb
 
-    def _send(self, tensors: list[torch.Tensor], src: int, dst: int, kind: int, mb: int) -> None:
-        """Sends ``tensors`` from stage ``src`` to stage ``dst`` (asynchronously)."""
+    def _send(
+        self,
+        tensors: list[torch.Tensor],
+        src: int,
+        dst: int,
+        kind: int,
+        mb: int,
+        status: int = 0,
+    ) -> None:
+        """Sends ``tensors`` from stage ``src`` to stage ``dst`` (asynchronously). Schedule
+        messages (kinds 0 and 1) start with a header: ``[status, rank]``, status 1 when the
+        sender stopped (the tensors are then zeros of the expected shapes)."""
         key = (kind, min(src, dst), mb)
+        self.sent.add(key)
         if self._here(dst):
             self.box[key] = [t.detach() for t in tensors]
             return
         peer, tag = self._peer(dst), self._tag(*key)
+        if kind in (0, 1):
+            header = torch.tensor([status, self.rank], dtype=torch.int64, device=self.device)
+            tensors = [header, *tensors]
         for t in tensors:
             t = t.detach().contiguous()
             self.pending.append((dist.isend(t, peer, group=self.group, tag=tag), t))
@@ -565,16 +627,23 @@ class _Runner:
     def _recv(
         self, metas: list[_Meta], src: int, dst: int, kind: int, mb: int
     ) -> list[torch.Tensor]:
-        """Receives, on stage ``dst``, the tensors ``metas`` describe from stage ``src``."""
+        """Receives, on stage ``dst``, the tensors ``metas`` describe from stage ``src``;
+        raises :class:`_Poisoned` when the sender had stopped."""
         key = (kind, min(src, dst), mb)
         if self._here(src):
             return self.box.pop(key)
         peer, tag = self._peer(src), self._tag(*key)
         out = [torch.empty(mt.shape, dtype=mt.dtype, device=self.device) for mt in metas]
+        if kind in (0, 1):
+            out = [torch.empty(2, dtype=torch.int64, device=self.device), *out]
         works = [dist.irecv(t, peer, group=self.group, tag=tag) for t in out]
         for w in works:
             w.wait()
         del works
+        if kind in (0, 1):
+            header, out = out[0].tolist(), out[1:]
+            if header[0] != 0:
+                raise _Poisoned(header[1])
         return out
 
     def _prune(self) -> None:
@@ -612,8 +681,11 @@ class _Runner:
     # -- one call -------------------------------------------------------------------
 
     def __call__(self, stage_params, inputs, targets, loss_scale):
+        if self.broken is not None:
+            raise RuntimeError(self.broken)
         self.box: dict[Any, Any] = {}
         self.pending: list[tuple[Any, torch.Tensor]] = []
+        self.sent: set[tuple[int, int, int]] = set()
         error, params, batch, signature = None, None, None, None
         try:  # errors are raised on every rank (in the probe), never here alone
             loss_scale = _as_loss_scale(loss_scale)
@@ -631,9 +703,12 @@ class _Runner:
             self.signature = None
             self._probe(params, batch, error)
             self.signature = signature
-        loss = self._run(params, batch, loss_scale)
-        grads = [self._grads_out(k, loss_scale) for k in range(len(self.stages))]
-        self._release()
+        try:
+            loss = self._run(params, batch, loss_scale)
+            self._sum_tied()
+            grads = [self._grads_out(k, loss_scale) for k in range(len(self.stages))]
+        finally:
+            self._release()
         return loss, grads[0] if self.v == 1 else grads
 
     def _params(self, stage_params: PyTree) -> list[PyTree]:
@@ -654,6 +729,15 @@ class _Runner:
                     f"order), got {got}."
                 )
             per_stage = list(stage_params)
+        for k, name, path in self._tied_here():
+            paths = [q for q, _ in _tree.leaves_with_path(per_stage[k])]
+            if path not in paths:
+                raise ValueError(
+                    f"{_API}: tied={{{name!r}: ...}} names the params leaf {path} of stage "
+                    f"{self.stages[k].index}, which its params do not have (its leaves: "
+                    f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}); pass the "
+                    "path of the shared tensor in that stage's tree."
+                )
         for st, tree in zip(self.stages, per_stage, strict=True):
             for path, leaf in _tree.leaves_with_path(tree):
                 if not _tree.is_floating(leaf):
@@ -733,6 +817,7 @@ class _Runner:
                         self._send(optree.tree_leaves(out), st.index, st.index + 1, 2, 0)
                         self._wait_sends()
         self._raise_any(failure)
+        self._check_tied(params)
 
     def _raise_any(self, failure: tuple[int | None, Exception] | None) -> None:
         """Raises on every rank when some rank failed (each its own error, the others the
@@ -794,16 +879,193 @@ class _Runner:
         else:
             order = _actions(self.schedule, self.p, self.rank, self.m, self.v)
         self.split = any(kind == _W for kind, _, _ in order)
-        for kind, k, i in order:
-            if kind == _F:
-                self._forward(k, i)
-            elif kind == _B:
-                self._backward(k, i)
-            else:
-                self._accumulate(k, _backward_weight(self.deferred.pop((k, i)), self.aliases[k][0]))
-            self._prune()
-        self._wait_sends()
-        return self._loss_everywhere()
+        failure: tuple[Any, BaseException] | None = None
+        for j, (kind, k, i) in enumerate(order):
+            try:
+                if kind == _F:
+                    self._forward(k, i)
+                elif kind == _B:
+                    self._backward(k, i)
+                else:
+                    w_grads = _backward_weight(self.deferred.pop((k, i)), self.aliases[k][0])
+                    self._accumulate(k, w_grads)
+                self._prune()
+            except Exception as e:  # stop; unblock every rank that waits on this one
+                failure = ((kind, self.stages[k].index, i), e)
+                try:
+                    self._poison(order[j:])
+                except Exception:  # a peer's connection is gone: it cannot wait on us
+                    pass
+                break
+        return self._finish(failure)
+
+    def _poison(self, remaining: list[tuple[str, int, int]]) -> None:
+        """Sends every message this rank still owes in ``remaining`` with the stop status
+        (zeros of the expected shapes), so that no rank waits forever on this one; ranks
+        that receive one stop and poison theirs in turn."""
+        for kind, k, i in remaining:
+            st = self.stages[k]
+            if kind == _F and not st.is_last and (0, st.index, i) not in self.sent:
+                if not self._here(st.index + 1):
+                    metas = optree.tree_leaves(st.out_meta)
+                    self._send(self._zeros(metas), st.index, st.index + 1, 0, i, status=1)
+            if kind == _B and not st.is_first and (1, st.index - 1, i) not in self.sent:
+                if not self._here(st.index - 1):
+                    metas = [mt for mt in optree.tree_leaves(st.in_meta) if _floating(mt)]
+                    self._send(self._zeros(metas), st.index, st.index - 1, 1, i, status=1)
+
+    def _zeros(self, metas: list[_Meta]) -> list[torch.Tensor]:
+        return [torch.zeros(mt.shape, dtype=mt.dtype, device=self.device) for mt in metas]
+
+    def _finish(self, failure: tuple[Any, BaseException] | None) -> torch.Tensor:
+        """One all-reduce tells every rank whether some rank stopped (and carries the
+        loss from the last stage); then the sends are waited, or on failure every rank
+        learns who raised what and raises it."""
+        failed = failure is not None
+        value = 0.0
+        if not failed and any(st.is_last for st in self.stages):
+            value = float(self._loss_value().to(torch.float64))
+        if self.group is None:
+            flags = torch.tensor([float(failed), value], dtype=torch.float64, device=self.device)
+        else:
+            flags = torch.tensor([float(failed), value], dtype=torch.float64, device=self.device)
+            before = _compat.use_counts([flags])
+            dist.all_reduce(flags, group=self.group)
+            _compat.settle(before)
+        if flags[0].item() == 0:
+            self._wait_sends()
+            return flags[1].to(self.loss_dtype)
+        self._raise_failure(failure)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _raise_failure(self, failure: tuple[Any, BaseException] | None) -> None:
+        """Every rank: gathers what each raised (poisoned ranks report nothing), forgets
+        this call's messages (a new generation of tags) and raises the first failure in
+        stage order; the rank that raised it re-raises with its traceback as the cause."""
+        self.stale = (self.stale + self.pending)[-256:]
+        self.pending = []
+        _GENERATION[self.group_key] = (_GENERATION.get(self.group_key, 0) + 1) % _GENERATIONS
+        mine = None
+        if failure is not None and not isinstance(failure[1], _Poisoned):
+            (kind, stage, mb), e = failure
+            mine = (self.rank, stage, kind, mb, type(e).__name__, str(e))
+        reports: list[Any] = [mine]
+        if self.group is not None:
+            reports = [None] * self.p
+            dist.all_gather_object(reports, mine, group=self.group)
+        roots = sorted((r for r in reports if r is not None), key=lambda r: (r[1], r[3]))
+        if self.nccl:
+            self.broken = (
+                f"{_API}: an earlier call failed mid-schedule; on NCCL its unreceived "
+                "messages would be matched, in order, by the next call's (NCCL ignores tags): "
+                "restart the process group."
+            )
+        if not roots:  # only a crashed peer's connection error: raise what we got
+            assert failure is not None
+            raise failure[1]
+        rank, stage, kind, mb, name, msg = roots[0]
+        what = {_F: "forward", _B: "backward", _W: "weight gradient"}[kind]
+        exc = getattr(builtins, name, None)
+        if not (isinstance(exc, type) and issubclass(exc, Exception)) or exc is KeyError:
+            exc = RuntimeError
+        error = exc(
+            f"{_API}: stage {stage} (rank {rank} of axis {self.axis!r}) raised {name}: {msg} "
+            f"in the {what} of microbatch {mb}. Every rank of the axis raises; this call "
+            "returns no grads (the next call starts afresh)."
+        )
+        if mine is not None and mine[:4] == (rank, stage, kind, mb):
+            raise error from failure[1]
+        raise error
+
+    # -- tied weights -----------------------------------------------------------------
+
+    def _tied_here(self) -> list[tuple[int, str, str]]:
+        """``(local stage, tie name, leaf path)`` for the tied leaves this rank owns."""
+        local = {st.index: k for k, st in enumerate(self.stages)}
+        return [
+            (local[stage], name, path)
+            for name, owners in self.tied
+            for stage, path in owners
+            if stage in local
+        ]
+
+    def _check_tied(self, params: list[PyTree]) -> None:
+        """After the probe: every owner of a tie holds a leaf of one shape, dtype and value
+        (sum and sum of squares), or every rank raises."""
+        if not self.tied:
+            return
+        mine = {}
+        for k, name, path in self._tied_here():
+            leaf = dict(_tree.leaves_with_path(params[k]))[path]
+            d = leaf.detach().to(torch.float64)
+            mine[(name, self.stages[k].index)] = (
+                tuple(leaf.shape),
+                leaf.dtype,
+                float(d.sum()),
+                float((d * d).sum()),
+            )
+        reports = [mine]
+        if self.group is not None:
+            reports = [None] * self.p
+            dist.all_gather_object(reports, mine, group=self.group)
+        seen = {key: value for report in reports for key, value in report.items()}
+        for name, owners in self.tied:
+            got = [(stage, seen[(name, stage)]) for stage, _ in owners]
+            if any(g[1][:2] != got[0][1][:2] for g in got):
+                shapes = ", ".join(f"stage {s}: {v[1]} {v[0]}" for s, v in got)
+                raise ValueError(
+                    f"{_API}: the tied leaves {name!r} differ in shape or dtype ({shapes}); a "
+                    "tie shares one tensor, so its owners must hold the same shape and dtype."
+                )
+            if any(g[1][2:] != got[0][1][2:] for g in got):
+                raise ValueError(
+                    f"{_API}: the tied leaves {name!r} of stages {[s for s, _ in got]} hold "
+                    "different values; a tie shares one tensor: initialise every owner with "
+                    "the same values (e.g. copy stage 0's into the last stage's params)."
+                )
+
+    def _sum_tied(self) -> None:
+        """Each tie's owners get the sum of their grads (in stage order, so bitwise the
+        same on every owner): identical updates keep the copies identical."""
+        for t, (_, owners) in enumerate(self.tied):
+            parts = {}
+            local = []
+            for stage, path in owners:
+                if not self._here(stage):
+                    continue
+                k = next(k for k, st in enumerate(self.stages) if st.index == stage)
+                j = [q for q, _ in _tree.leaves_with_path(self.aliases[k][2])].index(path)
+                alias = self.aliases[k][0][j]
+                buf = self.bufs[k][j]
+                if buf is None:
+                    dtype = torch.promote_types(alias.dtype, torch.float32)
+                    buf = torch.zeros(alias.shape, dtype=dtype, device=alias.device)
+                parts[stage] = buf
+                local.append((k, j))
+            if not local:
+                continue
+            mine = sorted(parts)
+            peers: dict[int, list[int]] = {}
+            for stage, _ in owners:
+                if not self._here(stage):
+                    peers.setdefault(stage % self.p, []).append(stage)
+            works = []
+            for index, stages in sorted(peers.items()):
+                peer = dist.get_global_rank(self.group, index)
+                for own in mine:
+                    tag = self._tag(3, t, own)
+                    works.append(dist.isend(parts[own], peer, group=self.group, tag=tag))
+                for stage in stages:
+                    parts[stage] = torch.empty_like(parts[mine[0]])
+                    tag = self._tag(3, t, stage)
+                    works.append(dist.irecv(parts[stage], peer, group=self.group, tag=tag))
+            for w in works:
+                w.wait()
+            total = None
+            for stage in sorted(parts):
+                total = parts[stage].clone() if total is None else total.add_(parts[stage])
+            for k, j in local:
+                self.bufs[k][j] = total.clone()
 
     def _forward(self, k: int, i: int) -> None:
         st = self.stages[k]
@@ -854,11 +1116,7 @@ class _Runner:
         if st.is_last:
             pairs = [] if outs is None else [(outs[0], None)]
         else:
-            metas = [
-                mt
-                for mt in optree.tree_leaves(st.out_meta)
-                if mt.dtype.is_floating_point or mt.dtype.is_complex
-            ]
+            metas = [mt for mt in optree.tree_leaves(st.out_meta) if _floating(mt)]
             cot = self._recv(metas, st.index + 1, st.index, 1, i)
             pairs = [(o, g) for o, g in zip(outs, cot, strict=True) if o.requires_grad]
         params = self.aliases[k][0]
@@ -923,25 +1181,15 @@ class _Runner:
         self.xs = self.ys = self.ws = self.aliases = self.bufs = self.losses = None
         self.box, self.saved, self.deferred = {}, {}, {}
 
-    def _loss_everywhere(self) -> torch.Tensor:
-        """``Σ wᵢ·lossᵢ / Σ wᵢ`` on the last stage, broadcast to every rank of the axis."""
-        if any(st.is_last for st in self.stages):
-            acc = None
-            for loss, w in zip(self.losses, self.ws, strict=True):
-                if w == 0.0:
-                    continue
-                term = loss.to(torch.promote_types(loss.dtype, torch.float32)) * w
-                acc = term if acc is None else acc + term
-            value = (acc / self.total).to(self.loss_dtype)
-        else:
-            value = torch.empty((), dtype=self.loss_dtype, device=self.device)
-        if self.group is None:
-            return value
-        value = value.contiguous()
-        before = _compat.use_counts([value])
-        dist.broadcast(value, self._peer(self.n - 1), group=self.group)
-        _compat.settle(before)
-        return value
+    def _loss_value(self) -> torch.Tensor:
+        """``Σ wᵢ·lossᵢ / Σ wᵢ`` on the last stage, in ``loss_fn``'s dtype."""
+        acc = None
+        for loss, w in zip(self.losses, self.ws, strict=True):
+            if w == 0.0:
+                continue
+            term = loss.to(torch.promote_types(loss.dtype, torch.float32)) * w
+            acc = term if acc is None else acc + term
+        return (acc / self.total).to(self.loss_dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -959,6 +1207,66 @@ def _metas(out: PyTree, stage: int) -> PyTree:
                 "a closure)."
             )
     return optree.tree_map(lambda t: _Meta(tuple(t.shape), t.dtype), out)
+
+
+def _floating(mt: _Meta) -> bool:
+    return mt.dtype.is_floating_point or mt.dtype.is_complex
+
+
+def _keystr(key: Any) -> str:
+    return f"[{key!r}]"
+
+
+def _resolve_tied(tied: Any, n: int) -> list[tuple[str, list[tuple[int, str]]]]:
+    """``tied`` as ``[(name, [(stage, leaf path), ...]), ...]``: stages non-negative and
+    sorted, paths in ``fs.tree.leaves_with_path``'s form (``"['wte']"``)."""
+    if tied is None:
+        return []
+    if not isinstance(tied, Mapping):
+        raise TypeError(
+            f"{_API}: tied must be a dict name -> stages, e.g. tied={{'wte': (0, -1)}}, got "
+            f"{type(tied).__name__}."
+        )
+    out = []
+    for name in sorted(tied):
+        spec = tied[name]
+        if isinstance(spec, Mapping):
+            items = list(spec.items())
+        elif isinstance(spec, (tuple, list)):
+            items = [(stage, name) for stage in spec]
+        else:
+            raise TypeError(
+                f"{_API}: tied[{name!r}] must be a tuple of stage indices (the leaf "
+                f"params[{name!r}] of each) or a dict stage -> leaf path, got "
+                f"{type(spec).__name__}."
+            )
+        owners = {}
+        for stage, path in items:
+            if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+                raise ValueError(
+                    f"{_API}: tied[{name!r}] names stage {stage!r}; the pipeline has stages "
+                    f"0..{n - 1} (negative indices count from the last, -1)."
+                )
+            if isinstance(path, str) and path.startswith("["):
+                key = path
+            elif isinstance(path, (str, int)):
+                key = _keystr(path)
+            elif isinstance(path, tuple) and path:
+                key = "".join(_keystr(p) for p in path)
+            else:
+                raise TypeError(
+                    f"{_API}: tied[{name!r}] gives stage {stage} the path {path!r}; a path "
+                    "is a key ('wte'), a tuple of keys (('head', 'w')) or a keystr "
+                    "(\"['head']['w']\")."
+                )
+            owners[stage % n] = key
+        if len(owners) < 2:
+            raise ValueError(
+                f"{_API}: tied[{name!r}] names {len(owners)} distinct stage(s); a tie needs "
+                "two or more owners (e.g. (0, -1): the embedding and the LM head)."
+            )
+        out.append((name, sorted(owners.items())))
+    return out
 
 
 def _describe(got: Any, out: Any) -> str:

@@ -9,6 +9,10 @@ accounting shows 1F1B holding at most p - rank microbatches' activations (GPipe:
 torch's own test_grad_with_manual (MultiMLP, MSELoss(sum)) is ported. Errors are checked to
 raise on every rank (no hang), and a good call still works after them. The schedules' action
 lists are checked without processes: no deadlock under fs.pipeline's communication model.
+Zero bubble: the same equivalence, a trace of B (input grads) running ahead of W (weight
+grads), the split backward against one backward, and its bubble in a unit-time simulation.
+Tied weights: a GPT-like toy whose LM head reuses the embedding matrix gets the reference's
+gradient of the one shared tensor on both owners, which stay identical under fs.train_step.
 """
 
 from __future__ import annotations
@@ -459,11 +463,163 @@ def _four_ranks():
     assert_close(loss, ref_loss, "homogeneous loss", **TOL)
     for key in ("w", "b"):
         assert_close(grads[key], ref_grads[r][key], f"homogeneous grad {key}", **TOL)
-    return True
+
+    from tests.parallel.test_pipeline_errors import four_ranks_failures
+
+    return four_ranks_failures()
 
 
-def test_four_ranks_uneven_and_homogeneous_stages_equal_reference():
-    assert run(_four_ranks, 4) == [True] * 4
+def test_four_ranks_uneven_and_homogeneous_stages_equal_reference_and_fail_together():
+    """... and a middle stage that raises mid-schedule fails every rank (the scenario and
+    its checks are test_pipeline_errors')."""
+    from tests.parallel.test_pipeline_errors import check_four_ranks_failures
+
+    check_four_ranks_failures(run(_four_ranks, 4))
+
+
+# --------------------------------------------------------------------------------------
+# tied weights: a GPT-like toy whose LM head is the embedding matrix
+# --------------------------------------------------------------------------------------
+
+
+def tok_embed(p, x):
+    return {"h": torch.tanh((p["wte"][x] + p["wpe"]) @ p["w"])}
+
+
+def tok_block(p, a):
+    return {"h": a["h"] + torch.tanh(a["h"] @ p["w"])}
+
+
+def lm_head(p, a):
+    """Logits from the stage's own copy of the embedding matrix (leaf ``p["wte"]``)."""
+    return (a["h"] * p["ln"]) @ p["wte"].T, None
+
+
+def lm_head_nested(p, a):
+    """The same, with the copy at ``p["lm"]["w"]``."""
+    return (a["h"] * p["ln"]) @ p["lm"]["w"].T, None
+
+
+def shared_model(seed: int, blocks: int):
+    """The unpipelined model (one ``wte``) and its stages' params (each owner a copy)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.5  # noqa: E731
+    model = {"wte": r(V, D), "wpe": r(T, D), "w0": r(D, D), "ln": r(D)}
+    model.update({f"w{i + 1}": r(D, D) for i in range(blocks)})
+
+    def composed(ps, x, y):
+        a = tok_embed({"wte": ps["wte"], "wpe": ps["wpe"], "w": ps["w0"]}, x)
+        for i in range(blocks):
+            a = tok_block({"w": ps[f"w{i + 1}"]}, a)
+        return loss_fn(lm_head({"wte": ps["wte"], "ln": ps["ln"]}, a), y)
+
+    stages = [{"wte": model["wte"].clone(), "wpe": model["wpe"], "w": model["w0"]}]
+    stages += [{"w": model[f"w{i + 1}"]} for i in range(blocks)]
+    stages.append({"wte": model["wte"].clone(), "ln": model["ln"]})
+    return model, composed, stages
+
+
+def _tied():
+    mesh = fs.Mesh(pp=2)
+    r = mesh.coordinate["pp"]
+    x, y = make_batch(seed=9)
+    x = x["tokens"]
+    out = {}
+    for schedule, v, nested in (
+        ("1f1b", 1, False),
+        ("zero_bubble", 1, True),
+        ("interleaved_1f1b", 2, False),
+    ):
+        blocks = 2 * v - 2
+        model, composed, stages = shared_model(seed=3 + v, blocks=blocks)
+        head = lm_head
+        tied = {"wte": (0, -1)}
+        if nested:
+            stages[-1] = {"lm": {"w": stages[-1]["wte"]}, "ln": stages[-1]["ln"]}
+            head, tied = lm_head_nested, {"wte": {0: "wte", -1: ("lm", "w")}}
+        fns = [tok_embed] + [tok_block] * blocks + [head]
+        f = pipeline(
+            fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule, virtual_stages=v, tied=tied
+        )
+        mine = [stages[s] for s in range(r, 2 * v, 2)]
+        args = (mine[0] if v == 1 else mine, x if r == 0 else None, y if r == 1 else None)
+        loss, grads = f(*args)
+        ref_loss, ref = fs.accumulate(fs.value_and_grad(composed), steps=M)(model, x, y)
+        what = f"tied, {schedule}"
+        assert_close(loss, ref_loss, f"{what}: loss", **TOL)
+        grads = [grads] if v == 1 else grads
+        by_stage = dict(zip(range(r, 2 * v, 2), grads, strict=True))
+        if 0 in by_stage:
+            assert_close(by_stage[0]["wte"], ref["wte"], f"{what}: stage 0 wte", **TOL)
+            assert_close(by_stage[0]["w"], ref["w0"], f"{what}: stage 0 w", **TOL)
+        if 2 * v - 1 in by_stage:
+            g = by_stage[2 * v - 1]
+            g_wte = g["lm"]["w"] if nested else g["wte"]
+            assert_close(g_wte, ref["wte"], f"{what}: last stage's wte", **TOL)
+            assert_close(g["ln"], ref["ln"], f"{what}: ln", **TOL)
+        # the sum differs from either owner's own part: the exchange did something
+        untied = pipeline(
+            fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule, virtual_stages=v
+        )
+        _, own = untied(*args)
+        own = [own] if v == 1 else own
+        part = own[0]["wte"] if r == 0 else (own[-1]["lm"]["w"] if nested else own[-1]["wte"])
+        assert (part - ref["wte"]).abs().max() > 1e-3, what
+
+    # fs.train_step: both owners stay identical, and equal the shared model's step
+    model, composed, stages = shared_model(seed=11, blocks=0)
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    f = pipeline([tok_embed, lm_head], loss_fn, mesh=mesh, microbatches=M, tied={"wte": (0, 1)})
+    step = fs.train_step(lambda p, b, **kw: f(p, *b, **kw), opt)
+    ref_step = fs.train_step(
+        lambda ps, b, **kw: fs.accumulate(fs.value_and_grad(composed), steps=M)(ps, *b, **kw), opt
+    )
+    params, state = step.init(stages[r])
+    every, ref_state = ref_step.init(model)
+    batch = (x if r == 0 else None, y if r == 1 else None)
+    for _ in range(3):
+        params, state, metrics = step.step(params, state, batch)
+        every, ref_state, ref_metrics = ref_step.step(every, ref_state, (x, y))
+        assert_close(metrics["loss"], ref_metrics["loss"], "tied train_step loss", **TOL)
+    assert_close(params["wte"], every["wte"], "tied train_step wte", **TOL)
+    copies = [None, None]
+    torch.distributed.all_gather_object(copies, params["wte"])
+    out["identical"] = torch.equal(copies[0], copies[1])
+    out["moved"] = float((copies[0] - model["wte"]).abs().max())
+
+    # bad ties: a missing leaf, copies that differ; raised on every rank, no hang
+    errors = {}
+    f = pipeline([tok_embed, lm_head], loss_fn, mesh=mesh, microbatches=M, tied={"wpe": (0, 1)})
+    errors["missing"] = raises(lambda: f(stages[r], *batch), ValueError)
+    f = pipeline([tok_embed, lm_head], loss_fn, mesh=mesh, microbatches=M, tied={"wte": (0, 1)})
+    differ = dict(stages[r], wte=stages[r]["wte"] + (r == 1))
+    errors["values"] = raises(lambda: f(differ, *batch), ValueError)
+    return out, errors
+
+
+def test_tied_weights_get_the_summed_grad_and_stay_identical():
+    results = run(_tied, 2)
+    for out, errors in results:
+        assert out["identical"] and out["moved"] > 1e-3, out
+        assert "['wpe']" in errors["missing"] and "stage 1" in errors["missing"], errors
+        assert "different values" in errors["values"], errors
+
+
+def test_tied_bad_arguments_raise_at_build_time():
+    mesh = fs.Mesh(pp=1)
+    build = lambda tied: pipeline(  # noqa: E731
+        [tok_embed, lm_head],
+        loss_fn,
+        mesh=mesh,
+        microbatches=2,
+        virtual_stages=2,
+        schedule="gpipe",
+        tied=tied,
+    )
+    assert "stage 2" in raises(lambda: build({"wte": (0, 2)}), ValueError)
+    assert "two or more" in raises(lambda: build({"wte": (0, -2)}), ValueError)
+    assert "tied must be a dict" in raises(lambda: build([("wte", (0, 1))]), TypeError)
+    assert "a tuple of keys" in raises(lambda: build({"wte": {0: "wte", 1: 3.0}}), TypeError)
 
 
 # --------------------------------------------------------------------------------------
