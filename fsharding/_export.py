@@ -45,6 +45,7 @@ several files) is removed before any new file is written, and its leftover
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -147,7 +148,9 @@ def export(
         module: the ``nn.Module`` the params belong to, to add what
             ``module.load_state_dict(strict=True)`` also expects: its persistent buffers
             (the module's values) and every other name of a tied weight (written as its own
-            copy of the data: safetensors stores no aliases). Without it, exactly the
+            copy of the data: safetensors stores no aliases). A parameter missing from
+            ``params`` is not taken from the module (a pipeline rank passes its stages' own
+            params; the module's copy may be stale). Without it, exactly the
             names of ``params`` are written (``fs.functional`` lists a tied weight once,
             which ``transformers``' ``from_pretrained`` re-ties).
         max_shard_size: the largest file, in bytes or as a string (``"5GB"``, ``"500MB"``,
@@ -223,11 +226,15 @@ def export(
         _check_replicas(plan, group.all_gather(digests))
 
     # 3. A previous export stops being visible before any new file is written.
+    error = None
     if group.rank == 0:
-        _remove(directory / _INDEX)
-        if len(plan.files) > 1:
-            _remove(directory / _SINGLE)
-    group.barrier()
+        try:
+            _remove(directory / _INDEX)
+            if len(plan.files) > 1:
+                _remove(directory / _SINGLE)
+        except OSError as e:
+            error = e
+    _agree(group, error)
 
     # 4. Every file by its writer; every rank joins the gathers of its DTensors in order.
     error = None
@@ -250,18 +257,18 @@ def export(
                 if out is not None:
                     try:
                         _write_tensor(out, t)
-                    except OSError as e:
+                    except Exception as e:  # the other ranks still wait for this one
                         error = e
                         out.discard()
                         out = None
                 del t
             if out is not None:
                 out.commit()
-        except OSError as e:
+        except Exception as e:
             error = e
             if out is not None:
                 out.discard()
-    _raise_first(group.all_gather((_describe(error), None)), error, group)
+    _agree(group, error)
 
     # 5. The index makes a multi-file export visible; then older files go.
     error = None
@@ -279,7 +286,7 @@ def export(
                     _remove(old)
         except OSError as e:
             error = e
-    _raise_first(group.all_gather((_describe(error), None)), error, group)
+    _agree(group, error)
     return dict(plan.weight_map)
 
 
@@ -625,16 +632,14 @@ class _Group:
         self.dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            self.all_gather(None)
-
 
 def _describe(error: BaseException | None) -> tuple[str, str] | None:
     return None if error is None else (type(error).__name__, str(error))
 
 
-_ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "FileExistsError": FileExistsError}
+def _agree(group: _Group, error: BaseException | None) -> None:
+    """A sync point: raises on every rank when any rank had an error."""
+    _raise_first(group.all_gather((_describe(error), None)), error, group)
 
 
 def _raise_first(everyone: list[Any], own: BaseException | None, group: _Group) -> None:
@@ -645,4 +650,11 @@ def _raise_first(everyone: list[Any], own: BaseException | None, group: _Group) 
         if err is None:
             continue
         kind, message = err
-        raise _ERRORS.get(kind, OSError)(f"rank {rank}: {message}") from None
+        cls = getattr(builtins, kind, None)
+        try:
+            exc = cls(f"rank {rank}: {message}")  # the same type as that rank's error
+        except Exception:  # not a builtin type with a message-only constructor
+            exc = None
+        if not isinstance(exc, Exception):
+            exc = RuntimeError(f"rank {rank} raised {kind}: {message}")
+        raise exc from None

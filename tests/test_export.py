@@ -442,6 +442,22 @@ def _worker(root: str):
     finally:
         impl._materialize = real
     out["hsdp_gathers"] = len(calls)
+
+    # a write failing on one rank (rank 1's disk is full) raises on both, no export visible
+    real_write = impl._write_tensor
+
+    def full_disk(f, t):
+        raise OSError(28, "No space left on device (simulated)")
+
+    export(f"{root}/fail", mine, max_shard_size=40_000)  # a good export first
+    if rank == 1:
+        impl._write_tensor = full_disk
+    try:
+        out["err_write"] = raises(
+            lambda: export(f"{root}/fail", mine, max_shard_size=40_000), OSError
+        )
+    finally:
+        impl._write_tensor = real_write
     return out
 
 
@@ -532,6 +548,10 @@ def test_two_ranks_zero3_gpt_streaming_pipeline_errors(tmp_path, monkeypatch):
         assert "not a replica" not in r["err_replica"] and "different values" in r["err_replica"]
         assert "'w'" in r["err_shape"] and "differ" in r["err_shape"]
     assert r0["err_leaf"].startswith("rank 1: fs.export")
+    assert "No space left" in r0["err_write"] and r0["err_write"].startswith("rank 1:")
+    assert "No space left" in r1["err_write"]
+    left = os.listdir(tmp_path / "fail")  # rank 0's new files, but no index
+    assert "model.safetensors.index.json" not in left and not [f for f in left if f[0] == "."]
     # a replicated name is written once; per-rank names by their rank
     assert r0["replica_map"] == r1["replica_map"]
     got, wm = read_export(tmp_path / "replica")
