@@ -437,6 +437,12 @@ class Partition:
     * agrees on the loss-scale finite check over the parts (:meth:`all_min`), so every
       stage skips the same steps.
 
+    A part may hold a *copy* of a leaf that another part holds too (tied weights: every
+    owner of ``fs.pipeline(tied=...)``'s weight keeps a copy and gets the summed grad). Such
+    a grad function also carries ``copies(grads) -> list[bool]``: for each leaf of its
+    grads (``optree.tree_leaves`` order), True where another part counts that leaf; the
+    norm then counts it once, as the unpipelined model's one weight.
+
     Sums over the parts are deterministic: each rank's value is all-gathered and added in
     rank order (the same bits on every rank, whatever the backend's reduction order).
 
@@ -445,8 +451,15 @@ class Partition:
         size: the number of parts (ranks along the axis).
     """
 
-    def __init__(self, group: Any, size: int, api: str = "a partitioned grad function"):
-        self.group, self.size, self.api = group, size, api
+    def __init__(
+        self,
+        group: Any,
+        size: int,
+        api: str = "a partitioned grad function",
+        copies: Callable[[PyTree], list[bool]] | None = None,
+    ):
+        self.group, self.size, self.api, self.copies = group, size, api, copies
+        self.mask: list[bool] | None = None  # the last grads' copies (see counted)
 
     def call(self, grad_fn: Callable[..., Any], params: PyTree, batch: Any, **kw: Any) -> Any:
         """``grad_fn(params, inputs, targets, **kw)`` for ``batch = (inputs, targets)``."""
@@ -460,7 +473,28 @@ class Partition:
                 "step.step(params, opt_state, (x, y)); ranks that do not run the first "
                 "(last) stage may pass None as inputs (targets)."
             )
-        return grad_fn(params, batch[0], batch[1], **kw)
+        value, grads = grad_fn(params, batch[0], batch[1], **kw)
+        if self.copies is not None:
+            self.mask = [bool(c) for c in self.copies(grads)]
+            if len(self.mask) != len(optree.tree_leaves(grads)):
+                raise ValueError(
+                    f"{self.api}: the grad function's copies(grads) gave {len(self.mask)} "
+                    f"flags for {len(optree.tree_leaves(grads))} grads leaves; it must give "
+                    "one per leaf."
+                )
+        return value, grads
+
+    def counted(self, sq_per_leaf: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The per-leaf squared norms this part counts: a copy another part counts is 0."""
+        if not self.mask or not any(self.mask):
+            return sq_per_leaf
+        if len(sq_per_leaf) != len(self.mask):
+            raise RuntimeError(
+                f"{self.api}: a global norm over {len(sq_per_leaf)} leaves, but the grads "
+                f"had {len(self.mask)}; with tied copies the optimizer's global norm must "
+                "see grads-shaped trees (put optim.clip_by_global_norm first in the chain)."
+            )
+        return [torch.zeros_like(s) if c else s for s, c in zip(sq_per_leaf, self.mask)]
 
     @torch.no_grad()
     def sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -493,7 +527,8 @@ class Partition:
         ``reduce`` of ``optim.base.sharded_norm``)."""
         if not sq_per_leaf:  # a part without floating grads still takes part in the sum
             return self.sum(torch.zeros((), dtype=torch.float64))
-        return self.sum(torch.stack([s.to(torch.float64) for s in sq_per_leaf]).sum())
+        sq = self.counted(sq_per_leaf)
+        return self.sum(torch.stack([s.to(torch.float64) for s in sq]).sum())
 
     @staticmethod
     def leaf_sq_reduce(positions: list[int], sq: torch.Tensor) -> torch.Tensor:
@@ -524,4 +559,5 @@ def partition(grad_fn: Any, api: str = "fs.train_step") -> Partition | None:
     if mesh is None or axis is None or not hasattr(mesh, "group"):
         return None
     size = mesh.shape[axis]
-    return Partition(mesh.group(axis) if size > 1 else None, size, api)
+    copies = getattr(grad_fn, "copies", None)
+    return Partition(mesh.group(axis) if size > 1 else None, size, api, copies)

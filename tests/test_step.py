@@ -339,3 +339,27 @@ def test_a_pipeline_grad_fn_takes_batch_inputs_targets_and_steps_like_its_compos
     torch.testing.assert_close(p, q)
     with pytest.raises(TypeError, match=r"batch must be \(inputs, targets\).*got a dict"):
         step.step(p, s, {"x": x, "t": t})
+
+
+def test_a_partitioned_grad_fn_counts_tied_copies_once_in_the_norm_and_the_clip():
+    """A part holding a copy of a leaf another part counts (tied weights) marks it with
+    ``copies``: grad_norm and clip_by_global_norm count it once, like the one shared
+    weight of the unpartitioned model; without the mark it would count twice."""
+    g = torch.tensor([3.0, 4.0], dtype=torch.float64)
+
+    def grad_fn(params, inputs, targets):  # "a" and its tied copy "b" get the summed grad
+        return torch.tensor(0.0), {"a": g.clone(), "b": g.clone()}
+
+    grad_fn.mesh, grad_fn.axis = fs.Mesh(pp=1), "pp"
+    params = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(1.0))
+    _, _, m = fs.train_step(grad_fn, opt).step(params, opt.init(params), (None, None))
+    assert float(m["grad_norm"]) == pytest.approx(50**0.5)  # two leaves counted
+    grad_fn.copies = lambda grads: [False, True]
+    p, _, m = fs.train_step(grad_fn, opt).step(params, opt.init(params), (None, None))
+    assert float(m["grad_norm"]) == pytest.approx(5.0)  # the weight once
+    torch.testing.assert_close(p["a"], -g / 5.0)  # clipped by the shared weight's norm
+    torch.testing.assert_close(p["b"], p["a"])  # the copies stay identical
+    grad_fn.copies = lambda grads: [False]
+    with pytest.raises(ValueError, match="1 flags for 2 grads leaves"):
+        fs.train_step(grad_fn, opt).step(params, opt.init(params), (None, None))
