@@ -85,3 +85,42 @@ def test_deepspeed_bf16_row_is_bf16_weights_with_fp32_masters_and_runs():
     masters = fs.tree.leaves(state.master)
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert float(metrics["loss"]) < 0.9 * first  # it trains (memorises the fixed batch)
+
+
+def test_checkpoint_example_runs_after_the_quickstart(tmp_path, monkeypatch):
+    section = README.split("## Checkpoints", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the Checkpoints section has one python example"
+    quickstart = re.findall(r"```python\n(.*?)```", README, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(quickstart, "README.md", "exec"), namespace)
+    trained = {k: v.clone() for k, v in namespace["params"].items()}
+    opt_before = namespace["opt_state"]
+    exec(compile(blocks[0], "README.md#checkpoints", "exec"), namespace)
+    state = namespace["state"]
+    assert state["step"] == 200 and (tmp_path / "ckpt" / "step-000200").is_dir()
+    for k, v in trained.items():  # a new tree holding the saved values
+        assert torch.equal(namespace["params"][k], v) and namespace["params"][k] is not v
+    count = lambda s: s[1][0].count  # noqa: E731  (adamw's Adam state in the chain)
+    assert count(namespace["opt_state"]) == count(opt_before) == 200
+    from safetensors.torch import load_file
+
+    fresh = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)
+    )  # the quickstart's model, untrained
+    fresh.load_state_dict(load_file(tmp_path / "exported" / "model.safetensors"), strict=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+
+def test_checkpoint_commands_name_real_flags():
+    from fsharding import train
+
+    section = README.split("## Checkpoints", 1)[1].split("\n## ", 1)[0]
+    lines = re.findall(r"```bash\n(.*?)```", section, re.S)[0].strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        argv = line.split("#")[0].split("fsharding.train", 1)[1].split()
+        args = train.parse_args(argv)  # exits on an unknown flag or a bad combination
+        assert args.resume or args.export

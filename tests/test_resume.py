@@ -194,3 +194,26 @@ def test_resume_under_zero3_on_two_ranks_is_bitwise(tmp_path):
         _check(ref, res, DROPS_ZERO)
     # and the two ranks agree (global mean loss, gathered params)
     assert torch.equal(resumed[0][0]["losses"], resumed[1][0]["losses"])
+
+
+def test_rng_state_holds_every_generator_a_step_draws_from():
+    generator = torch.Generator().manual_seed(3)
+    state = train.rng_state(generator)
+    assert sorted(state) == (
+        ["cpu", "cuda", "data"] if torch.cuda.is_available() else ["cpu", "data"]
+    )
+    assert all(v.dtype == torch.uint8 and v.device.type == "cpu" for v in state.values())
+    drawn = F.dropout(torch.ones(64), 0.5), torch.randint(0, 9, (8,), generator=generator)
+    train.set_rng_state(state, generator)
+    again = F.dropout(torch.ones(64), 0.5), torch.randint(0, 9, (8,), generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, again, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA generator needs a GPU")
+def test_rng_state_restores_the_cuda_generator():
+    generator = torch.Generator()
+    state = train.rng_state(generator)
+    drawn = F.dropout(torch.ones(1024, device="cuda"), 0.5)
+    assert not torch.equal(drawn, F.dropout(torch.ones(1024, device="cuda"), 0.5))
+    train.set_rng_state(state, generator)
+    assert torch.equal(F.dropout(torch.ones(1024, device="cuda"), 0.5), drawn)

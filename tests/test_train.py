@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fsharding import train
+from fsharding import data, train
 
 QUICK = ["--eval-batches", "2", "--sample-len", "5", "--no-progress"]
 
@@ -127,3 +128,92 @@ def test_zero_flag_without_torchrun_says_to_use_torchrun(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SystemExit, match=r"torchrun --nproc-per-node 2 -m fsharding.train"):
         train.main(["--zero", "3", "--steps", "2", "--batch-size", "2", *QUICK])
+
+
+def _reload_export(directory: Path) -> torch.nn.Module:
+    """The exported params in a plain GPT, strictly (no fsharding involved in reading)."""
+    from safetensors.torch import load_file
+
+    from fsharding.models import GPT, GPTConfig
+
+    files = sorted(directory.glob("*.safetensors"))
+    state = {k: v for f in files for k, v in load_file(f).items()}
+    model = GPT(GPTConfig.preset("tiny"), seed=1)  # other initial values, all overwritten
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_resume_continues_the_run_exactly_and_refuses_another_run(tmp_path, capsys):
+    """--save-dir/--save-every/--resume: losses continue bit for bit (dropout, fp16 loss scale,
+    accumulate, the data position), and --export reloads in a plain nn.Module."""
+    flags = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--dropout", "0.1"]
+    flags += ["--amp", "fp16", "--accumulate", "2", "--data-bytes", "200000", *QUICK]
+    flags[flags.index("--eval-batches") + 1] = "1"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    # --resume with no checkpoint yet starts at step 0 (one command line for every restart)
+    a = train.main(flags + ["--save-dir", str(full), "--resume", "--export", str(tmp_path / "ea")])
+    assert "no checkpoint in" in capsys.readouterr().out and a["resumed_from"] is None
+    assert sorted(p.name for p in full.iterdir()) == ["step_00000002", "step_00000004"]
+    # interrupted after step 2: only that checkpoint exists
+    cut.mkdir()
+    (full / "step_00000002").rename(cut / "step_00000002")
+    b = train.main(flags + ["--save-dir", str(cut), "--resume", "--export", str(tmp_path / "eb")])
+    assert b["resumed_from"] == 2 and (cut / "step_00000004").is_dir()
+    assert b["losses"] == a["losses"] and len(set(a["losses"])) == 4  # bitwise, all 4 steps
+    assert b["val_loss"] == a["val_loss"] and b["sample"] == a["sample"]
+    ea, eb = (_reload_export(tmp_path / e) for e in ("ea", "eb"))
+    for (name, x), (_, y) in zip(ea.state_dict().items(), eb.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    # the exported weights are the trained ones: a plain forward gives the job's val loss
+    batch = next(data.load(200_000).batches("val", 4, 64, torch.Generator().manual_seed(10_000)))
+    with torch.no_grad():
+        val = F.cross_entropy(ea(batch["x"]).flatten(0, 1), batch["y"].flatten())
+    assert float(val) == pytest.approx(a["val_loss"], rel=1e-5)
+
+    # a checkpoint of another run is refused, naming what differs
+    with pytest.raises(SystemExit, match=r"--seed 0 \(this run: 1\)"):
+        train.main(flags + ["--save-dir", str(cut), "--resume", "--seed", "1"])
+    no_amp = [f for f in flags if f not in ("--amp", "fp16")]  # another opt_state structure
+    with pytest.raises(SystemExit, match=r"--amp 'p=f32,c=f16,o=f32' \(this run: None\)"):
+        train.main(no_amp + ["--save-dir", str(cut), "--resume"])
+
+
+def test_checkpoint_flags_reject_nonsense():
+    for bad in (["--resume"], ["--save-every", "2"], ["--save-dir", "d", "--save-every", "0"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+    with pytest.raises(SystemExit):  # disk-offloaded optimizer state is not in the pytree
+        train.parse_args(["--save-dir", "d", "--offload", "/tmp"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dropout", "1.0"])
+
+
+@pytest.mark.timeout(600)
+def test_resume_under_torchrun_zero3(tmp_path):
+    """Two ranks, ZeRO-3, dropout: killed after step 2, resumed in fresh processes, the
+    losses continue exactly and the exported params equal the uninterrupted run's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
+    cmd += ["fsharding.train", "--zero", "3", "--steps", "4", "--batch-size", "2"]
+    cmd += ["--save-every", "2", "--dropout", "0.1", "--data-bytes", "200000", *QUICK]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+
+    def job(save_dir: Path, name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        argv = ["--save-dir", str(save_dir), "--json", str(out), "--export", str(tmp_path / name)]
+        proc = subprocess.run(
+            cmd + argv + list(extra), env=env, capture_output=True, text=True, timeout=280
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    a = job(tmp_path / "full", "a")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "full" / "step_00000002").rename(tmp_path / "cut" / "step_00000002")
+    b = job(tmp_path / "cut", "b", "--resume")
+    assert b["resumed_from"] == 2 and a["resumed_from"] is None
+    assert b["losses"] == a["losses"] and len(set(a["losses"])) == 4
+    ea, eb = (_reload_export(tmp_path / e) for e in ("a", "b"))
+    for (name, x), (_, y) in zip(ea.state_dict().items(), eb.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
