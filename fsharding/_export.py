@@ -143,8 +143,10 @@ def export(
             previous export there are replaced.
         params: a dict of tensors keyed by state-dict name (``fs.functional``'s params,
             ``fs.zero``'s sharded params), or nested dicts / lists of them, whose keys are
-            joined with ``"."``. Keys must be strings; ``None`` leaves are skipped. Tensors
-            may be DTensors or on any device; they are read, never changed.
+            joined with ``"."``; or a list of such dicts (a pipeline rank's virtual stages,
+            each keyed by the whole model's names), taken together. Keys must be strings;
+            ``None`` leaves are skipped. Tensors may be DTensors or on any device; they are
+            read, never changed.
         module: the ``nn.Module`` the params belong to, to add what
             ``module.load_state_dict(strict=True)`` also expects: its persistent buffers
             (the module's values) and every other name of a tied weight (written as its own
@@ -296,14 +298,20 @@ def export(
 
 
 def _collect(params: Any, module: nn.Module | None, dtype: torch.dtype | None) -> dict[str, _Leaf]:
-    if not isinstance(params, Mapping):
+    # a list of dicts: one pipeline rank's virtual stages, each keyed by full names
+    stages = isinstance(params, (list, tuple)) and not hasattr(params, "_fields")
+    parts = list(params) if stages else [params]
+    if not parts or not all(isinstance(p, Mapping) for p in parts):
         raise TypeError(
             f"{_API}: params must be a dict of tensors keyed by state-dict name (e.g. "
-            f"fs.functional(model)[1]), got {_tree.describe(params)}."
+            f"fs.functional(model)[1]) or a list of such dicts (a pipeline rank's stages), "
+            f"got {_tree.describe(params)}"
+            + (f" of {[_tree.describe(p) for p in parts]}." if stages else ".")
         )
     leaves: dict[str, _Leaf] = {}
-    for name, where, value in _walk(params, (), "params"):
-        _add(leaves, name, where, value, dtype)
+    for i, part in enumerate(parts):
+        for name, where, value in _walk(part, (), f"params[{i}]" if stages else "params"):
+            _add(leaves, name, where, value, dtype)
     if module is not None:
         for name, where, value in _module_extras(module, leaves):
             _add(leaves, name, where, value, dtype)

@@ -201,7 +201,10 @@ def test_a_crash_leaves_no_half_file(tmp_path, monkeypatch):
 def test_bad_input_names_the_path(tmp_path):
     t = torch.ones(2)
     cases = [
-        ([t], TypeError, "params must be a dict"),
+        (t, TypeError, "params must be a dict"),
+        ([], TypeError, "params must be a dict"),
+        ([{"a": t}, t], TypeError, r"list of such dicts .* got list of \['dict', 'a torch"),
+        ([{"a": t}, {"a": t}], ValueError, r"params\[1\]\['a'\] and params\[0\]\['a'\]"),
         ({"a": {"b": 3}}, TypeError, r"params\['a'\]\['b'\] is int"),
         ({"a": [t, "x"]}, TypeError, r"params\['a'\]\[1\] is str"),
         ({"a": {1: t}}, TypeError, r"params\['a'\] has the key 1 \(int\)"),
@@ -245,6 +248,18 @@ def test_cuda_tensors(tmp_path):
     got, _ = read_export(tmp_path)
     assert torch.equal(got["w"], params["w"].bfloat16().cpu())
     assert torch.equal(got["i"], params["i"].cpu())
+
+
+def test_a_list_of_stage_dicts_is_one_export(tmp_path):
+    """A pipeline rank's virtual stages (a list of dicts keyed by the model's names)."""
+    stages = [{"blocks.0.w": torch.ones(2)}, {"blocks.2.w": torch.zeros(3), "head.b": None}]
+    assert export(tmp_path, stages) == {
+        "blocks.0.w": "model.safetensors",
+        "blocks.2.w": "model.safetensors",
+    }
+    got, _ = read_export(tmp_path)
+    assert torch.equal(got["blocks.0.w"], torch.ones(2))
+    assert torch.equal(got["blocks.2.w"], torch.zeros(3))
 
 
 def test_max_shard_size_strings():
