@@ -367,8 +367,8 @@ def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) ->
 def _every_rank(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's ``tensor`` as row ``rank`` of a ``[world_size, ...]`` tensor sharded over
     all ranks (a DTensor with a process group): each rank saves and loads its own row."""
-    rank, world = _world()
-    if world == 1 and not torch.distributed.is_initialized():
+    world = _world()[1]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return tensor[None]
     return fs.from_local(tensor[None], fs.Mesh(rank=world), fs.P("rank"))
 

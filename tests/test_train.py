@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import math
 import os
@@ -217,3 +218,16 @@ def test_resume_under_torchrun_zero3(tmp_path):
     ea, eb = (_reload_export(tmp_path / e) for e in ("a", "b"))
     for (name, x), (_, y) in zip(ea.state_dict().items(), eb.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_checkpoint_helpers_examples_run():
+    # (tests/test_doctests.py skips fsharding.train: its main() example trains)
+    helpers = [train.config_fingerprint, train.seed_rng, train.rng_state, train.set_rng_state]
+    helpers += [train.training_state, train.resume_rng, train.checkpoint_path]
+    helpers += [train.load_training_state]
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for fn in helpers:
+        (test,) = doctest.DocTestFinder().find(fn, globs=vars(train).copy())
+        assert test.examples, fn.__name__
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
