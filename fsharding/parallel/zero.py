@@ -66,10 +66,19 @@ every other rank a ValueError, in the same collective (no rank hangs). With
 every rank). With ``gather="blocks"`` (stages 2/3) each microbatch's backward
 reduce-scatters its grads per block into ``accumulate``'s shard-sized buffer (at stage 3
 the params are gathered per microbatch too): no full-size gradient ever exists.
+
+Deterministic mode (``deterministic=True``, ``_canonical``): the grads and losses are not
+reduced by the backend but summed here in ``fs.accumulate``'s canonical pairwise tree
+(``transforms.accumulate.CanonicalSum``) over every rank's un-normalised tree sum (an
+all-to-all per bucket gives each rank every rank's rows of its shard) and divided once by
+the total weight, so that the params do not depend on the split of the microbatches over
+ranks and accumulation steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +93,7 @@ from fsharding.optim import base as _optim
 from fsharding.parallel import _buckets as _lay
 from fsharding.parallel import _overlap
 from fsharding.parallel import gather as _gather
+from fsharding.parallel._buckets import _C
 from fsharding.parallel.collectives import settle, use_counts
 from fsharding.step import (
     Step,
@@ -112,6 +122,7 @@ def zero(
     axis: str | tuple[str, ...] = "dp",
     loss_scale: Any = None,
     gather: str = "boundary",
+    deterministic: bool = False,
 ) -> Step:
     """A data-parallel training step with ZeRO sharding of model state over ``axis``.
 
@@ -152,6 +163,50 @@ def zero(
             for one block at a time and at stages 2/3 no full-size gradient exists.
             ``fs.gather(reshard_after_forward=True)`` gives the same memory without
             recomputing the block (FSDP2's default: backward all-gathers it again).
+        deterministic: reduce in a canonical order, so that the params do not depend on
+            how a step's microbatches are split over ranks and accumulation steps (see
+            *Deterministic mode* below). Needs ``gather="boundary"``, and an
+            ``fs.accumulate`` inside ``grad_fn`` must have ``deterministic=True`` too.
+
+    **Deterministic mode** (``deterministic=True``, stages 0-3 and hybrid sharding): with a
+    fixed microbatch size and ``K`` microbatches per step, every split ``dp × K/dp`` (one
+    process with ``fs.accumulate(steps=K, deterministic=True)``, 2 ranks with ``steps=K/2``,
+    ..., ``K`` ranks each one microbatch with no ``accumulate``) gives **bitwise** the same
+    loss, grads and so params after any number of steps — DeepSpeed, FSDP2 and JAX have no
+    such mode. Microbatch ``i`` of data-parallel rank ``r`` is global microbatch
+    ``r·K/dp + i`` (``r`` row-major over ``axis``, the shard axis fastest: the rank for a
+    1-D mesh). The grads and losses are summed in one canonical pairwise tree over the
+    ``K`` global microbatches (``fs.accumulate``'s, in which each rank's ``K/dp`` form a
+    subtree) and divided once by the total weight, so token weights (``fs.accumulate(...,
+    weights=)``: ``Σ wᵢ·gᵢ / Σ wᵢ``, ``Σ wᵢ`` an exactly rounded sum of every weight) are
+    split-invariant too. Each rank's tree sum is combined with the others' after grad_fn:
+    per bucket an all-to-all over the shard axis (each rank receives every rank's rows of
+    its own shard: a reduce-scatter's traffic, (N-1)/N·Ψ) summed here in the canonical
+    order rather than in the backend's; at stage 0 an all-gather of the summed shards
+    follows (an all-reduce's traffic, 2(N-1)/N·Ψ); under HSDP the summed shards are then
+    all-gathered over each replicate axis and summed the same way. ``K/dp`` must be a power
+    of two (``dp`` need not be; under HSDP also ``K/dp`` times the shard axis size when a
+    replicate axis has more than one rank): a ValueError on every rank names ``steps``
+    otherwise. The loss-scale finite check, ``clip_by_global_norm`` and the metrics work as
+    in the default mode; the overlap with backward is off.
+
+    What stays outside the bitwise claim: at stages 1-3 the optimizer runs on shards, so
+    its update must give an element the same bits wherever it sits in a tensor. Elementwise
+    ``torch._foreach_*`` transforms do (``optim.chain(optim.scale_by_adam(),
+    optim.add_decayed_weights(wd), optim.scale_by_learning_rate(lr))`` is AdamW so);
+    ``optim.adam``/``optim.adamw`` on CPU run torch's fused Adam kernel, whose vectorised
+    body uses FMA and whose scalar tail does not, so at stages 1-3 their params can differ
+    in the last bit between world sizes (stage 0, full tensors, is unaffected). A global
+    norm (``clip_by_global_norm``, the ``grad_norm`` metric) at stages 1-3 is summed over
+    shards: it matches the one-process value to rounding, so an active clip is exact only
+    at stage 0. ``gather="blocks"`` (a ValueError) reduce-scatters inside backward.
+
+    Cost (measured, GPT tiny, 2 gloo ranks, see BENCHMARKS.md): one header all-gather per
+    step and, for the grads, the traffic of the default mode; memory: the all-to-all's
+    receive buffers hold every rank's rows of this rank's shard (N × shard = one full
+    float32 grad, the buffers of all buckets alive together) where a reduce-scatter
+    receives one shard, and ``fs.accumulate`` holds up to ``log2(K/dp) + 1`` partial sums
+    instead of one buffer.
 
     Returns:
         ``Step(init, step, gather)``. ``init(params, *, init_fn=None)`` takes full params
@@ -212,10 +267,23 @@ def zero(
             f"fs.zero: gather='blocks' needs stage 2 or 3 (grads reduce-scattered), got "
             f"stage={stage}; at stages 0/1 grads are all-reduced once per step."
         )
+    if not isinstance(deterministic, bool):
+        raise TypeError(
+            f"fs.zero: deterministic must be True or False, got {deterministic!r} of type "
+            f"{type(deterministic).__name__}."
+        )
+    if deterministic and gather == "blocks":
+        raise ValueError(
+            "fs.zero: deterministic=True needs gather='boundary': with gather='blocks' each "
+            "block's grads are reduce-scattered inside backward, in the backend's order. "
+            "Use gather='boundary' (stages 2 and 3 shard the grads and state all the same)."
+        )
     loss_scale = as_loss_scale(loss_scale, "fs.zero")
     axes = _dp_axes(mesh, axis)
     dp = math.prod(mesh.shape[a] for a in axes)
     if mesh.device_mesh is None or dp == 1:
+        if deterministic:  # the same canonical tree, all of it in this process
+            grad_fn = _checked_deterministic(grad_fn)
         local = train_step(grad_fn, optimizer, loss_scale=loss_scale)
 
         def init_local(params: PyTree, *, init_fn: Callable | None = None) -> tuple:
@@ -223,7 +291,24 @@ def zero(
             return local.init(_materialize(params, init_fn))
 
         return Step(init=init_local, step=local.step, gather=local.gather)
-    return _ZeRO(grad_fn, optimizer, mesh, axes, stage, loss_scale, gather == "blocks").as_step()
+    return _ZeRO(
+        grad_fn, optimizer, mesh, axes, stage, loss_scale, gather == "blocks", deterministic
+    ).as_step()
+
+
+def _checked_deterministic(grad_fn: Callable) -> Callable:
+    """``grad_fn`` on one process under ``deterministic=True``: an ``fs.accumulate`` in it
+    must be deterministic too (as on several ranks), and then returns its result."""
+
+    def checked(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        with _acc.deterministic_sums(raw=False):
+            return grad_fn(params, *args, **kwargs)
+
+    return checked
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 def _dp_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
@@ -348,8 +433,10 @@ class _ZeRO:
         stage: int,
         loss_scale: Any,
         blocks: bool,
+        deterministic: bool = False,
     ) -> None:
         self.grad_fn, self.opt, self.mesh = grad_fn, optimizer, mesh
+        self.deterministic = deterministic
         self.loss_scale, self.blocks = loss_scale, blocks
         self.state_sharded = stage >= 1
         self.grads_sharded = stage >= 1
@@ -358,6 +445,7 @@ class _ZeRO:
         self.group = mesh.group(self.axis)
         self.dmesh = mesh[self.axis].device_mesh
         self.rep_groups = [mesh.group(a) for a in axes[:-1] if mesh.shape[a] > 1]
+        self.rep_sizes = [mesh.shape[a] for a in axes[:-1] if mesh.shape[a] > 1]
         # every data-parallel group that communicates, shard axis first
         self.dp_groups = ([self.group] if mesh.shape[self.axis] > 1 else []) + self.rep_groups
         self.dp = math.prod(mesh.shape[a] for a in axes)
@@ -367,6 +455,7 @@ class _ZeRO:
         self.overlap = None  # decided by _plan (it knows the params' device)
         self.tapped = None
         self.factor = None  # token weights: this step's scale of this rank's grads and loss
+        self.det_total: float | None = None  # deterministic: every microbatch's Σ w (fsum)
         self.empty = (False, False)  # token weights: (this rank has none, some rank has none)
 
     # -- layout -----------------------------------------------------------------------
@@ -386,6 +475,9 @@ class _ZeRO:
         self.buckets = _lay.make_buckets([lay for lay in self.layouts if lay is not None])
         self.device = leaves[0].device if leaves else torch.device("cpu")
         self.overlap = None if _overlap.enabled(self.group, self.device) else False
+        if self.deterministic:  # the reduction runs after grad_fn, in the canonical order
+            self.overlap = False
+        self.det_buckets: dict[tuple, list[_lay.Bucket]] = {}
 
     def _to_dtensor(self, local: torch.Tensor, lay: _lay.LeafLayout) -> torch.Tensor:
         from torch.distributed.tensor import DTensor, Shard  # (seconds to import: on first use)
@@ -613,6 +705,8 @@ class _ZeRO:
                 "error names it). Every rank stops this step here."
             )
 
+        if self.deterministic:
+            return self._det_weights(ws, bad, invalid)
         if self.blocks:
             w = torch.tensor(
                 [-1.0] * len(ws) if bad else ws, dtype=torch.float64, device=self.device
@@ -749,6 +843,196 @@ class _ZeRO:
             out[i] = x
         return out
 
+    # -- deterministic reduction ------------------------------------------------------
+
+    def _gather_one(self, x: torch.Tensor, group: Any) -> torch.Tensor:
+        """``[n, *x.shape]``: every rank's ``x`` over ``group``, in group-rank order."""
+        n = dist.get_world_size(group)
+        inp = x.detach().contiguous()
+        before = use_counts([inp])
+        out = _C.wait_tensor(_C.all_gather_into_tensor(inp.reshape(-1), n, group.group_name))
+        settle([(out, 1), *before])
+        return out.view(n, *x.shape)
+
+    def _gather_all(self, x: torch.Tensor) -> torch.Tensor:
+        """``[dp, *x.shape]``: every data-parallel rank's ``x`` in the canonical order,
+        row-major over ``axis`` (the shard axis fastest): for a 1-D mesh, by rank."""
+        out = x.detach().unsqueeze(0)
+        inner_first = ([self.group] if self.world > 1 else []) + self.rep_groups[::-1]
+        for g in inner_first:
+            out = self._gather_one(out, g)
+            out = out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
+        return out
+
+    def _det_weights(self, ws: list[float], bad: bool, invalid: Callable) -> None:
+        """Deterministic mode's weights: every rank learns every microbatch's weight, so
+        that ``Σ w`` is ``math.fsum`` of all of them (correctly rounded: the same for every
+        split). Two all-gathers (each rank's total and count, then the weights)."""
+        api = "fs.zero.step"
+        total = math.nan if bad else math.fsum(ws)
+        head = torch.tensor([total, float(len(ws))], dtype=torch.float64, device=self.device)
+        info = self._gather_all(head).tolist()
+        totals, ks = [t for t, _ in info], [int(k) for _, k in info]
+        if not all(math.isfinite(t) for t in totals):
+            raise invalid()
+        if len(set(ks)) > 1:
+            raise ValueError(
+                f"{api}: fs.accumulate's steps differ between ranks ({ks}, in rank order); "
+                "deterministic=True needs the same number of microbatches on every rank."
+            )
+        if not math.fsum(totals) > 0:
+            raise ValueError(
+                f"{api}: fs.accumulate's weights are 0 for every microbatch on every rank: "
+                "nothing to average. Drop batches without valid tokens."
+            )
+        mine = torch.tensor(ws, dtype=torch.float64, device=self.device)
+        self.det_total = math.fsum(self._gather_all(mine).reshape(-1).tolist())
+        self.empty = (total == 0, any(t == 0 for t in totals))
+
+    def _det_plan(self) -> list[_lay.Bucket]:
+        """The buckets of the canonical reduction: the sharded leaves in their accumulation
+        dtype (float32, or the params' dtype if wider), packed like ``self.buckets``."""
+        key = tuple(lay.dtype for lay in self.layouts if lay is not None)
+        if key not in self.det_buckets:
+            acc = [
+                dataclasses.replace(lay, dtype=torch.promote_types(lay.dtype, torch.float32))
+                for lay in self.layouts
+                if lay is not None
+            ]
+            self.det_buckets[key] = _lay.make_buckets(acc)
+        return self.det_buckets[key]
+
+    @staticmethod
+    def _rows_sum(rows: torch.Tensor, skip: list[bool]) -> torch.Tensor:
+        """The canonical tree sum of ``rows`` (dim 0), in place into them; skipped rows
+        (ranks without tokens) are empty leaves."""
+        tree = _acc.CanonicalSum()
+        for row, s in zip(rows, skip):
+            tree.push(None if s else [row])
+        out = tree.result()
+        return torch.zeros_like(rows[0]) if out is None else out[0]
+
+    def _canonical(
+        self, g: list, loss: torch.Tensor, loss_dtype: torch.dtype, sums: Any, local_params: list
+    ) -> tuple[list, torch.Tensor]:
+        """Deterministic mode: the reduced grads (as ``_reduce``) and the global mean loss,
+        summed over every rank's canonical tree sum in the same canonical tree (see
+        :class:`fsharding.transforms.accumulate.CanonicalSum`) and divided once by ``Σ w``.
+
+        One all-gather of a 3-number header per rank (its microbatch count, whether it had
+        no tokens, its loss sum), then per bucket an all-to-all over the shard axis (each
+        rank receives every rank's rows of its own shard: a reduce-scatter's traffic, the
+        sum done here in the canonical order, not by the backend), all-gathers of the summed
+        shards over the replicate axes (HSDP), and at stage 0 an all-gather of the shards
+        (an all-reduce's traffic in all)."""
+        api = "fs.zero.step"
+        k, empty = (sums.steps or 1), sums.empty or self.empty[0]
+        f64 = torch.float64
+        head = torch.stack(
+            [
+                torch.tensor(float(k), dtype=f64, device=self.device),
+                torch.tensor(float(empty), dtype=f64, device=self.device),
+                loss.detach().to(device=self.device, dtype=f64).reshape(()),
+            ]
+        )
+        heads = self._gather_all(head)
+        ks = [int(x) for x in heads[:, 0].tolist()]
+        skip = [bool(x) for x in heads[:, 1].tolist()]
+        if len(set(ks)) > 1:
+            raise ValueError(
+                f"{api}: fs.accumulate's steps differ between ranks ({ks}, in rank order); "
+                "deterministic=True needs the same number of microbatches on every rank."
+            )
+        # each block of the global tree below the top must be a complete subtree
+        factors = [k] + ([self.world] if self.world > 1 else []) + self.rep_sizes[::-1]
+        for j in range(1, len(factors)):
+            block = math.prod(factors[:j])
+            if not _is_pow2(block):
+                raise ValueError(
+                    f"{api}: deterministic=True with fs.accumulate(steps={k}) on each of "
+                    f"{self.dp} data-parallel ranks (axis sizes, innermost first: "
+                    f"{factors[1:]}): the microbatches of "
+                    + ("each rank" if j == 1 else "each group of ranks")
+                    + f" ({block}) are a subtree of the canonical reduction tree over all "
+                    f"{k * self.dp} only when their number is a power of two. Use steps=1, "
+                    "2, 4, 8, ... (and power-of-two inner axis sizes under HSDP)."
+                )
+        total = self.det_total if self.det_total is not None else float(k * self.dp)
+        # the loss: every rank's sum (exact in float64), summed in the tree, divided once
+        acc_loss = torch.promote_types(loss_dtype, torch.float32)
+        tree = _acc.CanonicalSum()
+        for v, s in zip(heads[:, 2], skip):
+            tree.push(None if s else [v.to(acc_loss).clone()])
+        (mean,) = tree.result()
+        _acc.divide_([mean], total)
+        mean = mean.to(loss_dtype)
+        # the grads
+        if sums.grad_dtypes is not None and not empty:
+            dtypes = list(sums.grad_dtypes)
+        elif sums.steps and empty:
+            dtypes = [x.dtype for x in local_params]
+        else:
+            dtypes = [x.dtype for x in g]
+        grid = torch.tensor(skip).view(*self.rep_sizes, *([self.world] if self.world > 1 else []))
+        idx = [i for i, lay in enumerate(self.layouts) if lay is not None]
+        shards = self._det_reduce_scatter([g[i] for i in idx], grid)
+        _acc.divide_(shards, total)
+        if not self.grads_sharded:  # stage 0: every rank's summed shard, gathered
+            shards = (
+                _lay.all_gather_buckets(self._det_plan(), shards, self.group, self.device)
+                if self.world > 1
+                else shards
+            )
+        out = list(g)
+        for i, x in zip(idx, shards):
+            out[i] = x if x.dtype == dtypes[i] else x.to(dtypes[i])
+        for i, lay in enumerate(self.layouts):
+            if lay is None:  # (0-dim leaves) gathered whole, summed in the tree
+                acc = torch.promote_types(local_params[i].dtype, torch.float32)
+                rows = self._gather_all(g[i].detach().to(acc).reshape(1))
+                x = self._rows_sum(rows, skip)
+                _acc.divide_([x], total)
+                out[i] = x.reshape(()).to(dtypes[i])
+        return out, mean
+
+    def _det_reduce_scatter(self, fulls: list, grid: torch.Tensor) -> list:
+        """This rank's shards of the canonical sum over the data-parallel ranks of the
+        full tensors ``fulls`` (indexed like the sharded layouts), in the accumulation
+        dtype; ``grid`` flags the ranks without tokens (shape: the dp axes' sizes)."""
+        buckets = self._det_plan()
+        coords = [dist.get_rank(grp) for grp in self.rep_groups]  # outer axes first
+        pending = []
+        for b in buckets:  # every all-to-all launched before the first is awaited
+            inp = b.scatter_input([fulls[lay.index] for lay in b.layouts], self.device)
+            if self.world > 1:
+                before = use_counts([inp])
+                sizes = [b.numel] * self.world
+                pending.append(
+                    (b, inp, before, _C.all_to_all_single(inp, sizes, sizes, self.group.group_name))
+                )
+            else:
+                pending.append((b, inp, [], None))
+        shards: list[Any] = [None] * len(fulls)
+        pending.reverse()
+        while pending:
+            b, inp, before, work = pending.pop()
+            if work is not None:
+                out = _C.wait_tensor(work)
+                settle([(out, 1), *before])
+                del inp, before, work
+                flags = grid[tuple(coords)].tolist()
+                seg = self._rows_sum(out.view(self.world, b.numel), flags)
+                level = grid.all(-1)
+            else:
+                seg, level = inp.view(-1), grid
+            for grp, j in zip(self.rep_groups[::-1], range(len(coords) - 1, -1, -1)):
+                flags = level[tuple(coords[:j])].tolist()
+                seg = self._rows_sum(self._gather_one(seg, grp), flags)
+                level = level.all(-1)
+            for lay, t in zip(b.layouts, b.unpack_scattered(seg, self.rank)):
+                shards[lay.index] = t
+        return shards
+
     def step(
         self, params: PyTree, opt_state: Any, batch: Any, *, donate: bool = False
     ) -> tuple[PyTree, Any, dict[str, Any]]:
@@ -757,25 +1041,34 @@ class _ZeRO:
         opt, scale = split_state(opt_state, self.loss_scale, api)
         local_params = [self._local(x) for x in optree.tree_leaves(params)]
         kw = {"loss_scale": scale} if scale is not None else {}
-        self.factor, self.empty = None, (False, False)
-        with _acc.reporting_weights(self._weights):
+        self.factor, self.empty, self.det_total = None, (False, False), None
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(_acc.reporting_weights(self._weights))
+            sums = scope.enter_context(_acc.deterministic_sums()) if self.deterministic else None
             value, grads, p_shards = self._grad_fn(local_params, batch, kw)
         loss, aux, has_aux = split_value(value, api)
         _tree.check_same_structure(params, grads, names=("params", "grads"), api=api)
         g = optree.tree_leaves(grads)
         del grads
+        loss_dtype = loss.dtype if sums is None or sums.loss_dtype is None else sums.loss_dtype
         if self.empty[1]:  # a rank without tokens: the same loss dtype and metrics as others
-            loss, aux, has_aux = self._agree_empty(loss, aux, has_aux)
+            like = torch.zeros((), dtype=loss_dtype) if sums is not None else loss
+            like, aux, has_aux = self._agree_empty(like, aux, has_aux)
+            loss, loss_dtype = (loss, like.dtype) if sums is not None else (like, like.dtype)
         if self.factor is not None:  # token weights: this rank's share of the global mean
             f, self.factor = self.factor, None
             if f != 1.0:
                 g = _scale_(g, f, local_params)
                 loss = loss * f
         _observe_grads(g)
-        g = self._reduce(g)
+        if sums is not None:
+            g, mean = self._canonical(g, loss, loss_dtype, sums, local_params)
+        else:
+            g = self._reduce(g)
         grad_norm = self._sharded_norm(g) if self.grads_sharded else _optim.global_norm(g)
         _observe_grads(g, reduced=True)
-        mean = (self._psum(loss.to(torch.float64)) / self.dp).to(loss.dtype)
+        if sums is None:
+            mean = (self._psum(loss.to(torch.float64)) / self.dp).to(loss.dtype)
 
         def update(g: list, donate: bool) -> tuple[PyTree, Any]:
             return self._update(g, params, opt, local_params, p_shards, donate)

@@ -11,11 +11,28 @@ This module owns ``fs.accumulate`` (the split, the weights and the accumulation 
 :class:`PerMicrobatch` (the aux list it returns, which ``fs.train_step`` and ``fs.zero``
 stack into ``metrics["aux"]``) and :func:`reporting_weights`, through which ``fs.zero``
 learns every rank's weights before any microbatch runs.
+
+It also owns the canonical reduction order of the deterministic mode
+(``deterministic=True``): :class:`CanonicalSum` (pairwise sums, level by level, of a
+sequence of nodes: a binary counter holding at most ``log2(n) + 1`` partial sums) and
+:func:`divide_`, the one division by the total weight, both used by ``fs.zero``'s
+deterministic reduction too, and :func:`deterministic_sums`, through which
+``fs.zero(deterministic=True)`` gets each rank's un-normalised tree sums.
+
+Why a binary counter: for ``n`` leaves it builds one fixed tree in which every aligned
+block of ``2**j`` leaves is a complete subtree, combined above by the same rule. So when
+``K`` microbatches are split into ``dp`` ranks of ``K/dp`` each (``K/dp`` a power of two),
+each rank's own tree is exactly a node of the one-process tree, and combining the ``dp``
+nodes with the same rule gives the one-process sum bit for bit. Dividing once at the end
+by the total weight (``math.fsum`` of every weight: correctly rounded, so order-free) is
+then the same operation in every split.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -28,7 +45,15 @@ import torch
 from fsharding import _context
 from fsharding import tree as _tree
 
-__all__ = ["accumulate", "PerMicrobatch", "reporting_weights"]
+__all__ = [
+    "accumulate",
+    "PerMicrobatch",
+    "reporting_weights",
+    "deterministic_sums",
+    "Sums",
+    "CanonicalSum",
+    "divide_",
+]
 
 # fs.zero's hook: the outermost accumulate with weights reports them before any microbatch
 # runs (so the ranks can weight each other's contributions: the global token mean).
@@ -52,6 +77,106 @@ def reporting_weights(report: Callable[[list[float]], None]) -> Iterator[None]:
         _REPORT.reset(token)
 
 
+@dataclasses.dataclass
+class Sums:
+    """What the outermost ``fs.accumulate(deterministic=True)`` under
+    :func:`deterministic_sums` tells ``fs.zero`` about the sums it returned.
+
+    Attributes:
+        raw: set by the caller: ``True`` makes ``accumulate`` return its un-normalised tree
+            sums ``Σ wᵢ·lossᵢ`` and ``Σ wᵢ·gradsᵢ`` (in the accumulation dtype, float32 or
+            wider) instead of dividing; ``False`` only checks that it is deterministic.
+        steps: the microbatches it ran (0: no ``accumulate`` ran under the record).
+        total: ``math.fsum`` of its weights.
+        empty: every weight was 0 (``grad_fn`` never ran; the sums are zeros).
+        grad_dtypes: the dtypes of the grads ``grad_fn`` returned, one per leaf (``None``
+            when ``empty``): the dtypes to cast the divided sums back to.
+        loss_dtype: the dtype of ``grad_fn``'s loss (``None`` when ``empty``).
+    """
+
+    raw: bool = True
+    steps: int = 0
+    total: float = 0.0
+    empty: bool = False
+    grad_dtypes: list[torch.dtype] | None = None
+    loss_dtype: torch.dtype | None = None
+
+
+_SUMS: contextvars.ContextVar[Sums | None] = contextvars.ContextVar(
+    "fsharding_accumulate_sums", default=None
+)
+
+
+@contextlib.contextmanager
+def deterministic_sums(*, raw: bool = True) -> Iterator[Sums]:
+    """Within this block the outermost ``fs.accumulate`` must be deterministic (else it
+    raises a ValueError) and fills the yielded :class:`Sums`; with ``raw=True`` it returns
+    its un-normalised canonical tree sums (``fs.zero(deterministic=True)`` combines every
+    rank's in the same tree and divides once)."""
+    record = Sums(raw=raw)
+    token = _SUMS.set(record)
+    try:
+        yield record
+    finally:
+        _SUMS.reset(token)
+
+
+def _add_(left: list[torch.Tensor], right: list[torch.Tensor]) -> None:
+    """``left[j] += right[j]`` (one rounding per element: the same bits as ``a + b``)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for j, (a, b) in enumerate(zip(left, right, strict=True)):
+        groups.setdefault((a.device, a.dtype, b.dtype), []).append(j)
+    for idx in groups.values():
+        torch._foreach_add_([left[j] for j in idx], [right[j] for j in idx])
+
+
+def divide_(tensors: list[torch.Tensor], total: float) -> None:
+    """``x /= total`` in place for each tensor, one kernel per tensor (the same elementwise
+    operation for a whole tensor and for any shard of it, on every device)."""
+    for x in tensors:
+        x.div_(total)
+
+
+class CanonicalSum:
+    """The sum of a sequence of nodes in one fixed tree: pairwise, level by level.
+
+    ``push`` the nodes in order (each a list of tensors, owned by the sum: they are added
+    into in place, or ``None`` for an empty node, which counts for the tree's shape but adds
+    nothing); :meth:`result` returns the sum (``None`` if every node was empty). Adjacent
+    nodes of equal level are summed as soon as both exist (a binary counter, so at most
+    ``log2(n) + 1`` partial sums are held); at the end the partial sums left are folded from
+    the right. For ``n = m·2**j`` leaves, the leaves' aligned blocks of ``2**j`` are complete
+    subtrees and the ``m`` block sums are combined exactly as ``m`` pushed nodes would be:
+    the sum does not depend on how the leaves are grouped into blocks.
+    """
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, list[torch.Tensor] | None]] = []
+
+    @staticmethod
+    def _combine(left: Any, right: Any) -> Any:
+        if left is None:
+            return right
+        if right is not None:
+            _add_(left, right)
+        return left
+
+    def push(self, node: list[torch.Tensor] | None) -> None:
+        level = 0
+        while self._stack and self._stack[-1][0] == level:
+            _, left = self._stack.pop()
+            node = self._combine(left, node)
+            level += 1
+        self._stack.append((level, node))
+
+    def result(self) -> list[torch.Tensor] | None:
+        node = None
+        while self._stack:
+            _, left = self._stack.pop()
+            node = self._combine(left, node)
+        return node
+
+
 class PerMicrobatch(list):
     """The aux list ``fs.accumulate`` returns: one aux per microbatch (``None`` for a
     skipped one). A plain ``list`` subclass, so that ``fs.train_step`` / ``fs.zero`` can tell
@@ -66,17 +191,34 @@ _API = "fs.accumulate"
 
 
 @overload
-def accumulate(grad_fn: _GradFn, /, *, steps: int, weights: _Weights | None = None) -> _GradFn: ...
+def accumulate(
+    grad_fn: _GradFn,
+    /,
+    *,
+    steps: int,
+    weights: _Weights | None = None,
+    deterministic: bool = False,
+) -> _GradFn: ...
 
 
 @overload
 def accumulate(
-    grad_fn: None = None, /, *, steps: int, weights: _Weights | None = None
+    grad_fn: None = None,
+    /,
+    *,
+    steps: int,
+    weights: _Weights | None = None,
+    deterministic: bool = False,
 ) -> Callable[[_GradFn], _GradFn]: ...
 
 
 def accumulate(
-    grad_fn: _GradFn | None = None, /, *, steps: int, weights: _Weights | None = None
+    grad_fn: _GradFn | None = None,
+    /,
+    *,
+    steps: int,
+    weights: _Weights | None = None,
+    deterministic: bool = False,
 ) -> _GradFn | Callable[[_GradFn], _GradFn]:
     """Runs a gradient function over ``steps`` microbatches and combines them exactly.
 
@@ -107,6 +249,25 @@ def accumulate(
     and grads are returned unchanged: ``steps=1`` calls ``grad_fn`` once on the unsplit
     arguments and is bitwise ``grad_fn``.
 
+    **Deterministic mode** (``deterministic=True``): the weighted grads and losses
+    ``wᵢ·gradsᵢ`` of the microbatches are summed pairwise, level by level, in one fixed tree
+    (adjacent pairs, then adjacent pairs of pairs, ...; :class:`CanonicalSum`) and the sum
+    is divided once by ``Σ wᵢ`` (``math.fsum``). The result does not depend on how the
+    microbatches are grouped: ``fs.accumulate(steps=K, deterministic=True)`` in one process
+    and the same ``K`` microbatches split over ``dp`` ranks of ``K/dp`` each under
+    ``fs.zero(..., deterministic=True)`` give **bitwise** the same loss and grads (so the
+    same params after any number of steps, for an optimizer that is elementwise), when
+    ``K/dp`` is a power of two (``dp`` need not be); ``fs.zero`` raises otherwise. Within
+    one process it also holds for nesting: ``accumulate(accumulate(g, steps=K/dp,
+    deterministic=True), steps=dp, deterministic=True)`` equals ``steps=K`` with equal
+    weights. The per-microbatch computation must itself not depend on the split, which
+    holds for a fixed microbatch size. Cost: up to ``log2(steps) + 1`` partial sums held
+    at once instead of one buffer (memory: that many gradient-sized float32 buffers), one
+    copy of each microbatch's grads into the accumulation dtype, the same arithmetic
+    otherwise; ``steps=1`` is still bitwise ``grad_fn``. Unlike the default mode, a call
+    with one non-zero weight ``w ≠ 1`` returns ``(w·grads)/w`` (rounded twice), like every
+    other case.
+
     Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
     from a whole-batch call (deterministic given the seed); the equivalence above is for
     functions that draw no random numbers.
@@ -135,6 +296,9 @@ def accumulate(
         weights: ``weights(*argsᵢ, **kwargsᵢ) -> number | 0-dim tensor``, called with
             microbatch ``i``'s arguments exactly as ``grad_fn`` gets them after params; a
             finite value >= 0. ``None``: equal weights.
+        deterministic: sum the microbatches in the canonical pairwise tree (above), so
+            that the result is bitwise the same however the microbatches are split over
+            ranks and accumulation steps. Needed inside ``fs.zero(deterministic=True)``.
 
     Returns:
         ``g(params, *args, loss_scale=None, **kwargs) -> (loss, grads)`` or
@@ -145,12 +309,14 @@ def accumulate(
         ``fs.value_and_grad`` does).
 
     Raises:
-        TypeError: ``steps`` is not an int or ``weights`` not callable (at build time);
+        TypeError: ``steps`` is not an int, ``weights`` not callable or ``deterministic``
+            not a bool (at build time);
             ``grad_fn``'s output or a weight has the wrong type (at call time).
         ValueError: ``steps < 1``; a leaf's dim 0 is not divisible by ``steps`` or it is
             0-dim (the message names the leaf, e.g. ``args[1]['x']`` where ``args[0]`` is
             params, or ``kwargs['mask']``, and its shape); a weight is negative or not
-            finite; every weight is 0.
+            finite; every weight is 0; ``deterministic=False`` inside
+            ``fs.zero(deterministic=True)``.
 
     Example:
         >>> import torch, fsharding as fs
@@ -161,6 +327,12 @@ def accumulate(
         >>> full_loss, full_grads = fs.value_and_grad(loss_fn)(params, batch)
         >>> torch.allclose(loss, full_loss), torch.allclose(grads["w"], full_grads["w"])
         (True, True)
+        >>> vg = fs.value_and_grad(loss_fn)
+        >>> one = fs.accumulate(vg, steps=4, deterministic=True)(params, batch)
+        >>> inner = fs.accumulate(vg, steps=2, deterministic=True)
+        >>> two = fs.accumulate(inner, steps=2, deterministic=True)(params, batch)
+        >>> torch.equal(one[1]["w"], two[1]["w"])  # bitwise, however the 4 are grouped
+        True
     """
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(
@@ -178,8 +350,15 @@ def accumulate(
             f"weights(*args, **kwargs) -> number, got {type(weights).__name__}. For token "
             "weighting pass e.g. weights=lambda batch: batch['mask'].sum()."
         )
+    if not isinstance(deterministic, bool):
+        raise TypeError(
+            f"{_API}: deterministic must be True or False, got {deterministic!r} of type "
+            f"{type(deterministic).__name__}."
+        )
     if grad_fn is None:
-        return functools.partial(accumulate, steps=steps, weights=weights)
+        return functools.partial(
+            accumulate, steps=steps, weights=weights, deterministic=deterministic
+        )
     if not callable(grad_fn):
         raise TypeError(
             f"{_API}: grad_fn must be callable, e.g. fs.value_and_grad(loss_fn), got "
@@ -188,17 +367,29 @@ def accumulate(
 
     @functools.wraps(grad_fn)
     def accumulated(params: _PyTree, *args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
-        report = _REPORT.get()
-        if report is None:
-            return _accumulated(params, args, kwargs, loss_scale, None)
-        token = _REPORT.set(None)  # accumulates nested inside do not report
+        report, sums = _REPORT.get(), _SUMS.get()
+        if report is None and sums is None:
+            return _accumulated(params, args, kwargs, loss_scale, None, None)
+        if sums is not None and not deterministic:
+            raise ValueError(
+                f"{_API}: fs.zero(deterministic=True) got a grad_fn built with "
+                f"fs.accumulate(..., steps={steps}, deterministic=False), whose sum order "
+                "is sequential and so depends on how the microbatches are split over ranks. "
+                "Pass deterministic=True to fs.accumulate too."
+            )
+        tokens = (_REPORT.set(None), _SUMS.set(None))  # accumulates nested inside: plain
         try:
-            return _accumulated(params, args, kwargs, loss_scale, report)
+            return _accumulated(params, args, kwargs, loss_scale, report, sums)
         finally:
-            _REPORT.reset(token)
+            _SUMS.reset(tokens[1])
+            _REPORT.reset(tokens[0])
 
-    def _accumulated(params: _PyTree, args: tuple, kwargs: dict, loss_scale: Any, report) -> Any:
+    def _accumulated(
+        params: _PyTree, args: tuple, kwargs: dict, loss_scale: Any, report, sums
+    ) -> Any:
         extra = {} if loss_scale is None else {"loss_scale": loss_scale}
+        if deterministic:
+            return _deterministic(params, args, kwargs, extra, report, sums)
         if steps == 1 and weights is None:
             return _unsplit(grad_fn(params, *args, **extra, **kwargs))
         reporting = report is not None and weights is not None
@@ -229,6 +420,43 @@ def accumulate(
                 return (loss, PerMicrobatch(aux if j == i else None for j in range(steps))), grads
             return out
         return _run(grad_fn, params, micro, ws, extra)
+
+    def _deterministic(
+        params: _PyTree, args: tuple, kwargs: dict, extra: dict, report, sums: Sums | None
+    ) -> Any:
+        reporting = report is not None and weights is not None
+        try:
+            micro = (
+                [(args, kwargs)] if steps == 1 and weights is None else _split(args, kwargs, steps)
+            )
+            ws = _weights(weights, micro, steps, allow_zero=report is not None)
+        except Exception:
+            if reporting:  # the other ranks wait in fs.zero's report: make them raise too
+                with contextlib.suppress(Exception):
+                    report([math.nan] * steps)
+            raise
+        if reporting:
+            report(list(ws))
+        total = math.fsum(ws)
+        if sums is not None:
+            sums.steps, sums.total = steps, total
+        if not any(ws):  # (only with a report: another rank holds the tokens)
+            floats = [x for x in optree.tree_leaves(params) if _tree.is_floating(x)]
+            dtype = _acc_dtype(floats[0].dtype) if floats else torch.float32
+            device = floats[0].device if floats else None
+            acc = sums is not None and sums.raw  # the sums' dtype: what the others send
+            zeros = optree.tree_map(
+                lambda x: (
+                    torch.zeros_like(x, dtype=_acc_dtype(x.dtype) if acc else x.dtype)
+                    if _tree.is_floating(x)
+                    else x
+                ),
+                params,
+            )
+            if sums is not None:
+                sums.empty = True
+            return torch.zeros((), dtype=dtype, device=device), zeros
+        return _run_tree(grad_fn, params, micro, ws, extra, weights is not None, total, sums)
 
     return accumulated
 
@@ -397,6 +625,73 @@ def _run(
     out = [b if b.dtype == d else b.to(d) for b, d in zip(buf, grad_dtypes, strict=True)]
     loss = (loss_acc / total).to(loss_dtype)
     grads = optree.tree_unflatten(treedef, out)
+    return ((loss, auxes), grads) if has_aux else (loss, grads)
+
+
+def _run_tree(
+    grad_fn: _GradFn,
+    params: _PyTree,
+    micro: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    ws: list[float],
+    extra: dict[str, Any],
+    weighted: bool,
+    total: float,
+    sums: Sums | None,
+) -> Any:
+    """The deterministic loop: microbatch ``i``'s ``wᵢ·gradsᵢ`` and ``wᵢ·lossᵢ`` (a product
+    rounded once, in the accumulation dtype) are leaf ``i`` of a :class:`CanonicalSum`
+    (a skipped microbatch an empty leaf); the tree sum is divided once by ``Σ wᵢ``."""
+    tree = CanonicalSum()
+    grad_dtypes: list[torch.dtype] = []
+    treedef = None
+    loss_dtype = None
+    auxes = PerMicrobatch([None] * len(micro))
+    has_aux = False
+    for i, ((args, kwargs), w) in enumerate(zip(micro, ws, strict=True)):
+        if w == 0.0:
+            tree.push(None)
+            continue
+        value, grads = _unsplit(grad_fn(params, *args, **extra, **kwargs))
+        if isinstance(value, tuple):
+            has_aux = True
+            value, (auxes[i],) = value
+        leaves, tdef = optree.tree_flatten(grads)
+        if treedef is None:
+            treedef = tdef
+            bad = [(p, g) for p, g in _tree.leaves_with_path(grads) if not torch.is_tensor(g)]
+            if bad:
+                raise TypeError(
+                    f"{_API}: grad_fn returned grads leaf {bad[0][0]} of type "
+                    f"{type(bad[0][1]).__name__}; every grads leaf must be a tensor."
+                )
+            grad_dtypes = [g.dtype for g in leaves]
+            loss_dtype = value.dtype
+        elif tdef != treedef:
+            first = optree.tree_unflatten(treedef, [0] * treedef.num_leaves)
+            _tree.check_same_structure(
+                first,
+                grads,
+                names=("the first microbatch's grads", f"microbatch {i}'s"),
+                api=_API,
+            )
+        node = [*leaves, value]
+        del value, grads, leaves
+        if weighted and w != 1.0:
+            node = [x.detach().to(_acc_dtype(x.dtype)) * w for x in node]
+        else:
+            node = [x.detach().to(_acc_dtype(x.dtype), copy=True) for x in node]
+        tree.push(node)  # this microbatch's grads are freed here (only the sums remain)
+        del node
+    out = tree.result()
+    assert out is not None and treedef is not None  # (some weight is non-zero)
+    *buf, loss = out
+    if sums is not None:
+        sums.grad_dtypes, sums.loss_dtype = grad_dtypes, loss_dtype
+    if sums is None or not sums.raw:
+        divide_(out, total)
+        buf = [b if b.dtype == d else b.to(d) for b, d in zip(buf, grad_dtypes, strict=True)]
+        loss = loss.to(loss_dtype)
+    grads = optree.tree_unflatten(treedef, buf)
     return ((loss, auxes), grads) if has_aux else (loss, grads)
 
 
