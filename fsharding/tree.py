@@ -329,28 +329,59 @@ def is_floating(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
+# dtypes torch._foreach_norm(inf) computes on every device; others (float8, float4, complex32)
+# go through torch.isfinite one leaf at a time.
+_NORM_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+)
+
+
 def all_finite(tree: _PyTree) -> torch.Tensor:
     """A 0-dim bool tensor: True when every floating leaf of ``tree`` is finite.
 
-    One device sync is left to the caller (``bool(...)``); no per-leaf sync.
+    One fused reduction per device for the usual float dtypes; empty leaves (e.g. a ZeRO-3
+    rank's empty shard) are finite; dtypes the fused op lacks (float8, ...) are checked
+    leaf by leaf. One device sync is left to the caller (``bool(...)``); no per-leaf sync.
 
     Example:
         >>> import torch, fsharding as fs
         >>> bool(fs.all_finite({"a": torch.ones(2), "b": torch.tensor([float("inf")])}))
         False
     """
-    tensors = [local_tensor(x) for x in optree.tree_leaves(tree) if is_floating(x)]
-    if not tensors:
-        return torch.tensor(True)
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
     flags = []
+    for x in optree.tree_leaves(tree):
+        if not is_floating(x):
+            continue
+        t = local_tensor(x).detach()
+        if t.numel() == 0:  # _foreach_norm(inf) has no identity for an empty tensor
+            continue
+        if t.dtype in _NORM_DTYPES:
+            by_device.setdefault(t.device, []).append(t)
+        else:
+            flags.append(_finite_other(t))
     for dev_tensors in by_device.values():
         # max |x| is inf/nan exactly when some element is (no overflow, unlike a sum).
-        norms = torch._foreach_norm([t.detach() for t in dev_tensors], float("inf"))
+        norms = torch._foreach_norm(dev_tensors, float("inf"))
         flags.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    if not flags:
+        return torch.tensor(True)
     out = flags[0]
     for f in flags[1:]:
         out = out & f.to(out.device)
     return out
+
+
+def _finite_other(t: torch.Tensor) -> torch.Tensor:
+    """``isfinite(t).all()`` for a dtype ``_foreach_norm`` lacks (via float32 where
+    ``isfinite`` lacks it too: float8 converts exactly, NaN stays NaN)."""
+    try:
+        return torch.isfinite(t).all()
+    except (NotImplementedError, RuntimeError):
+        pass
+    try:
+        return torch.isfinite(t.float()).all()
+    except (NotImplementedError, RuntimeError):
+        if t.dtype == getattr(torch, "float4_e2m1fn_x2", None):  # no NaN or inf encoding
+            return torch.tensor(True, device=t.device)
+        raise TypeError(f"fs.all_finite: cannot check a {t.dtype} tensor for NaN/inf.") from None

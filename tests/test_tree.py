@@ -123,3 +123,46 @@ def test_storage_key_and_nbytes_see_the_storage_of_an_empty_view():
     assert tree.storage_key(torch.zeros(0)) is None
     assert tree.storage_key(torch.empty(3, device="meta")) is None
     assert tree.storage_key(3.0) is None
+
+
+_FINITE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+                  torch.float8_e4m3fn, torch.float8_e5m2]  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_FINITE_DTYPES),
+            st.integers(0, 4),
+            st.sampled_from([None, float("nan"), float("inf"), float("-inf")]),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_all_finite_empty_and_low_precision_leaves_against_reference(specs):
+    # empty leaves (a ZeRO-3 rank's empty shard) and dtypes _foreach_norm lacks (float8)
+    leaves = []
+    for dtype, n, bad in specs:
+        x = torch.linspace(-2, 2, n)
+        if bad is not None and n:
+            x[n // 2] = bad
+        leaves.append(x.to(dtype))
+    want = all(bool(torch.isfinite(x if x.is_complex() else x.float()).all()) for x in leaves)
+    got = tree.all_finite({"leaves": leaves, "ints": torch.arange(3)})
+    assert got.dtype == torch.bool and got.dim() == 0
+    assert bool(got) == want
+
+
+def test_all_finite_one_fused_reduction_for_usual_leaves(monkeypatch):
+    calls = []
+    norm = torch._foreach_norm
+
+    def counted(tensors, *a):
+        calls.append(len(tensors))
+        return norm(tensors, *a)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counted)
+    leaves = [torch.ones(3), torch.ones(2, dtype=torch.bfloat16), torch.empty(0), torch.ones(1)]
+    assert bool(tree.all_finite(leaves)) and calls == [3]  # one op, the empty leaf skipped
+    assert bool(tree.all_finite([torch.empty(0, 3)])) and calls == [3]
