@@ -177,7 +177,9 @@ def pipeline(
         scaled before backward and the grads unscaled, as ``fs.value_and_grad`` does.
         The function carries ``f.mesh``, ``f.axis`` (the pipeline's mesh axis), ``f.stages``
         (the global stage indices this rank runs, in order), ``f.microbatches``,
-        ``f.schedule`` and ``f.virtual_stages``, for transforms that compose with it.
+        ``f.schedule``, ``f.virtual_stages`` and ``f.tied`` (``((name, ((stage, leaf
+        path), ...)), ...)``, stages non-negative: a global grad norm counts a tie once),
+        for transforms that compose with it.
 
     Raises:
         TypeError: a function is not callable, ``microbatches`` not an int, a params leaf is
@@ -231,6 +233,8 @@ def pipeline(
     pipelined.microbatches = microbatches  # type: ignore[attr-defined]
     pipelined.schedule = schedule  # type: ignore[attr-defined]
     pipelined.virtual_stages = virtual_stages  # type: ignore[attr-defined]
+    # ((name, ((stage, leaf path), ...)), ...): a global grad norm counts each tie once
+    pipelined.tied = tuple((k, tuple(o)) for k, o in runner.tied)  # type: ignore[attr-defined]
     return pipelined
 
 

@@ -17,6 +17,9 @@ gradient of the one shared tensor on both owners, which stay identical under fs.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 import fsharding as fs
 from fsharding import optim
 from fsharding.parallel.pipeline import _actions, pipeline
+from fsharding.transforms.offload import _recording
 from tests.dist_utils import assert_close, raises, run
 
 V, D, T, B, M = 11, 6, 5, 8, 4
@@ -71,6 +75,17 @@ def head_traced(p, a):
         h.register_hook(lambda g: TRACE.append(("B", n)))
         w.register_hook(lambda g: TRACE.append(("W", n)))
     return (h @ w, a["mask"])
+
+
+SEEN: set[torch.dtype] = set()  # dtypes of the params inside a stage (under fs.amp)
+
+
+def seen(fn):
+    def stage(p, a):
+        SEEN.update(t.dtype for t in fs.tree.leaves(p))
+        return fn(p, a)
+
+    return stage
 
 
 def loss_fn(out, y):
@@ -316,6 +331,53 @@ def _two_ranks():
             for k in grads:
                 assert_close(grads[k], ref_grads[r][k], f"{what}: {k}", **TOL)
 
+    # fs.amp stages: bfloat16 inside (params and activations), float32 between stages, and
+    # the same values as the unpipelined composition of the same amp stages
+    SEEN.clear()
+    amp_fns = [fs.amp(seen(embed), policy="bf16"), fs.amp(seen(head), policy="bf16")]
+    for schedule in ("1f1b", "zero_bubble"):
+        f = pipeline(amp_fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule)
+        loss, grads = f(*args)
+        amp_loss, amp_grads = reference(amp_fns, params, x, y, None)
+        assert_close(loss, amp_loss, f"amp, {schedule}: loss", **TOL)
+        for k in grads:
+            assert grads[k].dtype == torch.float64
+            assert_close(grads[k], amp_grads[r][k], f"amp, {schedule}: {k}", **TOL)
+    assert SEEN == {torch.bfloat16}, SEEN
+    assert (loss - ref_loss).abs() > 1e-6, (loss, ref_loss)  # the casts did something
+    out["amp_error"] = float((loss - ref_loss).abs() / ref_loss.abs())
+
+    # fs.offload to disk: the saved activations go to files (and come back for B, and
+    # again for W), values unchanged; fs.offload(fs.remat(stage)) recomputes and has
+    # nothing to move (the remat region keeps only its inputs: params and the received
+    # activations, which offload leaves in place), as in single-process composition
+    toy = shared_model(seed=12, blocks=0)[2]  # untied: each stage its own wte
+    toy_args = (toy[r], x["tokens"] if r == 0 else None, y if r == 1 else None)
+    toy_loss, toy_grads = reference([tok_embed, lm_head], toy, x["tokens"], y, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        for schedule in ("1f1b", "zero_bubble"):
+            for remat in (False, True):
+                wrap = (lambda fn: fs.remat(fn)) if remat else (lambda fn: fn)  # noqa: E731
+                fns2 = [
+                    fs.offload(wrap(counted(tok_embed)), to=tmp),
+                    fs.offload(wrap(lm_head), to=tmp),
+                ]
+                f = pipeline(fns2, loss_fn, mesh=mesh, microbatches=M, schedule=schedule)
+                f(*toy_args)
+                calls = COUNTS.get("tok_embed", 0)
+                with _recording() as log:
+                    loss, grads = f(*toy_args)
+                calls = COUNTS.get("tok_embed", 0) - calls
+                what = f"offload, remat={remat}, {schedule}"
+                assert (len(log) > 0) == (not remat), (what, log)
+                assert all(p is not None and p.startswith(tmp) for _, _, p in log), log
+                assert r == 1 or calls == (2 * M if remat else M), (what, calls)
+                out[what] = sum(n for _, n, _ in log)
+                assert_close(loss, toy_loss, f"{what}: loss", **TOL)
+                for k in grads:
+                    assert_close(grads[k], toy_grads[r][k], f"{what}: {k}", **TOL)
+                assert not os.listdir(tmp)  # every file removed after its backward
+
     # saved activations in flight: 1F1B holds at most p - r microbatches, GPipe all m
     peaks = {}
     for schedule in ("gpipe", "1f1b", "zero_bubble"):
@@ -482,6 +544,14 @@ def test_four_ranks_uneven_and_homogeneous_stages_equal_reference_and_fail_toget
 # --------------------------------------------------------------------------------------
 
 
+def counted(fn):
+    def stage(p, a):
+        COUNTS[fn.__name__] = COUNTS.get(fn.__name__, 0) + 1
+        return fn(p, a)
+
+    return stage
+
+
 def tok_embed(p, x):
     return {"h": torch.tanh((p["wte"][x] + p["wpe"]) @ p["w"])}
 
@@ -616,6 +686,9 @@ def test_tied_bad_arguments_raise_at_build_time():
         schedule="gpipe",
         tied=tied,
     )
+    assert build({"wte": {-1: ("lm", "w"), 0: "wte"}}).tied == (
+        ("wte", ((0, "['wte']"), (1, "['lm']['w']"))),
+    )
     assert "stage 2" in raises(lambda: build({"wte": (0, 2)}), ValueError)
     assert "two or more" in raises(lambda: build({"wte": (0, -2)}), ValueError)
     assert "tied must be a dict" in raises(lambda: build([("wte", (0, 1))]), TypeError)
@@ -641,7 +714,7 @@ def test_local_mesh_runs_every_stage_in_process():
         schedule="gpipe",
     )
     assert (f.mesh.shape, f.axis, f.stages) == ({"pp": 1}, "pp", (0, 1, 2))
-    assert (f.microbatches, f.schedule, f.virtual_stages) == (M, "gpipe", 3)
+    assert (f.microbatches, f.schedule, f.virtual_stages, f.tied) == (M, "gpipe", 3, ())
     loss, grads = f(params, x, y)
     ref_loss, ref_grads = reference(fns, params, x, y, tokens)
     assert_close(loss, ref_loss, "loss", **TOL)
