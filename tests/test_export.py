@@ -417,6 +417,7 @@ def _worker(root: str):
         params, opt_state, _ = step.step(params, opt_state, batch)
     assert all(isinstance(v, DTensor) for v in params.values())
     out["zero_map"] = export(f"{root}/zero", params, max_shard_size=40_000)
+    export(f"{root}/zero_bf16", params, dtype=torch.bfloat16)  # cast on the shards
     full = step.gather(params)
     ids = torch.arange(2 * 16).reshape(2, 16) % 61
     with torch.no_grad():
@@ -544,6 +545,9 @@ def test_two_ranks_zero3_gpt_streaming_pipeline_errors(tmp_path, monkeypatch):
     for k, v in full.items():
         assert torch.equal(got[k], v), k
     assert len(set(r0["zero_map"].values())) > 1
+    got, _ = read_export(tmp_path / "zero_bf16")
+    for k, v in full.items():
+        assert torch.equal(got[k], v.bfloat16()), k
     zero_logits, pipe_logits = _reload_in_fresh_process(tmp_path / "zero", tmp_path / "pipe")
     assert torch.equal(zero_logits, r0["zero_logits"])
     assert torch.equal(r0["zero_logits"], r1["zero_logits"])
