@@ -8,11 +8,16 @@ Owns:
   only once gloo's worker thread has let go of its tensors, or the process can die with
   SIGABRT at interpreter exit (see :func:`settle`). Every module that waits on a
   ``torch.distributed`` collective (the named-axis collectives, ZeRO's buckets, the
-  optimizers' DTensor reductions) calls them.
+  optimizers' DTensor reductions) calls them;
+- :func:`register_drain` / :func:`drain`: work to finish before a process leaves (an
+  ``fs.save(..., async_=True)`` still writing). ``fs.launch``'s ranks run :func:`drain`
+  after ``fn`` returns, before destroying their process group; it also runs at
+  interpreter exit (``atexit``) for plain ``torchrun`` scripts.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import warnings
@@ -21,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["top_saved_tensors_hooks", "use_counts", "settle"]
+__all__ = ["top_saved_tensors_hooks", "use_counts", "settle", "register_drain", "drain"]
 
 _TOP = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -136,3 +141,47 @@ def settle(pending: Sequence[tuple[torch.Tensor, int]]) -> None:
 def _compiling() -> bool:
     """Under torch.compile the collectives are traced: nothing to wait for."""
     return torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------------------
+# work to finish before the process leaves
+# --------------------------------------------------------------------------------------
+
+_DRAINS: list[Callable[[], None]] = []
+
+
+def register_drain(callback: Callable[[], None]) -> None:
+    """Registers ``callback`` (no arguments) to run in :func:`drain`; once per callable.
+
+    For work a process must finish before it exits or destroys its process group, e.g.
+    a background checkpoint write whose collectives need every rank's group alive.
+
+    Args:
+        callback: waits for the pending work; must not raise for the work's own failure
+            (that belongs to whoever started the work, e.g. a future's ``result()``).
+    """
+    if callback not in _DRAINS:
+        _DRAINS.append(callback)
+
+
+def drain() -> None:
+    """Runs every :func:`register_drain` callback, in registration order.
+
+    ``fs.launch``'s ranks call it when ``fn`` returns, before the group is destroyed; it
+    runs at interpreter exit too (after Python has joined non-daemon threads, so there it
+    only finishes what such a join left). A callback that raises is reported as a warning
+    and the others still run.
+    """
+    for callback in list(_DRAINS):
+        try:
+            callback()
+        except Exception as e:  # noqa: BLE001 - every callback runs
+            warnings.warn(
+                f"fsharding drain(): {getattr(callback, '__qualname__', callback)} raised "
+                f"{type(e).__name__}: {e}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+atexit.register(drain)

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fsharding import _compat
+
 __all__ = ["launch", "LaunchError"]
 
 _GRACE_S = 1.0  # after the first failure, how long the other ranks may record theirs
@@ -83,6 +85,8 @@ def launch(
     Children's stdout and stderr are relayed to the caller's ``sys.stdout``/``sys.stderr``
     (so prints show in a notebook cell). Return CPU tensors or plain values: results are
     cloudpickled back to the caller, which has no process group and maybe no GPU.
+    Work ``fn`` leaves running (an ``fs.save(..., async_=True)`` not yet committed) is
+    finished after ``fn`` returns, before the rank's process group is destroyed.
 
     Args:
         fn: the function every rank runs; any callable cloudpickle can serialise.
@@ -386,6 +390,8 @@ def _child_main() -> None:
             fn, args = pickle.load(f)  # cloudpickle output loads with plain pickle
         store = _init_group(workdir, rank, nprocs, backend, timeout)
         result = fn(*args)
+        # work fn left running (an async fs.save) finishes while the group is alive
+        _compat.drain()
         import cloudpickle
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():

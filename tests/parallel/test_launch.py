@@ -35,10 +35,28 @@ def test_returns_per_rank_values_and_leaves_the_caller_alone(tmp_path, monkeypat
         offset = 5
         scale = lambda r: r * 10  # noqa: E731 - a lambda argument travels by cloudpickle
 
+        marker = str(tmp_path / "drained")
+
         def work(fn):  # a closure defined in a test: pickled by value
             import torch.distributed as dist
 
+            from fsharding import _compat
+
             rank = dist.get_rank()
+            # work left running when fn returns (as an async fs.save): a collective on its
+            # own group after a delay; launch drains it before destroying the group
+            side = dist.new_group(backend="gloo")
+
+            def late():
+                time.sleep(0.5)
+                v = torch.full((1,), rank + 1.0)
+                dist.all_reduce(v, group=side)
+                with open(f"{marker}-{rank}", "w") as f:
+                    f.write(str(v.item()))
+
+            pending = threading.Thread(target=late)
+            pending.start()
+            _compat.register_drain(pending.join)
             print(f"hello from rank {rank}")
             t = torch.full((2,), float(rank))
             dist.all_reduce(t)
@@ -62,6 +80,8 @@ def test_returns_per_rank_values_and_leaves_the_caller_alone(tmp_path, monkeypat
     for rank, r in enumerate(results):
         assert r["world"] == 2 and r["backend"] == "gloo" and r["env"] == (str(rank), "2")
         assert torch.equal(r["sum"], torch.ones(2)) and r["omp"] == (str(threads), threads)
+    for rank in range(2):  # the work left running finished, collective included
+        assert open(f"{marker}-{rank}").read() == "3.0"
     out = capsys.readouterr().out
     assert "hello from rank 0" in out and "hello from rank 1" in out
 
