@@ -21,19 +21,23 @@ package.
 each file is written tensor by tensor: a DTensor leaf is gathered (``full_tensor()``, after
 the ``dtype=`` cast, on the shards) just before its bytes are written and dropped after.
 Peak memory is about the largest tensor (its gathered copy, a cast or a device-to-CPU copy
-of it); no file is ever assembled in memory (measured in ``tests/test_export.py``).
+of it); no file is ever assembled in memory. Measured (``tests/test_export.py``, peak RSS
+growth): 16.3 MiB on each of 2 gloo ranks for 16 DTensors of 8 MiB (128 MiB), gloo's
+all-gather holding a second full-size buffer; 2.0 MiB for 2 MiB tensors cast to bf16.
 
 **Several processes.** In a process group (``torchrun``, ``fs.launch``) ``export`` is a
 collective: every rank of the default group calls it with its own params (a call on one
 rank alone waits for the others until the group's timeout), and every rank returns the same
 weight map. Each rank's names and shapes are exchanged first (bad input on
 any rank raises on every rank, before any data moves). A name held by one rank (a pipeline
-stage's params) is written by that rank; a name held by several ranks -- a DTensor (gathered
-by a collective that every rank of its mesh joins, leaf by leaf in one global order), or a
+stage's params) is written by that rank; a name held by several ranks -- a DTensor, or a
 replicated plain tensor (checked to be bitwise the same on each rank: a BLAKE2 digest) -- is
-written by the lowest of them, so at ZeRO stages 0-3 rank 0 writes every file and the other
-ranks only join the gathers. Each file has one writer; ``path`` must be a directory that
-every writing rank sees (a shared filesystem when ranks are on several machines).
+written by the lowest of them. A DTensor is gathered by a collective that every rank of the
+writer's mesh joins, leaf by leaf in one global order (replicas on other meshes, e.g. HSDP's
+other replicate groups, skip it). So with ``fs.zero`` rank 0 writes every file while the
+other ranks join the gathers (stage 3) or digest their replicas (stages 0-2). Each file has
+one writer; ``path`` must be a directory that every writing rank sees (a shared filesystem
+when ranks are on several machines).
 
 **Atomic.** Each file is written under a temporary name in ``path`` and renamed when
 complete (after ``fsync``). An export becomes visible when its ``model.safetensors``
