@@ -27,6 +27,15 @@ them. While a report measures, its measurement (``_Measure``) is in force as
   paper's unit (DP ≈ 2Ψ, ZeRO-3 ≈ 3Ψ, times (N-1)/N), independent of how a backend runs it
   (gloo emulates reduce-scatter with an all-reduce). Padding of uneven shards is included.
   Every collective dispatched through torch's c10d ops counts, whoever issued it.
+* for a step over ``fs.pipeline`` (``fs.train_step`` of a pipeline's grad function): one
+  :class:`StageMemory` per stage this rank runs, in ``MemoryReport.stages``: the peak of
+  the activations that stage's forwards saved (the rule above, attributed to the stage
+  whose action was running), the peak of received activations it held (from their forward
+  until their backward, or until their weight-gradient action under zero bubble), and the
+  bytes and messages it sent and received point to point (activations, their gradients and
+  tied-weight gradients, headers included; the first call's shape probe excluded). The
+  pipeline reports them through ``_context.MEMORY_MEASURE`` (``_Measure.enter_stage`` and
+  ``_Measure.observe_stage``), as ``fs.zero`` reports its grads.
 
 Example:
     >>> import torch, fsharding as fs
@@ -55,9 +64,34 @@ from fsharding import _context
 from fsharding import tree as _tree
 from fsharding.parallel import gather as _gather
 
-__all__ = ["MemoryReport", "memory_report"]
+__all__ = ["MemoryReport", "StageMemory", "memory_report"]
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMemory:
+    """One pipeline stage's activations and point-to-point traffic in one step.
+
+    Attributes:
+        stage: the stage's global index.
+        saved_activations: peak bytes its forwards saved for backward (params and received
+            activations, autograd leaves, excluded).
+        received_activations: peak bytes of received activations it held at once.
+        p2p_sent: bytes it sent to other ranks (activations forward, gradients back, tied
+            gradients; message headers included).
+        p2p_received: bytes it received from other ranks.
+        messages_sent: messages sent (each a header and the tensors of one pytree).
+        messages_received: messages received.
+    """
+
+    stage: int
+    saved_activations: int
+    received_activations: int
+    p2p_sent: int
+    p2p_received: int
+    messages_sent: int
+    messages_received: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +110,8 @@ class MemoryReport:
         comm_bytes: logical bytes per rank by collective (``"all_reduce"``,
             ``"all_gather"``, ``"reduce_scatter"``, ...).
         comm_calls: number of calls by collective.
+        stages: for a step over ``fs.pipeline``, a :class:`StageMemory` per stage this rank
+            runs, by global stage index (empty otherwise).
     """
 
     rank: int
@@ -88,6 +124,7 @@ class MemoryReport:
     gathered_params: int
     comm_bytes: Mapping[str, int]
     comm_calls: Mapping[str, int]
+    stages: Mapping[int, StageMemory] = dataclasses.field(default_factory=dict)
 
     @property
     def model_state(self) -> int:
@@ -118,6 +155,20 @@ class MemoryReport:
         lines.append(
             f"  {'total':<18}{sum(self.comm_calls.values()):>8}{_fmt(self.comm_total):>14}"
         )
+        if self.stages:
+            lines.append("pipeline stages (peaks; point-to-point bytes and messages)")
+            lines.append(
+                f"  {'stage':<7}{'saved act':>12}{'received act':>14}"
+                f"{'p2p sent':>12}{'p2p recv':>12}{'msgs':>10}"
+            )
+            for k in sorted(self.stages):
+                st = self.stages[k]
+                lines.append(
+                    f"  {k:<7}{_fmt(st.saved_activations):>12}"
+                    f"{_fmt(st.received_activations):>14}{_fmt(st.p2p_sent):>12}"
+                    f"{_fmt(st.p2p_received):>12}"
+                    f"{f'{st.messages_sent}/{st.messages_received}':>10}"
+                )
         return "\n".join(lines)
 
 
@@ -184,7 +235,24 @@ def memory_report(step: Any, params: PyTree, opt_state: Any, batch: Any) -> Memo
         gathered_params=tracker.peak,
         comm_bytes=dict(measure.comm.bytes),
         comm_calls=dict(measure.comm.calls),
+        stages={
+            k: StageMemory(
+                stage=k,
+                saved_activations=measure.stage_peak.get(k, 0),
+                **{f: measure.stage_io[k].get(f, 0) for f in _STAGE_IO},
+            )
+            for k in sorted(measure.stage_io)
+        },
     )
+
+
+_STAGE_IO = (
+    "received_activations",
+    "p2p_sent",
+    "p2p_received",
+    "messages_sent",
+    "messages_received",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -221,6 +289,26 @@ class _Measure:
         self.backward_grads = 0
         self.grads: int | None = None
         self.zero_reported = False
+        self.stage: int | None = None  # the pipeline stage whose action runs now
+        self.stage_now: dict[int, int] = {}
+        self.stage_peak: dict[int, int] = {}
+        self.stage_io: dict[int, dict[str, int]] = {}
+
+    def enter_stage(self, stage: int | None) -> int | None:
+        """Called by ``fs.pipeline`` around each action: saved tensors packed from now on
+        count for ``stage``; returns the stage before (to restore)."""
+        before, self.stage = self.stage, stage
+        return before
+
+    def observe_stage(self, stage: int, io: Mapping[str, int]) -> None:
+        """Called by ``fs.pipeline`` after a call: a stage's received-activation peak and
+        its point-to-point bytes and messages (added up over calls; peaks maxed)."""
+        mine = self.stage_io.setdefault(stage, {})
+        for name, value in io.items():
+            if name == "received_activations":
+                mine[name] = max(mine.get(name, 0), value)
+            else:
+                mine[name] = mine.get(name, 0) + value
 
     def observe_grads(self, grads: list[Any], *, reduced: bool = False) -> None:
         """Called by a step that reports its grads (``fs.zero``): the grads ``grad_fn``
@@ -244,9 +332,12 @@ class _Measure:
             return _Saved(t, None, self)
         entry = self.refs.get(key)
         if entry is None:
-            entry = self.refs[key] = [0, t.untyped_storage().nbytes()]
+            entry = self.refs[key] = [0, t.untyped_storage().nbytes(), self.stage]
             self.saved_now += entry[1]
             self.saved_peak = max(self.saved_peak, self.saved_now)
+            if self.stage is not None:
+                now = self.stage_now[self.stage] = self.stage_now.get(self.stage, 0) + entry[1]
+                self.stage_peak[self.stage] = max(self.stage_peak.get(self.stage, 0), now)
         entry[0] += 1
         return _Saved(t, key, self)
 
@@ -260,6 +351,8 @@ class _Measure:
         entry[0] -= 1
         if entry[0] == 0:
             self.saved_now -= entry[1]
+            if entry[2] is not None:
+                self.stage_now[entry[2]] -= entry[1]
             del self.refs[key]
 
 

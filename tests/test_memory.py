@@ -55,6 +55,39 @@ def test_saved_activations_grads_and_state_in_one_process():
     assert "saved activations (peak)" in text and "768 B" in text
 
 
+def test_pipeline_stages_in_one_process():
+    """fs.pipeline on a one-rank axis (both stages here): each stage's saved activations
+    (the stages' sum of peaks bounds the report's peak), the activations stage 1 held
+    (GPipe: all m microbatches of x @ w1), no point-to-point traffic."""
+    w1, w2, x = torch.randn(8, 8), torch.randn(8, 3), torch.randn(16, 8)
+    stages = [lambda p, x: torch.tanh(x @ p), lambda p, h: h @ p]
+    f = fs.pipeline(
+        stages,
+        lambda y, t: ((y - t) ** 2).mean(),
+        mesh=fs.Mesh(pp=1),
+        microbatches=4,
+        virtual_stages=2,
+        schedule="gpipe",
+    )
+    step = fs.train_step(lambda p, b, **kw: f(p, *b, **kw), optim.sgd(0.1))
+    params, opt_state = step.init([w1, w2])
+    r = memory_report(step, params, opt_state, (x, torch.zeros(16, 3)))
+    assert set(r.stages) == {0, 1}
+    s0, s1 = r.stages[0], r.stages[1]
+    # stage 0: x (a view: its whole storage, once) and tanh's output, all 4 microbatches
+    assert s0.saved_activations == 16 * 8 * 4 + 16 * 8 * 4
+    # stage 1: h @ w2 saves h, a received leaf (excluded); the loss saves y - t
+    assert s1.saved_activations == 16 * 3 * 4
+    assert s1.received_activations == 16 * 8 * 4 and s0.received_activations == 0
+    assert r.saved_activations <= s0.saved_activations + s1.saved_activations
+    assert all(st.p2p_sent == st.p2p_received == st.messages_sent == 0 for st in (s0, s1))
+    assert "pipeline stages" in str(r)
+    # a step that is no pipeline has no stages (and no such table)
+    plain = fs.train_step(fs.value_and_grad(lambda p, x: (x @ p).sum()), optim.sgd(0.1))
+    r = memory_report(plain, *plain.init(w1), x)
+    assert r.stages == {} and "pipeline" not in str(r)
+
+
 def test_memory_report_rejects_a_non_step():
     with pytest.raises(TypeError, match="step must be the Step"):
         memory_report(lambda p: p, {}, (), None)

@@ -72,7 +72,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-from fsharding import _compat
+from fsharding import _compat, _context
 from fsharding import tree as _tree
 from fsharding.parallel.mesh import Mesh
 from fsharding.precision import StaticLossScale
@@ -324,6 +324,15 @@ def _as_loss_scale(loss_scale: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 _F, _B, _W = "F", "B", "W"
+
+_IO = (
+    "received_activations",
+    "held",
+    "p2p_sent",
+    "p2p_received",
+    "messages_sent",
+    "messages_received",
+)
 
 # Message tags. A call that fails mid-schedule leaves messages unreceived and sends pending;
 # every rank of the axis then moves its group to the next generation of tags (one range of
@@ -624,6 +633,7 @@ class _Runner:
         if kind in (0, 1):
             header = torch.tensor([status, self.rank], dtype=torch.int64, device=self.device)
             tensors = [header, *tensors]
+            self._count(src, "sent", tensors)
         for t in tensors:
             t = t.detach().contiguous()
             self.pending.append((dist.isend(t, peer, group=self.group, tag=tag), t))
@@ -645,10 +655,16 @@ class _Runner:
             w.wait()
         del works
         if kind in (0, 1):
+            self._count(dst, "received", out)
             header, out = out[0].tolist(), out[1:]
             if header[0] != 0:
                 raise _Poisoned(header[1])
         return out
+
+    def _count(self, stage: int, way: str, tensors: list[torch.Tensor]) -> None:
+        io = self.io[stage]
+        io[f"p2p_{way}"] += sum(t.numel() * t.element_size() for t in tensors)
+        io[f"messages_{way}"] += 1
 
     def _prune(self) -> None:
         """Drops the sends that completed (their buffers are free again)."""
@@ -690,6 +706,12 @@ class _Runner:
         self.box: dict[Any, Any] = {}
         self.pending: list[tuple[Any, torch.Tensor]] = []
         self.sent: set[tuple[int, int, int]] = set()
+        # per stage, for fs.memory_report: point-to-point traffic, received inputs held
+        self.io = {st.index: dict.fromkeys(_IO, 0) for st in self.stages}
+        self.held: dict[tuple[int, int], int] = {}
+        self.measure = _context.MEMORY_MEASURE.get()
+        if not hasattr(self.measure, "enter_stage"):
+            self.measure = None
         error, params, batch, signature = None, None, None, None
         try:  # errors are raised on every rank (in the probe), never here alone
             loss_scale = _as_loss_scale(loss_scale)
@@ -711,6 +733,10 @@ class _Runner:
             loss = self._run(params, batch, loss_scale)
             self._sum_tied()
             grads = [self._grads_out(k, loss_scale) for k in range(len(self.stages))]
+            if self.measure is not None:
+                for st in self.stages:
+                    io = {k: v for k, v in self.io[st.index].items() if k != "held"}
+                    self.measure.observe_stage(st.index, io)
         finally:
             self._release()
         return loss, grads[0] if self.v == 1 else grads
@@ -885,6 +911,7 @@ class _Runner:
         self.split = any(kind == _W for kind, _, _ in order)
         failure: tuple[Any, BaseException] | None = None
         for j, (kind, k, i) in enumerate(order):
+            before = self.measure.enter_stage(self.stages[k].index) if self.measure else None
             try:
                 if kind == _F:
                     self._forward(k, i)
@@ -893,6 +920,7 @@ class _Runner:
                 else:
                     w_grads = _backward_weight(self.deferred.pop((k, i)), self.aliases[k][0])
                     self._accumulate(k, w_grads)
+                    self._unhold(k, i)
                 self._prune()
             except Exception as e:  # stop; unblock every rank that waits on this one
                 failure = ((kind, self.stages[k].index, i), e)
@@ -901,6 +929,9 @@ class _Runner:
                 except Exception:  # a peer's connection is gone: it cannot wait on us
                     pass
                 break
+            finally:
+                if self.measure is not None:
+                    self.measure.enter_stage(before)
         return self._finish(failure)
 
     def _poison(self, remaining: list[tuple[str, int, int]]) -> None:
@@ -1059,10 +1090,12 @@ class _Runner:
                 for own in mine:
                     tag = self._tag(3, t, own)
                     works.append(dist.isend(parts[own], peer, group=self.group, tag=tag))
+                    self._count(own, "sent", [parts[own]])
                 for stage in stages:
                     parts[stage] = torch.empty_like(parts[mine[0]])
                     tag = self._tag(3, t, stage)
                     works.append(dist.irecv(parts[stage], peer, group=self.group, tag=tag))
+                    self._count(mine[0], "received", [parts[stage]])
             for w in works:
                 w.wait()
             total = None
@@ -1082,6 +1115,10 @@ class _Runner:
                 if _tree.is_floating(t):
                     t.requires_grad_(True)
             x = optree.tree_unflatten(treedef, inputs)
+            self.held[(k, i)] = sum(t.numel() * t.element_size() for t in inputs)
+            io = self.io[st.index]
+            io["held"] += self.held[(k, i)]
+            io["received_activations"] = max(io["received_activations"], io["held"])
         with torch.enable_grad():
             out = st.fn(self.aliases[k][2], x)
             if st.is_last:
@@ -1139,12 +1176,18 @@ class _Runner:
             self._accumulate(k, grads[: len(params)])
             grads_in = grads[len(params) :]
         del pairs, outs
+        if not self.split:
+            self._unhold(k, i)
         if not st.is_first:
             back = [
                 torch.zeros_like(x) if g is None else g
                 for x, g in zip(float_in, grads_in, strict=True)
             ]
             self._send(back, st.index, st.index - 1, 1, i)
+
+    def _unhold(self, k: int, i: int) -> None:
+        """Local stage ``k`` no longer needs microbatch ``i``'s received inputs."""
+        self.io[self.stages[k].index]["held"] -= self.held.pop((k, i), 0)
 
     def _accumulate(self, k: int, grads: Sequence[torch.Tensor | None]) -> None:
         """Adds one microbatch's param grads of local stage ``k`` to its float32 sums."""

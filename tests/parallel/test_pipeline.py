@@ -390,6 +390,18 @@ def _two_ranks():
     assert peak <= (2 - r) * total // M, peaks
     out["saved"] = peaks
 
+    # fs.memory_report of a step over the pipeline: this rank's stage, its saved and
+    # received activations (1F1B: p - r microbatches; GPipe: all m) and p2p bytes
+    out["report"] = {}
+    for schedule in ("gpipe", "1f1b", "zero_bubble"):
+        f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule)
+        step = fs.train_step(lambda p, b, f=f, **kw: f(p, *b, **kw), optim.sgd(0.1))
+        report = fs.memory_report(step, *step.init(params[r]), args[1:])
+        assert set(report.stages) == {r}, report.stages
+        st = report.stages[r]
+        assert st.saved_activations == report.saved_activations > 0, report
+        out["report"][schedule] = (st, str(report))
+
     # fs.train_step on the pipeline: each rank updates its stage as the reference step does
     opt = optim.adamw(1e-2, weight_decay=0.1)
     f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, weights=tokens)
@@ -452,6 +464,25 @@ def test_two_ranks_gpipe_and_1f1b_equal_reference_and_raise_everywhere():
     trace = results[1][0]["zb_trace"]
     assert trace == [(k, i) for k, _, i in _actions("zero_bubble", 2, 1, M) if k != "F"], trace
     assert trace[:3] == [("B", 0), ("B", 1), ("W", 0)], trace  # a W deferred past a B
+    # fs.memory_report: p2p bytes are the messages' (a 16-byte header, then the leaves);
+    # rank 0 sends M activations {h, extra, mask} and receives M grads {h, extra}
+    b = B // M
+    act, grad = 16 + 8 * (b * T * D + b * D) + 8 * b * T, 16 + 8 * (b * T * D + b * D)
+    for r, (res, _) in enumerate(results):
+        rep = res["report"]
+        for schedule, (st, text) in rep.items():
+            sent, received = (act, grad) if r == 0 else (grad, act)
+            assert (st.p2p_sent, st.p2p_received) == (M * sent, M * received), (schedule, st)
+            assert (st.messages_sent, st.messages_received) == (M, M), st
+            assert f"\n  {r}  " in text and "pipeline stages" in text, text
+            # held from F to B (zero bubble: to W): rank 1 holds M, one, two microbatches
+            release = "W" if schedule == "zero_bubble" else "B"
+            acts = [(k, i) for k, _, i in _actions(schedule, 2, r, M) if k in ("F", release)]
+            held = in_flight([("B" if k == release else k, i) for k, i in acts])
+            assert st.received_activations == r * held * (act - 16), (schedule, held, st)
+        # (rank 0's embedding saves the token ids, a view of the whole batch's storage)
+        g, o = rep["gpipe"][0].saved_activations, rep["1f1b"][0].saved_activations
+        assert o < g, (g, o)
     for r, (res, _) in enumerate(results):
         # zero bubble keeps, past B, what W needs of up to 2p - 1 - r microbatches (rank 0:
         # its B is empty, so all of it; the last rank only its weights' inputs)
