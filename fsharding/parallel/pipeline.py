@@ -55,6 +55,30 @@ dtypes, or an error marker. Every rank's error (a batch not divisible into micro
 a bad weight, a stage function that raises, e.g. on params of the wrong structure) is then
 all-gathered and raised on every rank, so bad input never hangs. Later calls exchange one
 int per rank (an all-reduce) to learn that nothing changed, and use the cached shapes.
+
+Failures after the probe. Every schedule message (activations, their gradients) starts
+with a 16-byte header ``[status, rank]``. A rank whose action raises (a stage function on
+microbatch 3, activations whose shape differs from the probe's, a weight-gradient action)
+stops and sends, in place of every message it still owes in its action list, the header
+with status 1 and zeros of the expected shapes; a rank that receives one stops as well and
+does the same, so stop markers travel along the dependencies both ways and no rank waits
+forever on a receive. Every call ends with one all-reduce of ``[failed, loss]`` (the loss
+from the last stage, exact in float64): the sends are waited only when no rank failed;
+otherwise every rank all-gathers who raised what and raises the first failure in stage
+order (stage, rank, microbatch, message; the rank that raised chains its traceback), and
+the group moves to a new generation of message tags, so the failed call's unreceived
+messages and pending sends never match a later call's. A rank that crashes outright
+surfaces as the backend's connection error on its peers (gloo: "Connection closed by
+peer"), within the process group's timeout. On gloo this is tested on 2 and 4 ranks. On
+NCCL (untested here): tags are ignored and messages between two ranks match in issue order;
+stop markers keep that order (they replace messages in schedule order), so the error is
+raised on every rank too, but after a failed call the unreceived messages would match the
+next call's in order, so that pipeline refuses further calls (restart the process group).
+
+``fs.memory_report`` of a step over a pipeline gets, per stage, its saved-activation peak,
+the received activations it held and its point-to-point bytes, through the measurement in
+force as ``_context.MEMORY_MEASURE`` (``enter_stage`` around each action, ``observe_stage``
+after the call).
 """
 
 from __future__ import annotations
