@@ -12,7 +12,11 @@ buckets of such leaves move between ranks in one collective each. It has three p
   are in flight before the first wait; :func:`all_reduce_mean` over several process
   groups in turn (hybrid sharding's replicate axes); and the sums of squared norms over the
   shards (:func:`sq_reduce`, :func:`leaf_sq_reduce`). Every one returns only after gloo's
-  worker has let go of its tensors (``collectives.settle``).
+  worker has let go of its tensors (``collectives.settle``);
+* the deterministic reduction (``fs.zero(deterministic=True)``):
+  :func:`canonical_reduce_scatter` (an all-to-all per bucket, then the received rows summed
+  here in ``fs.accumulate``'s canonical tree, not by the backend), :func:`gather_rows` and
+  :func:`canonical_rows_sum`.
 
 Each sharded leaf of global shape ``(n, *rest)`` is split like ``torch.chunk`` (and like
 DTensor's ``Shard(0)``): chunk ``c = ceil(n / N)``; rank ``r`` owns rows
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from fsharding.parallel.collectives import settle, use_counts
+from fsharding.transforms.accumulate import CanonicalSum
 
 __all__ = [
     "LeafLayout",
@@ -50,6 +55,9 @@ __all__ = [
     "all_reduce_mean",
     "sq_reduce",
     "leaf_sq_reduce",
+    "gather_rows",
+    "canonical_rows_sum",
+    "canonical_reduce_scatter",
 ]
 
 # Bytes of one collective's whole buffer (N rank segments for a bucket): DDP's 25 MB order.
@@ -369,3 +377,79 @@ def leaf_sq_reduce(
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
     settle(before)
     return torch.where(sharded, part, sq)
+
+
+# ------------------------------------------------- the deterministic (canonical) reduction
+
+
+def gather_rows(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``[n, *x.shape]``: every rank's ``x`` over ``group``, in group-rank order (moves
+    bits only: no arithmetic)."""
+    n = dist.get_world_size(group)
+    inp = x.detach().contiguous()
+    before = use_counts([inp])
+    out = _C.wait_tensor(_C.all_gather_into_tensor(inp.reshape(-1), n, group.group_name))
+    settle([(out, 1), *before])
+    return out.view(n, *x.shape)
+
+
+def canonical_rows_sum(rows: torch.Tensor, skip: Sequence[bool]) -> torch.Tensor:
+    """The sum of ``rows`` (along dim 0) in ``fs.accumulate``'s canonical tree, computed in
+    place into them; a skipped row (a rank without tokens) is an empty leaf."""
+    tree = CanonicalSum()
+    for row, s in zip(rows, skip):
+        tree.push(None if s else [row])
+    out = tree.result()
+    return torch.zeros_like(rows[0]) if out is None else out[0]
+
+
+def canonical_reduce_scatter(
+    buckets: Sequence[Bucket],
+    fulls: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    rep_groups: Sequence[dist.ProcessGroup],
+    skip: torch.Tensor,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """This rank's shards of the canonical sum, over every data-parallel rank, of the full
+    tensors ``fulls`` (indexed like the buckets' layouts; packed in the buckets' dtypes).
+
+    Per bucket an all-to-all over ``group`` (the shard axis) hands each rank every rank's
+    rows of its own shard — a reduce-scatter's traffic — and they are summed here in the
+    canonical tree; with ``rep_groups`` (hybrid sharding, outer axes first) the summed
+    shard is then all-gathered over each replicate axis, innermost first, and summed the
+    same way. ``skip`` (bool, shaped like the replicate axes' sizes then the shard axis's
+    when it has more than one rank) flags the ranks without tokens. All buckets'
+    all-to-alls are launched before the first is awaited: the receive buffers of all of
+    them (one full gradient in the buckets' dtype) are alive together."""
+    world = dist.get_world_size(group)
+    coords = [dist.get_rank(g) for g in rep_groups]  # outer axes first
+    pending = []
+    for b in buckets:
+        inp = b.scatter_input([fulls[lay.index] for lay in b.layouts], device)
+        if world > 1:
+            before = use_counts([inp])
+            sizes = [b.numel] * world
+            work = _C.all_to_all_single(inp, sizes, sizes, group.group_name)
+            pending.append((b, inp, before, work))
+        else:
+            pending.append((b, inp, [], None))
+    rank = dist.get_rank(group)
+    shards: list[torch.Tensor | None] = [None] * len(fulls)
+    pending.reverse()
+    while pending:
+        b, inp, before, work = pending.pop()
+        if work is not None:
+            out = _C.wait_tensor(work)
+            settle([(out, 1), *before])
+            del inp, before, work
+            seg = canonical_rows_sum(out.view(world, b.numel), skip[tuple(coords)].tolist())
+            level = skip.all(-1)
+        else:
+            seg, level = inp.view(-1), skip
+        for g, j in zip(rep_groups[::-1], range(len(coords) - 1, -1, -1)):
+            seg = canonical_rows_sum(gather_rows(seg, g), level[tuple(coords[:j])].tolist())
+            level = level.all(-1)
+        for lay, t in zip(b.layouts, b.unpack_scattered(seg, rank)):
+            shards[lay.index] = t
+    return shards  # type: ignore[return-value]

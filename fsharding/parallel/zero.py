@@ -93,7 +93,6 @@ from fsharding.optim import base as _optim
 from fsharding.parallel import _buckets as _lay
 from fsharding.parallel import _overlap
 from fsharding.parallel import gather as _gather
-from fsharding.parallel._buckets import _C
 from fsharding.parallel.collectives import settle, use_counts
 from fsharding.step import (
     Step,
@@ -201,12 +200,19 @@ def zero(
     shards: it matches the one-process value to rounding, so an active clip is exact only
     at stage 0. ``gather="blocks"`` (a ValueError) reduce-scatters inside backward.
 
-    Cost (measured, GPT tiny, 2 gloo ranks, see BENCHMARKS.md): one header all-gather per
-    step and, for the grads, the traffic of the default mode; memory: the all-to-all's
-    receive buffers hold every rank's rows of this rank's shard (N × shard = one full
-    float32 grad, the buffers of all buckets alive together) where a reduce-scatter
-    receives one shard, and ``fs.accumulate`` holds up to ``log2(K/dp) + 1`` partial sums
-    instead of one buffer.
+    Cost: the grads move as much as in the default mode (plus a 3-number header
+    all-gather per step), but in more collectives (stage 0: an all-to-all and an
+    all-gather instead of one all-reduce) and without overlap with backward. Measured on
+    GPT tiny (470k params), 2 gloo ranks x 1 thread, ``fs.accumulate(steps=2)`` per rank,
+    8 x 64 tokens per rank, medians of 16 interleaved steps on a shared CPU: the reduction
+    29 vs 11 ms at stage 0, 24 vs 17 ms at stage 3; the step 148 vs 128 ms (stage 0) and
+    175 vs 166 ms (stage 3). Memory: the all-to-all receive buffers hold every rank's rows
+    of this rank's shard, all buckets' at once (one full float32 gradient, where a
+    reduce-scatter receives one shard: ``(N-1)/N`` of a gradient more; at stage 0 the
+    shards are then all-gathered into full float32 grads, about two gradients more than an
+    in-place all-reduce, transiently), and ``fs.accumulate`` holds up to
+    ``log2(K/dp) + 1`` partial sums instead of one buffer (peak RSS per rank 349 vs
+    340 MiB at stage 0, 347 vs 346 MiB at stage 3 in the run above).
 
     Returns:
         ``Step(init, step, gather)``. ``init(params, *, init_fn=None)`` takes full params
@@ -845,22 +851,13 @@ class _ZeRO:
 
     # -- deterministic reduction ------------------------------------------------------
 
-    def _gather_one(self, x: torch.Tensor, group: Any) -> torch.Tensor:
-        """``[n, *x.shape]``: every rank's ``x`` over ``group``, in group-rank order."""
-        n = dist.get_world_size(group)
-        inp = x.detach().contiguous()
-        before = use_counts([inp])
-        out = _C.wait_tensor(_C.all_gather_into_tensor(inp.reshape(-1), n, group.group_name))
-        settle([(out, 1), *before])
-        return out.view(n, *x.shape)
-
     def _gather_all(self, x: torch.Tensor) -> torch.Tensor:
         """``[dp, *x.shape]``: every data-parallel rank's ``x`` in the canonical order,
         row-major over ``axis`` (the shard axis fastest): for a 1-D mesh, by rank."""
         out = x.detach().unsqueeze(0)
         inner_first = ([self.group] if self.world > 1 else []) + self.rep_groups[::-1]
         for g in inner_first:
-            out = self._gather_one(out, g)
+            out = _lay.gather_rows(out, g)
             out = out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
         return out
 
@@ -901,16 +898,6 @@ class _ZeRO:
             ]
             self.det_buckets[key] = _lay.make_buckets(acc)
         return self.det_buckets[key]
-
-    @staticmethod
-    def _rows_sum(rows: torch.Tensor, skip: list[bool]) -> torch.Tensor:
-        """The canonical tree sum of ``rows`` (dim 0), in place into them; skipped rows
-        (ranks without tokens) are empty leaves."""
-        tree = _acc.CanonicalSum()
-        for row, s in zip(rows, skip):
-            tree.push(None if s else [row])
-        out = tree.result()
-        return torch.zeros_like(rows[0]) if out is None else out[0]
 
     def _canonical(
         self, g: list, loss: torch.Tensor, loss_dtype: torch.dtype, sums: Any, local_params: list
@@ -975,7 +962,9 @@ class _ZeRO:
             dtypes = [x.dtype for x in g]
         grid = torch.tensor(skip).view(*self.rep_sizes, *([self.world] if self.world > 1 else []))
         idx = [i for i, lay in enumerate(self.layouts) if lay is not None]
-        shards = self._det_reduce_scatter([g[i] for i in idx], grid)
+        shards = _lay.canonical_reduce_scatter(
+            self._det_plan(), [g[i] for i in idx], self.group, self.rep_groups, grid, self.device
+        )
         _acc.divide_(shards, total)
         if not self.grads_sharded:  # stage 0: every rank's summed shard, gathered
             shards = (
@@ -990,48 +979,10 @@ class _ZeRO:
             if lay is None:  # (0-dim leaves) gathered whole, summed in the tree
                 acc = torch.promote_types(local_params[i].dtype, torch.float32)
                 rows = self._gather_all(g[i].detach().to(acc).reshape(1))
-                x = self._rows_sum(rows, skip)
+                x = _lay.canonical_rows_sum(rows, skip)
                 _acc.divide_([x], total)
                 out[i] = x.reshape(()).to(dtypes[i])
         return out, mean
-
-    def _det_reduce_scatter(self, fulls: list, grid: torch.Tensor) -> list:
-        """This rank's shards of the canonical sum over the data-parallel ranks of the
-        full tensors ``fulls`` (indexed like the sharded layouts), in the accumulation
-        dtype; ``grid`` flags the ranks without tokens (shape: the dp axes' sizes)."""
-        buckets = self._det_plan()
-        coords = [dist.get_rank(grp) for grp in self.rep_groups]  # outer axes first
-        pending = []
-        for b in buckets:  # every all-to-all launched before the first is awaited
-            inp = b.scatter_input([fulls[lay.index] for lay in b.layouts], self.device)
-            if self.world > 1:
-                before = use_counts([inp])
-                sizes = [b.numel] * self.world
-                pending.append(
-                    (b, inp, before, _C.all_to_all_single(inp, sizes, sizes, self.group.group_name))
-                )
-            else:
-                pending.append((b, inp, [], None))
-        shards: list[Any] = [None] * len(fulls)
-        pending.reverse()
-        while pending:
-            b, inp, before, work = pending.pop()
-            if work is not None:
-                out = _C.wait_tensor(work)
-                settle([(out, 1), *before])
-                del inp, before, work
-                flags = grid[tuple(coords)].tolist()
-                seg = self._rows_sum(out.view(self.world, b.numel), flags)
-                level = grid.all(-1)
-            else:
-                seg, level = inp.view(-1), grid
-            for grp, j in zip(self.rep_groups[::-1], range(len(coords) - 1, -1, -1)):
-                flags = level[tuple(coords[:j])].tolist()
-                seg = self._rows_sum(self._gather_one(seg, grp), flags)
-                level = level.all(-1)
-            for lay, t in zip(b.layouts, b.unpack_scattered(seg, self.rank)):
-                shards[lay.index] = t
-        return shards
 
     def step(
         self, params: PyTree, opt_state: Any, batch: Any, *, donate: bool = False

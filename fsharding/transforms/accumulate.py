@@ -256,17 +256,19 @@ def accumulate(
     microbatches are grouped: ``fs.accumulate(steps=K, deterministic=True)`` in one process
     and the same ``K`` microbatches split over ``dp`` ranks of ``K/dp`` each under
     ``fs.zero(..., deterministic=True)`` give **bitwise** the same loss and grads (so the
-    same params after any number of steps, for an optimizer that is elementwise), when
+    same params after any number of steps, for an optimizer whose update of an element
+    does not depend on where it sits in its tensor: see ``fs.zero``), when
     ``K/dp`` is a power of two (``dp`` need not be); ``fs.zero`` raises otherwise. Within
     one process it also holds for nesting: ``accumulate(accumulate(g, steps=K/dp,
     deterministic=True), steps=dp, deterministic=True)`` equals ``steps=K`` with equal
     weights. The per-microbatch computation must itself not depend on the split, which
     holds for a fixed microbatch size. Cost: up to ``log2(steps) + 1`` partial sums held
     at once instead of one buffer (memory: that many gradient-sized float32 buffers), one
-    copy of each microbatch's grads into the accumulation dtype, the same arithmetic
-    otherwise; ``steps=1`` is still bitwise ``grad_fn``. Unlike the default mode, a call
-    with one non-zero weight ``w ≠ 1`` returns ``(w·grads)/w`` (rounded twice), like every
-    other case.
+    copy of each microbatch's grads into the accumulation dtype, the same number of
+    additions otherwise (GPT tiny, 16 x 64 tokens, steps 2 and 8: no difference in time
+    beyond the noise of a shared CPU); ``steps=1`` is still bitwise ``grad_fn``. Unlike
+    the default mode, a call with one non-zero weight ``w ≠ 1`` returns ``(w·grads)/w``
+    (rounded twice), like every other case.
 
     Randomness: microbatches run in order on the global RNG stream, so dropout draws differ
     from a whole-batch call (deterministic given the seed); the equivalence above is for
