@@ -6,8 +6,10 @@ This module owns checkpoints of any training-state pytree (params, optimizer sta
 ``torch.Generator`` states as uint8 tensors, strings, bools and ``None``). Tensors go
 through torch.distributed.checkpoint (DCP), shard per rank: a ``DTensor`` leaf (``fs.zero``
 stages 1-3 store ``Shard(0)`` on the dp mesh) is written by the ranks that hold its shards,
-a plain tensor once (it is taken as replicated: the lowest rank holding its key writes it).
-Everything else is written by fsharding itself, as JSON.
+a plain tensor once (it is taken as replicated: the lowest rank holding its key writes it,
+after every holder's bytes were compared by digest -- ranks holding different values under
+one key, e.g. per-rank RNG states, raise and are told to use per-rank keys). Everything
+else is written by fsharding itself, as JSON.
 
 On-disk layout (format version 1) -- a checkpoint is a directory::
 
@@ -41,7 +43,8 @@ e.g. ``donate=True`` steps, cannot reach the checkpoint), then writes and commit
 background thread. That thread's collectives run on a separate gloo process group created
 for checkpoints, never on the training's group, so a step's collectives and the write
 overlap without interleaving. One save is in flight at a time: the next ``save`` (or
-``load``) waits for the previous one first.
+``load``) waits for the previous one first, and so does the process before it leaves
+(``fs.launch``'s ranks after ``fn`` returns, a plain script at exit: ``_compat.drain``).
 
 Safety: loading never runs code from a file. DCP reads ``.metadata`` with
 ``pickle.load`` and byte entries with ``torch.load(weights_only=False)``; here
@@ -53,11 +56,14 @@ metadata holds -- ``torch.distributed.checkpoint.metadata``'s ``Metadata``,
 _get_layout`` (looks a layout up by name); builtin containers and scalars need no entry
 (no ``pathlib``: the path is cleared when writing). Each of these only stores values; any
 other global (``os.system``, ``builtins.eval``, ...) raises :class:`CheckpointError`. The
-metadata is then checked against ``fsharding.json`` (every key a tensor of the recorded
-shape and dtype, every storage a plain file name of the checkpoint), tensors are read with
-``torch.load(weights_only=True)`` by fsharding's own reader, and no entry is ever read as
-bytes. A tampered, truncated or foreign file (not an fsharding checkpoint, or a newer
-format version) raises :class:`CheckpointError` naming the file.
+metadata is then checked against ``fsharding.json`` (every field of the expected type, every
+key a tensor of the recorded shape and dtype whose chunks tile it exactly, every storage a
+plain file name of the checkpoint), tensors are read with ``torch.load(weights_only=True)``
+by fsharding's own reader (each must have its chunk's dtype and shape), and no entry is
+ever read as bytes. ``.metadata``, ``fsharding.json`` and data files are opened without
+following symlinks and must be regular files (no FIFO: nothing blocks), and every slice
+must lie inside its file. A tampered, truncated or foreign file (not an fsharding
+checkpoint, or a newer format version) raises :class:`CheckpointError` naming the file.
 
 Failures: a float leaf holding NaN or inf is refused (``allow_nonfinite=True`` to save it
 anyway): fp16 overflow or a NaN loss never writes bad values into a checkpoint. Errors are
@@ -69,12 +75,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import pickle
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -86,6 +94,7 @@ import optree
 import torch
 import torch.distributed as dist
 
+from fsharding import _compat
 from fsharding import tree as _tree
 from fsharding._export import export
 
@@ -257,47 +266,150 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
-def _read_metadata(path: str, index: dict[str, dict[str, Any]]) -> Any:
-    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-
-    file = os.path.join(path, ".metadata")
+def _open_regular(file: str, api: str = "fs.load") -> tuple[Any, int]:
+    """``file`` opened for binary reading and its size: never through a symlink, never a
+    FIFO or device (opened non-blocking, then checked to be a regular file)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        with open(file, "rb") as f:
+        fd = os.open(file, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        why = " (a symlink: a checkpoint's files are its own)" if os.path.islink(file) else ""
+        raise CheckpointError(f"{api}: {file} cannot be opened{why}: {e}.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(
+                f"{api}: {file} is not a regular file (a FIFO, device or directory); a "
+                "checkpoint holds regular files only."
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _ints(x: Any, n: int | None = None) -> bool:
+    """``x`` is a tuple (torch.Size) of non-negative ints, of length ``n`` if given."""
+    return (
+        isinstance(x, tuple)
+        and (n is None or len(x) == n)
+        and all(type(v) is int and v >= 0 for v in x)
+    )
+
+
+def _tiling_error(size: tuple[int, ...], chunks: Any, chunk_cls: type) -> str | None:
+    """Why ``chunks`` do not tile a tensor of ``size`` exactly (in bounds, no overlap,
+    volumes summing to its numel), or None."""
+    if not isinstance(chunks, list):
+        return f"chunks are {type(chunks).__name__}, not a list"
+    boxes = []
+    total = 0
+    for c in chunks:
+        if type(c) is not chunk_cls:
+            return f"a chunk is {type(c).__name__}"
+        off, sz = getattr(c, "offsets", None), getattr(c, "sizes", None)
+        if not (_ints(off, len(size)) and _ints(sz, len(size))):
+            return f"a chunk has offsets {off!r} and sizes {sz!r} for a {len(size)}-dim tensor"
+        if any(o + n > d for o, n, d in zip(off, sz, size)):
+            return f"chunk at {tuple(off)} of size {tuple(sz)} exceeds {tuple(size)}"
+        volume = math.prod(sz)
+        total += volume
+        if volume:
+            boxes.append((off, sz))
+    if total != math.prod(size):
+        return f"chunks hold {total} elements, the tensor {math.prod(size)}"
+    boxes.sort()
+    for i, (a_off, a_sz) in enumerate(boxes):  # a sweep along dim 0 (Shard(0): linear)
+        for b_off, b_sz in boxes[i + 1 :]:
+            if size and b_off[0] >= a_off[0] + a_sz[0]:
+                break
+            if all(b < a + m and a < b + n for a, m, b, n in zip(a_off, a_sz, b_off, b_sz)):
+                return f"chunks at {tuple(a_off)} and {tuple(b_off)} overlap"
+    return None
+
+
+def _read_metadata(path: str, index: dict[str, dict[str, Any]]) -> Any:
+    file = os.path.join(path, ".metadata")
+    f, _ = _open_regular(file)
+    try:
+        with f:
             md = _Unpickler(f).load()
     except Exception as e:
         raise CheckpointError(
             f"fs.load: {file} is not a valid checkpoint metadata file ({type(e).__name__}: "
             f"{e}); it may be truncated or tampered with."
         ) from None
+    try:
+        _check_metadata(md, index)
+    except _Mismatch as e:
+        raise CheckpointError(f"fs.load: {file} does not match {INDEX}: {e}.") from None
+    except Exception as e:  # a field of an unexpected type that a check did not foresee
+        raise CheckpointError(
+            f"fs.load: {file} is malformed ({type(e).__name__}: {e}); it may be tampered with."
+        ) from None
+    return md
 
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"fs.load: {file} does not match {INDEX}: {why}.")
 
-    if type(md) is not Metadata or not isinstance(md.state_dict_metadata, dict):
-        raise bad("not DCP Metadata")
+class _Mismatch(Exception):
+    pass
+
+
+def _check_metadata(md: Any, index: dict[str, dict[str, Any]]) -> None:
+    """Raises _Mismatch unless ``md`` is DCP Metadata of exactly ``index``'s tensors, every
+    field of its type, chunks tiling each tensor, storage entries plain slices of files."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    sd = getattr(md, "state_dict_metadata", None)
+    if type(md) is not Metadata or not isinstance(sd, dict):
+        raise _Mismatch("not DCP Metadata")
     tensors = {k for k, s in index.items() if s["kind"] == "tensor"}
-    if set(md.state_dict_metadata) != tensors:
-        extra = sorted(set(md.state_dict_metadata) ^ tensors)
-        raise bad(f"its keys differ at {extra[:3]}")
-    for key, m in md.state_dict_metadata.items():
+    if not all(isinstance(k, str) for k in sd) or set(sd) != tensors:
+        extra = sorted(str(k) for k in set(sd) ^ tensors)
+        raise _Mismatch(f"its keys differ at {extra[:3]}")
+    chunks_of: set[tuple[str, tuple[int, ...]]] = set()
+    for key, m in sd.items():
         want = index[key]
         if type(m) is not TensorStorageMetadata:
-            raise bad(f"{key} is stored as {type(m).__name__}, not a tensor")
-        if list(m.size) != want["shape"] or str(m.properties.dtype) != f"torch.{want['dtype']}":
-            raise bad(f"{key} is {m.properties.dtype} {list(m.size)}")
-    if not isinstance(md.storage_data, dict):
-        raise bad("no storage table")
-    for info in md.storage_data.values():
+            raise _Mismatch(f"{key} is stored as {type(m).__name__}, not a tensor")
+        size, props = getattr(m, "size", None), getattr(m, "properties", None)
+        dtype = getattr(props, "dtype", None)
+        if not _ints(size) or type(props) is not TensorProperties:
+            raise _Mismatch(f"{key} has size {size!r} and properties {type(props).__name__}")
+        if list(size) != want["shape"] or str(dtype) != f"torch.{want['dtype']}":
+            raise _Mismatch(f"{key} is {dtype} {list(size)}")
+        why = _tiling_error(tuple(size), getattr(m, "chunks", None), ChunkStorageMetadata)
+        if why:
+            raise _Mismatch(f"{key}: {why}; the chunks must tile the tensor exactly")
+        chunks_of.update((key, tuple(c.offsets)) for c in m.chunks)
+    storage = getattr(md, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise _Mismatch("no storage table")
+    stored: set[tuple[str, tuple[int, ...]]] = set()
+    for where, info in storage.items():
         rel = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
         ok = (
-            isinstance(rel, str) and rel == os.path.basename(rel) and rel not in ("", ".", "..")
-            and isinstance(info.offset, int) and isinstance(info.length, int)
-            and info.offset >= 0 and info.length >= 0
+            type(where) is MetadataIndex and isinstance(where.fqn, str)
+            and _ints(where.offset) and type(info) is _StorageInfo
+            and isinstance(rel, str) and rel == os.path.basename(rel)
+            and rel not in ("", ".", "..")
+            and type(offset) is int and type(length) is int and offset >= 0 and length >= 0
             and not getattr(info, "transform_descriptors", None)
         )  # fmt: skip
         if not ok:
-            raise bad(f"storage entry {info!r} is not a plain file slice of the checkpoint")
-    return md
+            raise _Mismatch(f"storage entry {info!r} is not a plain file slice of the checkpoint")
+        stored.add((where.fqn, tuple(where.offset)))
+    missing = sorted(chunks_of - stored)
+    if missing:
+        raise _Mismatch(f"no storage entry for the chunk {missing[0]}")
 
 
 def _dcp_classes() -> tuple[type, type, type, type]:
@@ -325,6 +437,12 @@ def _dcp_classes() -> tuple[type, type, type, type]:
             super().__init__(path)
             self._fs_metadata = metadata
             self._fs_dir = path
+            # (key, chunk offsets) -> (sizes, dtype): what each stored entry must be
+            self._fs_chunks = {
+                (key, tuple(c.offsets)): (tuple(c.sizes), m.properties.dtype)
+                for key, m in metadata.state_dict_metadata.items()
+                for c in m.chunks
+            }
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             return self._fs_metadata
@@ -336,14 +454,25 @@ def _dcp_classes() -> tuple[type, type, type, type]:
                 per_file.setdefault(rel, []).append(item)
             for rel, items in per_file.items():
                 file = os.path.join(self._fs_dir, rel)
-                with open(file, "rb") as f:
+                f, size = _open_regular(file)
+                with f:
                     for req in items:
-                        _read_item(f, file, self.storage_data[req.storage_index], req, planner)
+                        info = self.storage_data[req.storage_index]
+                        if info.offset + info.length > size:
+                            raise CheckpointError(
+                                f"fs.load: {file} is truncated or tampered with: an entry of "
+                                f"{info.length} bytes at offset {info.offset} ends past its "
+                                f"{size} bytes."
+                            )
+                        where = (req.storage_index.fqn, tuple(req.storage_index.offset))
+                        _read_item(f, file, info, req, planner, self._fs_chunks[where])
             fut: torch.futures.Future[None] = torch.futures.Future()
             fut.set_result(None)
             return fut
 
-    def _read_item(f: Any, file: str, info: Any, req: Any, planner: Any) -> None:
+    def _read_item(
+        f: Any, file: str, info: Any, req: Any, planner: Any, chunk: tuple[Any, Any]
+    ) -> None:
         if req.type != LoadItemType.TENSOR:
             raise CheckpointError(f"fs.load: {file}: entry {req.storage_index} is not a tensor")
         f.seek(info.offset)
@@ -362,6 +491,12 @@ def _dcp_classes() -> tuple[type, type, type, type]:
             ) from None
         if type(t) is not torch.Tensor:
             raise CheckpointError(f"fs.load: {file} holds a {type(t).__name__}, not a tensor.")
+        sizes, dtype = chunk
+        if t.dtype != dtype or tuple(t.shape) != sizes:
+            raise CheckpointError(
+                f"fs.load: {file}: entry {req.storage_index.fqn} is a {t.dtype} tensor of shape "
+                f"{tuple(t.shape)}, the metadata says {dtype} {sizes}; it may be tampered with."
+            )
         for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
             t = t.narrow(dim, start, length)
         target = planner.resolve_tensor(req).detach()
@@ -390,10 +525,12 @@ _CLASSES: tuple[type, type, type, type] | None = None
 
 _lock = threading.Lock()
 _pending: concurrent.futures.Future[str] | None = None
+# (the default group's id, the side group) of background saves; see _side_group
 _side_groups: dict[int, Any] = {}
 
 
 def _wait_pending() -> None:
+    """Waits for the async save in flight, if any (its outcome stays in its future)."""
     global _pending
     with _lock:
         fut, _pending = _pending, None
@@ -401,13 +538,40 @@ def _wait_pending() -> None:
         concurrent.futures.wait([fut])
 
 
+# fs.launch's ranks (after fn) and the interpreter at exit wait for a save in flight
+_compat.register_drain(_wait_pending)
+
+
+def _registered(group: Any) -> bool:
+    """True while ``group`` is a live process group (not destroyed with its default group)."""
+    try:
+        return group in dist.distributed_c10d._world.pg_map
+    except AttributeError:  # a torch without this registry: ask the public API
+        try:
+            dist.get_world_size(group)
+            return True
+        except Exception:  # noqa: BLE001 - a destroyed group
+            return False
+
+
 def _side_group() -> Any:
-    """The gloo group of background saves (one per default group; created collectively)."""
-    world = dist.group.WORLD
-    key = id(world)
-    if key not in _side_groups:
-        _side_groups.clear()
-        _side_groups[key] = dist.new_group(backend="gloo")
+    """The gloo group of background saves (one per default group; created collectively).
+
+    Keyed by the default group's id *and* checked to be still registered: after
+    ``destroy_process_group()`` (which destroys every group) and a new
+    ``init_process_group`` whose group may get the old id, a new side group is made; a
+    stale one still registered (another default group) is destroyed first.
+    """
+    key = id(dist.group.WORLD)
+    group = _side_groups.get(key)
+    if group is not None and _registered(group):
+        return group
+    for stale in _side_groups.values():
+        if _registered(stale):
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(stale)
+    _side_groups.clear()
+    _side_groups[key] = dist.new_group(backend="gloo")
     return _side_groups[key]
 
 
@@ -481,7 +645,8 @@ def save(
     except Exception as e:  # noqa: BLE001 - reported on every rank
         err, index = f"{api}: checking tree failed: {type(e).__name__}: {e}", {}
     token = uuid.uuid4().hex[:12]
-    payload = (path, token, index)
+    dtensors = sorted(p for p, x in pairs if _tree.is_dtensor(x)) if not err else []
+    payload = (path, token, index, dtensors)
     everyone = _agree(api, err, payload)
     if any(p[0] != path for p in everyone):
         paths = sorted({p[0] for p in everyone})
@@ -490,6 +655,7 @@ def save(
     if err:
         raise CheckpointError(err)
     token = everyone[0][1]
+    replicas = _replicas(merged, everyone)
     head, name = os.path.split(path)
     tmp = os.path.join(head, f".{name}{_PARTIAL}{token}")
     tensors = {p: x for p, x in pairs if isinstance(x, torch.Tensor)}
@@ -497,7 +663,7 @@ def save(
             "torch": torch.__version__, "leaves": merged}  # fmt: skip
     if not async_:
         tensors = {p: (x if _tree.is_dtensor(x) else x.detach()) for p, x in tensors.items()}
-        return _write(api, path, tmp, tensors, meta, None, rank, world)
+        return _write(api, path, tmp, tensors, meta, None, rank, world, replicas)
     group = _side_group() if world > 1 else None
     snap = {p: _snapshot(x) for p, x in tensors.items()}
     if any(x.is_cuda for x in tensors.values()):
@@ -506,7 +672,7 @@ def save(
 
     def run() -> None:
         try:
-            fut.set_result(_write(api, path, tmp, snap, meta, group, rank, world))
+            fut.set_result(_write(api, path, tmp, snap, meta, group, rank, world, replicas))
         except BaseException as e:  # noqa: BLE001 - delivered through the future
             fut.set_exception(e if isinstance(e, Exception) else CheckpointError(str(e)))
 
@@ -526,10 +692,14 @@ def _write(
     group: Any,
     rank: int,
     world: int,
+    replicas: dict[str, list[int]],
 ) -> str:
-    """DCP's save into ``tmp``, then rank 0 commits by rename; every rank learns the outcome."""
+    """Replicas compared, DCP's save into ``tmp``, then rank 0 commits by rename; every rank
+    learns the outcome."""
     import torch.distributed.checkpoint as dcp
 
+    if replicas:
+        _check_replicas(api, replicas, tensors, group)
     writer_cls, _, planner_cls, _ = _dcp_classes()
     err: str | None = None
     try:
@@ -560,6 +730,57 @@ def _write(
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(err)
     return path
+
+
+def _replicas(merged: dict[str, dict[str, Any]], everyone: list[Any]) -> dict[str, list[int]]:
+    """The plain-tensor keys held by several ranks (taken as replicated), with their ranks."""
+    holders: dict[str, list[int]] = {}
+    dtensors: set[str] = set()
+    for rank, (_, _, index, dts) in enumerate(everyone):
+        dtensors.update(dts)
+        for key in index:
+            holders.setdefault(key, []).append(rank)
+    return {
+        k: ranks
+        for k, ranks in sorted(holders.items())
+        if len(ranks) > 1 and merged[k]["kind"] == "tensor" and k not in dtensors
+    }
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A digest of ``t``'s bytes (its dtype and shape are compared by the index)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    h = hashlib.sha1(usedforsecurity=False)  # a consistency check, not a security one
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _check_replicas(
+    api: str, replicas: dict[str, list[int]], tensors: dict[str, torch.Tensor], group: Any
+) -> None:
+    """Raises on every rank when ranks hold different bytes under one plain-tensor key
+    (only those keys are hashed, each by the ranks holding it)."""
+    err, digests = None, {}
+    try:
+        digests = {k: _digest(tensors[k]) for k in replicas if k in tensors}
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        err = f"{api}: comparing replicated tensors failed: {type(e).__name__}: {e}"
+    everyone = _agree(api, err, digests, group)
+    for key, ranks in replicas.items():
+        first = everyone[ranks[0]][key]
+        for r in ranks[1:]:
+            if everyone[r][key] != first:
+                raise CheckpointError(
+                    f"{api}: tree leaf {key} holds different values on rank {ranks[0]} and "
+                    f"rank {r}; a plain tensor under the same key on several ranks is taken "
+                    "as replicated and written once. Save per-rank values (e.g. generator "
+                    'states) under per-rank keys, e.g. {f"rng_rank{r}": ...}, or as a '
+                    "DTensor sharded over the ranks."
+                )
 
 
 def _fsync_dir(path: str) -> None:
@@ -595,16 +816,32 @@ def _commit(path: str, tmp: str, meta: dict[str, Any]) -> None:
 
 
 def _read_index(path: str, api: str = "fs.load") -> dict[str, Any]:
+    """``path``'s checked index; any failure (also a RecursionError of a deeply nested JSON)
+    is a CheckpointError naming the file."""
+    try:
+        return _read_index_unchecked(path, api)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the content, the file is bad
+        file = os.path.join(path, INDEX)
+        raise CheckpointError(
+            f"{api}: {file} is unreadable ({type(e).__name__}: {str(e)[:200]}); truncated, "
+            "damaged or tampered with?"
+        ) from None
+
+
+def _read_index_unchecked(path: str, api: str) -> dict[str, Any]:
     file = os.path.join(path, INDEX)
-    if not os.path.isfile(file):
+    if not os.path.lexists(file):
         what = "a partial checkpoint" if _PARTIAL in os.path.basename(path) else "not one"
         raise CheckpointError(
             f"{api}: {file} not found: {path} is not an fsharding checkpoint ({what}; a "
             "checkpoint is complete once fs.save committed it)."
         )
+    f, _ = _open_regular(file, api)
     try:
-        with open(file) as f:
-            meta = json.load(f)
+        with f:
+            meta = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{api}: {file} is unreadable ({e}); truncated or damaged?") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -682,6 +919,8 @@ def load(path: str | os.PathLike[str], like: _PyTree) -> _PyTree:
     other than the one that saved), or a meta tensor (shape and dtype; loaded onto CPU).
     Non-tensor leaves give their type; their values come from the checkpoint. Under a
     process group call it on every rank; without one it loads in this process alone.
+    Tensor leaves come back as plain tensors or DTensors without ``requires_grad``, also
+    where ``like`` holds an ``nn.Parameter`` (wrap them again if a module needs them).
 
     Args:
         path: a checkpoint directory written by :func:`save` (e.g. ``fs.latest(dir)``).
@@ -789,7 +1028,7 @@ def latest(directory: str | os.PathLike[str]) -> str | None:
         path = os.path.join(directory, name)
         try:
             meta = _read_index(path, api="fs.latest")
-        except CheckpointError:
+        except Exception:  # noqa: BLE001 - an unreadable entry is not a checkpoint
             continue
         step, when = meta.get("step"), meta.get("time_ns")
         key = (step if type(step) is int else -1, when if type(when) is int else 0)

@@ -376,3 +376,168 @@ def test_round_trip_property(tmp_path_factory, tree):
     path = fs.save(tmp_path_factory.mktemp("h") / "c", tree)
     like = fs.tree.map(lambda x: torch.empty_like(x) if torch.is_tensor(x) else x, tree)
     _assert_equal(fs.load(path, like), tree)
+
+
+def _bits(x):
+    return x.view(torch.uint8) if x.dtype.itemsize == 1 else x
+
+
+def test_empty_and_float8_leaves_save_and_load(tmp_path):
+    # empty leaves (a ZeRO-3 rank's shard of a leaf with fewer rows than ranks) and dtypes
+    # torch._foreach_norm lacks: the non-finite check used to raise on both
+    tree = {
+        "e": torch.empty(0, 3),
+        "eb": torch.empty(0, dtype=torch.bfloat16),
+        "f8": torch.tensor([1.0, -0.5, 448.0]).to(torch.float8_e4m3fn),
+        "f8b": torch.tensor([2.0, -3.0]).to(torch.float8_e5m2),
+        "x": torch.arange(3.0),
+    }
+    path = fs.save(tmp_path / "a", tree)
+    out = fs.load(path, fs.tree.map(torch.empty_like, tree))
+    for k, x in tree.items():
+        assert out[k].dtype == x.dtype and torch.equal(_bits(out[k]), _bits(x)), k
+    nan = dict(tree, f8=torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn))
+    with pytest.raises(fs.CheckpointError, match=re.escape("leaf ['f8'] holds NaN")):
+        fs.save(tmp_path / "b", nan)
+
+
+def _chunk(offsets, sizes):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+
+
+def test_chunks_must_tile_and_entries_must_match_their_chunk(tmp_path):
+    import io
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    tree = {"w": torch.arange(4.0), "n": 3}
+    like = {"w": torch.zeros(4), "n": 0}
+
+    def fresh(name):
+        return tmp_path / os.path.basename(fs.save(tmp_path / name, tree))
+
+    def tampered(name, edit):
+        p = fresh(name)
+        md = _md(p)
+        edit(md, p)
+        _write_md(p, md)
+        return p
+
+    def chunks(*cs):
+        def edit(md, p):
+            w = md.state_dict_metadata["['w']"]
+            w.chunks = [_chunk(*c) for c in cs]
+            info = next(iter(md.storage_data.values()))  # an entry for every chunk
+            md.storage_data = {MetadataIndex("['w']", torch.Size(c[0])): info for c in cs}
+
+        return edit
+
+    cases = {
+        "short": (chunks(([0], [2])), "chunks hold 2 elements, the tensor 4"),  # was garbage
+        "overlap": (chunks(([0], [3]), ([2], [1])), "overlap"),
+        "outside": (chunks(([0], [2]), ([3], [2])), "exceeds"),
+        "rank": (chunks(([0, 0], [4, 1])), "for a 1-dim tensor"),
+    }
+    for name, (edit, words) in cases.items():
+        p = tampered(name, edit)
+        with pytest.raises(fs.CheckpointError, match=r"\.metadata.*" + re.escape(words)):
+            fs.load(p, like)
+    # a data entry rewritten with another dtype or size (copy_ used to cast it silently)
+    for name, value in (("dtype", torch.tensor([7, 8, 9, 10])), ("size", torch.arange(5.0))):
+
+        def entry(md, p, value=value):
+            buf = io.BytesIO()
+            torch.save(value, buf)
+            info = next(iter(md.storage_data.values()))
+            (p / info.relative_path).write_bytes(buf.getvalue())
+            info.offset, info.length = 0, len(buf.getvalue())
+
+        p = tampered(name, entry)
+        with pytest.raises(fs.CheckpointError, match=r"__0_0\.distcp: entry \['w'\] is a torch"):
+            fs.load(p, like)
+
+
+def test_fields_of_the_wrong_type_and_deep_json_raise_checkpoint_errors(tmp_path):
+    tree = {"w": torch.arange(4.0), "n": 3}
+    like = {"w": torch.zeros(4), "n": 0}
+
+    def edit_w(field, value):
+        return lambda md: setattr(md.state_dict_metadata["['w']"], field, value)
+
+    def edit_info(field, value):
+        return lambda md: setattr(next(iter(md.storage_data.values())), field, value)
+
+    edits = {
+        "size": edit_w("size", 4),
+        "properties": edit_w("properties", None),
+        "chunks": edit_w("chunks", "abc"),
+        "offsets": lambda md: setattr(md.state_dict_metadata["['w']"].chunks[0], "offsets", "0"),
+        "lengths": edit_info("length", "12"),
+        "offset": edit_info("offset", 1.5),
+        "storage key": lambda md: setattr(md, "storage_data", {"k": None}),
+        "no fields": lambda md: md.__dict__.clear(),
+    }
+    for name, edit in edits.items():
+        p = tmp_path / os.path.basename(fs.save(tmp_path / name.replace(" ", "-"), tree))
+        md = _md(p)
+        edit(md)
+        _write_md(p, md)
+        with pytest.raises(fs.CheckpointError, match=re.escape(str(p / ".metadata"))):
+            fs.load(p, like)
+    # a deeply nested fsharding.json: RecursionError became a CheckpointError; latest skips it
+    good = fs.save(tmp_path / "good", tree, step=1)
+    deep = tmp_path / os.path.basename(fs.save(tmp_path / "deep", tree, step=2))
+    (deep / "fsharding.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(fs.CheckpointError, match="fsharding.json is unreadable"):
+        fs.load(deep, like)
+    assert fs.latest(tmp_path) == good
+
+
+@pytest.mark.timeout(60)
+def test_fifos_and_symlinks_are_refused_never_followed(tmp_path):
+    tree = {"w": torch.arange(4.0), "n": 3}
+    like = {"w": torch.zeros(4), "n": 0}
+    other = fs.save(tmp_path / "other", {"w": torch.arange(4.0) * 10, "n": 3}, step=1)
+    data = next(f for f in os.listdir(other) if f.endswith(".distcp"))
+    for i, name in enumerate((".metadata", "fsharding.json", data)):
+        for kind in ("fifo", "symlink"):
+            step = 3 if name == "fsharding.json" else 2  # newer: latest must skip these
+            p = tmp_path / os.path.basename(fs.save(tmp_path / f"{kind}{i}", tree, step=step))
+            (p / name).unlink()
+            if kind == "fifo":
+                os.mkfifo(p / name)  # open() of a FIFO blocks until a writer comes
+                words = "not a regular file"
+            else:
+                os.symlink(os.path.join(other, name), p / name)  # a valid file elsewhere
+                words = "cannot be opened (a symlink"
+            pattern = re.escape(f"{p / name}") + ".*" + re.escape(words)
+            with pytest.raises(fs.CheckpointError, match=pattern):
+                fs.load(p, like)
+    assert fs.latest(tmp_path) == str(tmp_path / "symlink2")  # the step-3 indexes skipped
+
+
+def test_side_group_is_remade_for_a_new_default_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "s1"), 1), rank=0, world_size=1
+    )
+    old = ser._side_group()
+    assert ser._side_group() is old  # one per default group
+    dist.destroy_process_group()  # destroys every group, old included
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "s2"), 1), rank=0, world_size=1
+    )
+    try:
+        # the new default group reusing the old one's id (as CPython may) must not revive it
+        ser._side_groups[id(dist.group.WORLD)] = old
+        new = ser._side_group()
+        assert new is not old and ser._registered(new) and not ser._registered(old)
+        t = torch.ones(1)
+        dist.all_reduce(t, group=new)
+        assert t.item() == 1.0
+    finally:
+        dist.destroy_process_group()
+        ser._side_groups.clear()
