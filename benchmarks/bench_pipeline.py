@@ -15,11 +15,13 @@ before each step; a step's time is the slower rank's):
   offers, e.g. a zero-bubble one, when it exists): ``fs.train_step(fs.pipeline([stage0,
   stage1], loss, schedule=...), optim.adamw(...))`` with ``donate=True``, stage functions
   from ``fs.functional`` on the stage modules; fsharding's adamw runs the fused kernel
-  (``torch._fused_adam_``), and train_step computes the stage's grad norm.
+  (``torch._fused_adam_``); ``fs.train_step`` takes the pipeline's grad function as it is
+  (``batch = (inputs, targets)``) and reports the grad norm over both stages.
 * ``torch-1f1b`` / ``torch-gpipe``: ``torch.distributed.pipelining``'s ``PipelineStage``
   (static metadata: ``input_args`` / ``output_args`` given, no shape inference) with
   ``Schedule1F1B`` / ``ScheduleGPipe`` (``scale_grads=True``: the mean over microbatches,
-  ``return_outputs=False``), then ``get_total_norm`` of the stage's grads and
+  ``return_outputs=False``), then the grad norm over both stages (``get_total_norm`` of the
+  stage's grads, squared, ``all_reduce``d: what fs.train_step reports) and
   ``torch.optim.AdamW(fused=True)`` — the same kernel — and ``zero_grad(set_to_none=True)``.
 * ``ds-1f1b``: DeepSpeed's ``PipelineEngine`` (``PipelineModule`` of ``LayerSpec`` s:
   embedding, 6 blocks, final norm + head; uniform partition = the same 4 | 4 split;
@@ -32,9 +34,10 @@ before each step; a step's time is the slower rank's):
 Same work (asserted, the run fails otherwise): every variant's loss trajectory (all warm-up
 and timed steps) follows a one-process eager reference (the full model, gradient
 accumulation over the same microbatches, ``AdamW(fused=True)``) within 1e-4 relative, the
-per-stage grad norms within 1e-3 (fs and torch rows; DeepSpeed's engine gives no per-stage
-norm), and the params after the run — gathered per stage under their GPT names — within 1e-3
-of the reference's, relative to how far it moved them (``common.param_deviation``).
+global grad norm on every rank within 1e-3 (fs and torch rows; DeepSpeed's engine computes
+none without clipping), and the params after the run — gathered per stage under their GPT
+names — within 1e-3 of the reference's, relative to how far it moved them
+(``common.param_deviation``).
 
 Memory (``--memory``): each variant alone in a fresh 2-rank launch (``MALLOC_MMAP_THRESHOLD_
 =65536``, as bench_zero), per rank the RSS before building it and the peak RSS (VmHWM) after
@@ -164,11 +167,6 @@ def stage_module(rank: int) -> nn.Module:
     return (Stage0 if rank == 0 else Stage1)(model)
 
 
-def stage_names(model: nn.Module) -> list[set[str]]:
-    """The GPT param names of stage 0 and stage 1."""
-    return [{k for k, _ in (S(model).named_parameters())} for S in (Stage0, Stage1)]
-
-
 def make_data(n: int, batch: int) -> dict:
     from fsharding import data
     from fsharding.models.gpt import GPTConfig
@@ -180,12 +178,11 @@ def make_data(n: int, batch: int) -> dict:
     return {"x": torch.stack([b["x"] for b in bs]), "y": torch.stack([b["y"] for b in bs])}
 
 
-def eager_reference(data: dict, m: int, ref_path: str) -> list[tuple[float, list[float]]]:
+def eager_reference(data: dict, m: int, ref_path: str) -> list[tuple[float, float]]:
     """One process, the full model, gradient accumulation over the ``m`` microbatches (the
-    mean of their losses), ``torch.optim.AdamW(fused=True)``. Per step: (loss, [grad norm of
-    stage 0's params, of stage 1's]); saves ``{"params", "init"}`` to ``ref_path``."""
+    mean of their losses), ``torch.optim.AdamW(fused=True)``. Per step: (loss, global grad
+    norm); saves ``{"params", "init"}`` to ``ref_path``."""
     model = gpt()
-    names = stage_names(model)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.AdamW(
         model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True
@@ -198,12 +195,10 @@ def eager_reference(data: dict, m: int, ref_path: str) -> list[tuple[float, list
             loss = lm_loss(model(x), y) / m
             loss.backward()
             total += float(loss.detach())
-        gns = []
-        for ns in names:
-            gs = [p.grad for k, p in model.named_parameters() if k in ns]
-            gns.append(float(torch.nn.utils.get_total_norm(gs, foreach=True)))
+        gs = [p.grad for p in model.parameters()]
+        gn = float(torch.nn.utils.get_total_norm(gs, foreach=True))
         opt.step()
-        out.append((total, gns))
+        out.append((total, gn))
     final = {k: v.detach().clone() for k, v in model.named_parameters()}
     torch.save({"params": final, "init": init}, ref_path)
     return out
@@ -213,7 +208,7 @@ def eager_reference(data: dict, m: int, ref_path: str) -> list[tuple[float, list
 
 
 class Stepper:
-    """One variant in a rank. ``step(i) -> (loss or None, stage grad norm or None)``;
+    """One variant in a rank. ``step(i) -> (loss or None, global grad norm or None)``;
     ``params()``: this rank's stage params under GPT names; ``live()``: the tensors held
     between steps (params, optimizer state, no .grad) for peak live memory."""
 
@@ -259,7 +254,7 @@ def fs_variant(data: dict, m: int, schedule: str) -> Stepper:
     fns = [applies[r] if i == r else _elsewhere for i in range(p)]
     f = fs.pipeline(fns, lm_loss, mesh=_mesh(), microbatches=m, schedule=schedule)
     tx = optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
-    step = fs.train_step(lambda prm, batch: f(prm, *batch), tx)
+    step = fs.train_step(f, tx)  # batch = (inputs, targets); grad norm over both stages
     box = dict(zip(("p", "s"), step.init(params)))
     del params
     ph: dict[str, list[float]] = {}
@@ -311,9 +306,10 @@ def torch_variant(data: dict, m: int, schedule: str) -> Stepper:
             losses: list[torch.Tensor] = []
             sched.step(target=y, losses=losses, return_outputs=False)
             loss = float(torch.stack([x.detach() for x in losses]).mean())
-        gn = torch.nn.utils.get_total_norm([q.grad for q in params], foreach=True)
+        sq = torch.nn.utils.get_total_norm([q.grad for q in params], foreach=True) ** 2
+        dist.all_reduce(sq)  # the global grad norm over both stages, as fs.train_step's
         opt.step()
-        return loss, float(gn)
+        return loss, float(sq.sqrt())
 
     def live() -> list[torch.Tensor]:
         opt.zero_grad(set_to_none=True)
@@ -362,7 +358,7 @@ def _own_jiffies() -> int:
 def run_alternating(steppers: list[Stepper], warmup: int, steps: int) -> dict:
     """Every variant steps in turn (a barrier before each step). Returns per variant the step
     times (the slower rank's), the loss per step (from a rank that has it) and each rank's
-    stage grad norm per step; and the contention (other processes' share of all CPUs
+    grad norm per step; and the contention (other processes' share of all CPUs
     during the timed steps: machine busy time minus every rank's own CPU time)."""
     n = len(steppers)
     traj: list[list[tuple]] = [[] for _ in steppers]
@@ -491,20 +487,20 @@ def run_ds(keys: list[str], data_path: str, ref_path: str, args, memory_steps: i
 
 
 def check(key: str, out: dict, k: int, ref: list) -> dict:
-    """Loss / stage grad norms / params after the run against the eager reference."""
+    """Loss / global grad norm / params after the run against the eager reference."""
     loss = out["loss"][k]
     if any(v is None for v in loss) or len(loss) != len(ref):
         raise AssertionError(f"{key}: no loss for some step ({loss})")
     dl = max(abs(a - b[0]) / abs(b[0]) for a, b in zip(loss, ref))
     gn = out["grad_norm"][k]
-    dg = None
+    dg = None  # every rank's global grad norm (over both stages) against the reference's
     if all(v is not None for step in gn for v in step):
-        dg = max(abs(a - b) / abs(b) for g, r in zip(gn, ref) for a, b in zip(g, r[1]))
+        dg = max(abs(a - r[1]) / abs(r[1]) for g, r in zip(gn, ref) for a in g)
     dp = out["params_dev"][k]
     ok = dl <= TOL_LOSS and (dg is None or dg <= TOL_GN) and dp is not None
     ok = ok and dp[0] <= TOL_PARAMS
     txt = f"{dl:.1e} / {'–' if dg is None else f'{dg:.1e}'} / {dp[0]:.1e}"
-    print(f"  check {key}: loss / stage grad norm / params dev {txt} {'ok' if ok else 'FAIL'}")
+    print(f"  check {key}: loss / grad norm / params dev {txt} {'ok' if ok else 'FAIL'}")
     if not ok:
         raise AssertionError(
             f"{key} does not do the reference's work: loss dev {dl:.2e} ({TOL_LOSS:g}), grad "
@@ -540,7 +536,7 @@ def table(rows: dict, base: str) -> str:
     head = (
         f"| variant | median ms/step | spread (IQR/median) | × {rows[base]['label']} | "
         "peak RSS MiB rank 0 / 1 | peak − RSS before build, MiB rank 0 / 1 | × RSS (per "
-        "rank) | peak live MiB rank 0 / 1 | same work: loss / stage grad norm / params |"
+        "rank) | peak live MiB rank 0 / 1 | same work: loss / grad norm / params |"
     )
     lines = [head, "|" + " --- |" * 9]
     b = rows[base]
@@ -653,11 +649,12 @@ def main() -> None:
                 break
         mem = {}
         if args.memory:
-            mkeys = keys if args.memory_variants is None else args.memory_variants.split(",")
-            mds = ds_keys if args.memory_variants is None else [k for k in ds_keys if k in mkeys]
+            want = None if args.memory_variants is None else args.memory_variants.split(",")
+            mkeys = [k for k in keys if want is None or k in want]
+            mds = [k for k in ds_keys if want is None or k in want]
             mem = memory_runs(mkeys, mds, data, data_path, ref_path, args)
     load1 = os.getloadavg()
-    print("same work vs one-process eager (loss, stage grad norms, params after the run):")
+    print("same work vs one-process eager (loss, global grad norm, params after the run):")
     checks = {k: check(k, out, i, ref) for i, k in enumerate(out["keys"])}
     ds_checks = {}
     for i, k in enumerate(ds["keys"] if ds else []):
@@ -706,7 +703,8 @@ def render(args, started, out, ds, rows, ds_rows, base, load0, load1) -> str:
         f"{out['contention']:.1%}. Peak RSS / peak live: each variant alone in a fresh launch, "
         f"`MALLOC_MMAP_THRESHOLD_=65536`, {args.memory_steps} steps (peak live: one more "
         "step, params + optimizer state at entry). Same work: max relative deviation from the "
-        "one-process eager reference of the loss and each stage's grad norm over all steps, and "
+        "one-process eager reference of the loss and the global grad norm (every rank's) over all "
+        "steps, and "
         "the params after the run (||p − p_eager|| / ||p_eager − p_init||).",
         "",
         table(rows, base),

@@ -290,16 +290,16 @@ def test_bench_pipeline_fs_vs_torch_same_work_and_gpipe_holds_more(tmp_path):
 
 def test_bench_pipeline_check_fails_loudly_on_other_work():
     bp = _bench_module("bench_pipeline")
-    ref = [(5.0, [1.0, 2.0]), (4.0, [1.0, 2.0])]
+    ref = [(5.0, 2.0), (4.0, 1.5)]  # (loss, global grad norm) per step
     out = {
         "loss": [[5.0, 4.0]],
-        "grad_norm": [[[1.0, 2.0], [1.0, 2.0]]],
+        "grad_norm": [[[2.0, 2.0], [1.5, 1.5]]],  # every rank's, per step
         "params_dev": [(0.0, "w")],
     }
     assert bp.check("same", out, 0, ref)["loss_dev"] == 0.0
     for bad in (
         {**out, "loss": [[5.0, 4.01]]},  # a different loss at step 2
-        {**out, "grad_norm": [[[1.0, 2.0], [1.0, 2.1]]]},  # stage 1's grads differ
+        {**out, "grad_norm": [[[2.0, 2.0], [1.5, 1.6]]]},  # rank 1 saw other grads
         {**out, "params_dev": [(2e-3, "w")]},  # params end elsewhere
         {**out, "loss": [[5.0, None]]},  # no loss reported
     ):
