@@ -11,6 +11,7 @@ checkpoint as ``fs.latest``.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -134,8 +135,25 @@ def two_ranks(d, ref):
     back = fs.load(f"{d}/pipe", mine)  # each rank its own keys: the union covers the file
     assert torch.equal(back[f"stage{rank}"]["w"], mine[f"stage{rank}"]["w"])
 
+    # a leaf with fewer rows than ranks: rank 1's ZeRO-3 shard of b is empty (the
+    # non-finite check raised on it); saved and loaded exactly
+    tiny = fs.zero(fs.value_and_grad(lambda p, b: (p["w"].sum() + p["b"].sum()) * b.sum()),
+                   optim.adamw(1e-3), mesh=fs.Mesh(dp=world), stage=3)  # fmt: skip
+    tp, ts = tiny.init({"w": torch.ones(4, 3), "b": torch.ones(1)})
+    tp, ts, _ = tiny.step(tp, ts, torch.ones(2))
+    empty_shard = tp["b"].to_local().numel() == 0
+    fs.save(f"{d}/tiny", {"params": tp, "opt": ts})
+    back = fs.load(f"{d}/tiny", {"params": tp, "opt": ts})
+    assert same(local_clone(full(back)), local_clone(full({"params": tp, "opt": ts})))
+
     # errors on one rank raise on every rank, nothing is committed
-    errors = {}
+    errors = {"empty_shard": empty_shard}
+    # per-rank generator states under one key: taken as replicated, the values differ
+    gen = torch.Generator().manual_seed(100 + rank)
+    errors["replica"] = raises(
+        lambda: fs.save(f"{d}/rng", {"rng": gen.get_state(), "x": torch.ones(2)}),
+        fs.CheckpointError,
+    )
     errors["path"] = raises(
         lambda: fs.save(f"{d}/bad" if rank == 0 else f"{d}/other", {"x": 1}), fs.CheckpointError
     )
@@ -154,6 +172,16 @@ def two_ranks(d, ref):
     other = like if rank == 0 else dict(like, extra=torch.zeros(1))
     errors["load"] = raises(lambda: fs.load(f"{d}/step-2", other), fs.CheckpointError)
     errors["listing"] = sorted(os.listdir(d))
+
+    # an async save still writing when fn returns: fs.launch drains it before the group
+    # is destroyed (it was never committed)
+    def slow(self, plan, planner):
+        time.sleep(1.0)
+        return original(self, plan, planner)
+
+    writer.write_data = slow
+    w = fs.from_local(torch.full((2,), float(rank)), fs.Mesh(dp=world), fs.P("dp"))
+    fs.save(f"{d}/async-end", {"w": w, "n": 5}, async_=True)  # no result()
     return {"exact": exact, "losses": losses, "final": final, "errors": errors}
 
 
@@ -198,14 +226,19 @@ def test_zero3_state_across_world_sizes_stages_and_pipeline(tmp_path):
         assert torch.equal(torch.rand(3, generator=g), want)
 
     errors = [t["errors"] for t in two]
+    assert errors[1]["empty_shard"]
     for e in errors:
+        assert "['rng'] holds different values on rank 0 and rank 1" in e["replica"]
+        assert "rng_rank" in e["replica"]
         assert "different paths" in e["path"]
         assert "['r1'] holds NaN" in e["nan"]
         assert "disk full on rank 1" in e["write"]
         assert "['extra']" in e["load"]
     assert "rank 1" in errors[0]["nan"] and "rank 1" in errors[0]["load"]
     listing = errors[0]["listing"]
-    assert set(listing) == {"step-2", "async-2", "on-2", "pipe"}, listing
+    assert set(listing) == {"step-2", "async-2", "on-2", "pipe", "tiny"}, listing
+    end = fs.load(f"{d}/async-end", {"w": torch.empty(4, device="meta"), "n": 0})
+    assert torch.equal(end["w"], torch.tensor([0.0, 0.0, 1.0, 1.0])) and end["n"] == 5
 
 
 def killed(d):
