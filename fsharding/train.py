@@ -3,12 +3,21 @@
     python -m fsharding.train                  # tiny preset, under two minutes on 2 CPU cores
     python -m fsharding.train --preset small   # ANCHORS.md's GPT "small" workload
     python -m fsharding.train --save-dir ckpt --save-every 100 --resume   # restartable
+    torchrun --nproc-per-node 2 -m fsharding.train --pipeline 2 --schedule zero_bubble
 
 Every piece is a plain function of ``args``: ``build_model``, ``build_apply`` (per-block
 transforms go here, through ``fs.functional(model, wrap=...)``), ``build_grad_fn`` (wraps
 ``fs.value_and_grad(loss_fn)`` in further transforms), ``build_optimizer`` and
 ``build_step``; ``main`` only wires them into the loop. Adding a feature flag means adding
 an argument and one line in the builder it concerns.
+
+``--pipeline P`` cuts the GPT into stages (``split_gpt``; ``build_mesh``, ``build_stages``,
+``build_pipeline_grad_fn``) on ``fs.Mesh(dp=world // P, pp=P)``: rank ``r`` keeps only its
+own stages' weights, ``fs.pipeline`` runs them on ``--schedule`` over ``--microbatches``,
+and ``build_step`` wraps it in ``fs.train_step`` (norms, clipping and the loss scale global
+over the stages) or, with ``dp > 1``, in ``fs.zero(..., axis="dp")``. The ranks of one dp
+row draw the same batches (the dp row's share of the global batch); evaluation and the
+sample run on rank 0 with every stage's params gathered there (:func:`whole_params`).
 
 The training state is one pytree, :func:`training_state`: ``params``, ``opt_state`` (with
 the loss scale and the schedule count), the ``step`` index, the ``losses`` so far, every
@@ -39,7 +48,7 @@ from tqdm import tqdm
 
 import fsharding as fs
 from fsharding import data, optim
-from fsharding.models import GPT, Block, GPTConfig, decay_mask, generate
+from fsharding.models import GPT, Block, GPTConfig, decay_mask, generate, split_gpt
 
 REMAT_POLICIES = (
     "nothing_saveable",
@@ -47,6 +56,8 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "everything_saveable",
 )
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
 # Per-preset defaults for the flags left unset on the command line.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -100,6 +111,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="STAGE",
         help="data parallel with ZeRO stage 0-3 (run under torchrun --nproc-per-node N)",
     )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        metavar="P",
+        help="pipeline parallel: the GPT in P stages, one per rank (torchrun; dp = world // P)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=PIPELINE_SCHEDULES,
+        help="with --pipeline: the schedule (default 1f1b; interleaved_1f1b: 2 stages per rank)",
+    )
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        metavar="M",
+        help="with --pipeline: microbatches per step (default 2 * P, or P; divides --batch-size)",
+    )
     p.add_argument("--dropout", type=float, default=0.0, help="GPT dropout probability")
     p.add_argument("--save-dir", metavar="DIR", help="write the training state here (fs.save)")
     p.add_argument(
@@ -141,12 +169,53 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--save-every and --resume need --save-dir DIR (where checkpoints live)")
     if args.save_every is not None and args.save_every < 1:
         p.error(f"--save-every must be >= 1, got {args.save_every}")
+    _check_pipeline_args(p, args)
     if args.save_dir is not None and args.offload not in (None, "cpu"):
         p.error(
             f"--save-dir with --offload {args.offload}: the optimizer state lives in files there "
             "and is not saved; use --offload cpu (or no --offload) to save checkpoints"
         )
     return args
+
+
+def _check_pipeline_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fills --schedule/--microbatches under --pipeline and refuses what does not compose."""
+    if args.pipeline is None:
+        if args.schedule is not None or args.microbatches is not None:
+            p.error("--schedule and --microbatches need --pipeline P (the number of stages)")
+        return
+    if args.pipeline < 2:
+        p.error(f"--pipeline must be >= 2 (stages), got {args.pipeline}; leave it out for one")
+    args.schedule = args.schedule or "1f1b"
+    if args.microbatches is None:  # 2 P when it divides the batch, else P
+        args.microbatches = 2 * args.pipeline
+        if args.batch_size % args.microbatches and args.batch_size % args.pipeline == 0:
+            args.microbatches = args.pipeline
+    if args.microbatches < 1 or args.batch_size % args.microbatches:
+        p.error(
+            f"--microbatches must be >= 1 and divide --batch-size={args.batch_size}, "
+            f"got {args.microbatches}"
+        )
+    if args.schedule == "interleaved_1f1b" and args.microbatches % args.pipeline:
+        p.error(
+            f"--schedule interleaved_1f1b needs --microbatches a multiple of --pipeline="
+            f"{args.pipeline}, got {args.microbatches}"
+        )
+    if args.accumulate > 1:
+        p.error(
+            "--accumulate with --pipeline: the pipeline already splits the batch into "
+            "--microbatches (and accumulates their grads); pass --microbatches instead"
+        )
+    if args.offload is not None:
+        p.error(
+            "--offload with --pipeline is not supported by the main job: each stage's "
+            "optimizer state is only its own share already; leave --offload out"
+        )
+    if args.zero == 3:
+        p.error(
+            "--zero 3 with --pipeline is not supported by the main job (the stages would need "
+            "fs.gather inside the pipeline); use --zero 1 or 2 to shard the optimizer state"
+        )
 
 
 def build_model(args: argparse.Namespace) -> GPT:
@@ -188,6 +257,134 @@ def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any
     return fs.functional(model, wrap={Block: per_block})
 
 
+def build_mesh(args: argparse.Namespace) -> fs.Mesh:
+    """``--pipeline P``'s mesh: ``fs.Mesh(dp=world // P, pp=P)`` over torchrun's ranks.
+
+    Rank ``r`` is ``(dp, pp) = divmod(r, P)``: the ranks of one pipeline are consecutive.
+
+    Raises:
+        SystemExit: the world size is not a multiple of ``P``.
+
+    Example:
+        >>> # under torchrun --nproc-per-node 4, --pipeline 2: fs.Mesh(dp=2, pp=2)
+        >>> build_mesh(parse_args(["--pipeline", "2"]))  # one process
+        Traceback (most recent call last):
+        SystemExit: fsharding.train: --pipeline 2 needs a world size divisible by 2 ...
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % args.pipeline:
+        raise SystemExit(
+            f"fsharding.train: --pipeline {args.pipeline} needs a world size divisible by "
+            f"{args.pipeline} (data parallel over world // {args.pipeline}), got {world} "
+            f"processes; start e.g. `torchrun --nproc-per-node {args.pipeline} -m "
+            f"fsharding.train --pipeline {args.pipeline}`."
+        )
+    return fs.Mesh(dp=world // args.pipeline, pp=args.pipeline)
+
+
+def stage_layers(args: argparse.Namespace, n_layers: int) -> list[int]:
+    """Blocks per pipeline stage: ``pipeline * virtual`` stages (2 virtual stages per rank
+    under ``interleaved_1f1b``), as even as possible with the extra blocks last; with more
+    stages than blocks, the first and last stage hold only the embedding and the head.
+
+    Example:
+        >>> stage_layers(parse_args(["--pipeline", "2"]), 2)
+        [1, 1]
+        >>> stage_layers(parse_args(["--pipeline", "2", "--schedule", "interleaved_1f1b"]), 2)
+        [0, 1, 1, 0]
+    """
+    n = args.pipeline * (2 if args.schedule == "interleaved_1f1b" else 1)
+    if n <= n_layers:
+        return [n_layers // n + (s >= n - n_layers % n) for s in range(n)]
+    if n - 2 <= n_layers:
+        inner = n - 2
+        return [0, *(n_layers // inner + (s >= inner - n_layers % inner) for s in range(inner)), 0]
+    raise SystemExit(
+        f"fsharding.train: --pipeline {args.pipeline} --schedule {args.schedule} makes {n} "
+        f"stages, but the GPT has {n_layers} blocks (at most {n_layers + 2} stages: the first "
+        "and last may hold only the embedding and the head); use fewer stages."
+    )
+
+
+def build_stages(
+    args: argparse.Namespace, model: GPT, mesh: fs.Mesh
+) -> tuple[list[Callable[..., Any]], Any]:
+    """The pipeline's stage functions and this rank's stage params.
+
+    ``split_gpt(model, n)`` (blocks per :func:`stage_layers`); for the stages of this rank
+    (``pp, pp + P, ...``) ``fs.functional(stage, wrap={Block: remat})`` under ``--remat``,
+    in ``fs.amp`` under ``--amp``; the other stages' functions raise if called (they run
+    on other ranks). Params are keyed by the GPT's own names: one dict, or under
+    ``interleaved_1f1b`` a list of this rank's 2 stages' dicts.
+
+    Example:
+        >>> args = parse_args(["--pipeline", "2"])
+        >>> fns, params = build_stages(args, build_model(args), fs.Mesh(pp=1))  # as pp rank 0
+        >>> len(fns), sorted(params)[-1]
+        (2, 'tok_emb.weight')
+    """
+    layers = stage_layers(args, model.config.n_layers)
+    stages = split_gpt(model, len(layers), layers=layers)
+    p, r = args.pipeline, mesh.coordinate["pp"]
+    wrap = {Block: fs.remat(policy=getattr(fs.policies, args.remat))} if args.remat else None
+    fns: list[Callable[..., Any]] = []
+    mine: list[dict] = []
+    for s, stage in enumerate(stages):
+        if s % p != r:
+            fns.append(_elsewhere(s, s % p))
+            continue
+        apply, params = fs.functional(stage, wrap=wrap)
+        fns.append(apply if args.amp is None else fs.amp(apply, policy=args.amp))
+        mine.append(params)
+    return fns, mine[0] if len(mine) == 1 else mine
+
+
+def _elsewhere(stage: int, rank: int) -> Callable[..., Any]:
+    def runs_elsewhere(params: Any, x: Any) -> Any:
+        raise RuntimeError(f"fsharding.train: stage {stage} runs on pipeline rank {rank}")
+
+    return runs_elsewhere
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]``.
+
+    Example:
+        >>> round(float(lm_loss(torch.zeros(2, 3, 4), torch.ones(2, 3).long())), 4)  # ln(4)
+        1.3863
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def build_pipeline_grad_fn(
+    args: argparse.Namespace, fns: Sequence[Callable[..., Any]], mesh: fs.Mesh
+) -> Callable[..., Any]:
+    """``fs.pipeline(fns, lm_loss, ...)`` on the ``pp`` axis of ``mesh``: ``grad_fn(params,
+    inputs, targets) -> (loss, grads)`` of this rank's stages, the loss on every rank.
+
+    ``virtual_stages`` is ``len(fns) // mesh.shape["pp"]``: on a local mesh
+    (``fs.Mesh(pp=1)``) one process runs every stage (``gpipe`` or ``interleaved_1f1b``).
+
+    Example:
+        >>> args = parse_args(["--pipeline", "2", "--schedule", "gpipe", "--batch-size", "4"])
+        >>> stages = [fs.functional(s) for s in split_gpt(build_model(args), 2)]
+        >>> f = build_pipeline_grad_fn(args, [a for a, _ in stages], fs.Mesh(pp=1))
+        >>> ids = torch.zeros(4, 8, dtype=torch.long)
+        >>> loss, grads = f([p for _, p in stages], ids, ids)  # both stages in this process
+        >>> sorted(grads[1])[-1], loss.shape
+        ('ln_f.weight', torch.Size([]))
+    """
+    return fs.pipeline(
+        list(fns),
+        lm_loss,
+        mesh=mesh,
+        axis="pp",
+        microbatches=args.microbatches,
+        schedule=args.schedule,
+        virtual_stages=len(fns) // mesh.shape["pp"],
+    )
+
+
 def make_loss_fn(apply: Callable[..., Any]) -> Callable[..., torch.Tensor]:
     """Mean next-byte cross-entropy: ``loss_fn(params, batch)`` with ``batch = {"x", "y"}``.
 
@@ -199,8 +396,7 @@ def make_loss_fn(apply: Callable[..., Any]) -> Callable[..., torch.Tensor]:
     """
 
     def loss_fn(params: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = apply(params, batch["x"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+        return lm_loss(apply(params, batch["x"]), batch["y"])
 
     return loss_fn
 
@@ -238,7 +434,7 @@ def build_optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
     schedule = optim.warmup_cosine_decay_schedule(
         0.0, args.lr, args.warmup, args.steps, end_value=args.lr / 10
     )
-    adamw = optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask)
+    adamw = optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=_decay_mask)
     if args.amp is not None and args.amp.param_dtype != torch.float32:
         adamw = fs.amp(adamw, policy=args.amp)  # fp32 master weights
     if args.offload:
@@ -246,10 +442,22 @@ def build_optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
     return optim.chain(optim.clip_by_global_norm(1.0), adamw)
 
 
+def _decay_mask(params: Any) -> Any:
+    # a pipeline rank's virtual stages: a list of dicts keyed by the GPT's names
+    if isinstance(params, list):
+        return [decay_mask(p) for p in params]
+    return decay_mask(params)
+
+
 def build_step(
     args: argparse.Namespace, grad_fn: Callable[..., Any], opt: optim.GradientTransformation
 ) -> fs.Step:
     """``fs.train_step``, or ``fs.zero`` over all ranks with ``--zero`` (fp16: a loss scale).
+
+    Under ``--pipeline`` (``grad_fn`` from :func:`build_pipeline_grad_fn`): with one
+    pipeline (``dp == 1``) ``fs.train_step`` (norms, clipping and the loss scale global over
+    the stages; ``--zero`` has nothing to shard over), else ``fs.zero(..., axis="dp")`` at
+    ``--zero`` (default 0: plain data parallel) over the pipelines.
 
     Example:
         >>> args = parse_args([])
@@ -262,6 +470,11 @@ def build_step(
         if args.amp is not None and args.amp.compute_dtype == torch.float16
         else None
     )
+    if args.pipeline is not None:
+        mesh = grad_fn.mesh
+        if mesh.shape["dp"] == 1:
+            return fs.train_step(grad_fn, opt, loss_scale=scale)
+        return fs.zero(grad_fn, opt, mesh=mesh, stage=args.zero or 0, loss_scale=scale, axis="dp")
     if args.zero is None:
         return fs.train_step(grad_fn, opt, loss_scale=scale)
     mesh = fs.Mesh(dp=int(os.environ.get("WORLD_SIZE", "1")))
@@ -284,6 +497,9 @@ TRAJECTORY_FLAGS = (
     "zero",
     "dropout",
     "data_bytes",
+    "pipeline",
+    "schedule",
+    "microbatches",
 )
 
 
@@ -304,6 +520,9 @@ def config_fingerprint(args: argparse.Namespace) -> str:
          'world_size': 1, 'zero': None}
     """
     flags = {name: getattr(args, name) for name in TRAJECTORY_FLAGS}
+    if args.pipeline is None:  # (the fingerprint of the runs before --pipeline existed)
+        for name in ("pipeline", "schedule", "microbatches"):
+            del flags[name]
     flags["amp"] = None if args.amp is None else str(args.amp)
     flags["world_size"] = _world()[1]
     return json.dumps(flags, sort_keys=True)
@@ -313,7 +532,9 @@ def seed_rng(args: argparse.Namespace) -> torch.Generator:
     """Seeds torch's global generators (dropout) for this rank; returns the data generator.
 
     Rank ``r`` draws its dropout masks from ``args.seed + 104_729 * (r + 1)`` and its
-    batches (its share of the global batch) from ``args.seed + 7919 * r``.
+    batches (its share of the global batch) from ``args.seed + 7919 * d``, ``d`` its data
+    parallel index: ``r``, or ``r // P`` under ``--pipeline P`` (a pipeline's stages see the
+    same batches).
 
     Example:
         >>> g = seed_rng(parse_args([]))
@@ -323,7 +544,7 @@ def seed_rng(args: argparse.Namespace) -> torch.Generator:
     """
     rank = _world()[0]
     torch.manual_seed(args.seed + 104_729 * (rank + 1))  # CPU and every CUDA device
-    return torch.Generator().manual_seed(args.seed + 7919 * rank)
+    return torch.Generator().manual_seed(args.seed + 7919 * (rank // (args.pipeline or 1)))
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -501,6 +722,39 @@ def _check_config(path: str, saved: str | None, config: str) -> None:
         )
 
 
+def whole_params(args: argparse.Namespace, step: fs.Step, params: Any) -> dict | None:
+    """The whole GPT's params (``step.gather``'ed): under ``--pipeline`` every stage's, sent
+    to rank 0 (None on the other ranks; every rank must call it), else on every rank.
+
+    Example:
+        >>> args = parse_args([])
+        >>> step = build_step(args, lambda p, b: (0, p), build_optimizer(args))
+        >>> whole_params(args, step, {"w": torch.ones(2)})
+        {'w': tensor([1., 1.])}
+    """
+    full = step.gather(params)
+    if args.pipeline is None:
+        return full
+    parts = full if isinstance(full, list) else [full]
+    mine = {k: fs.tree.local_tensor(v).detach().cpu() for part in parts for k, v in part.items()}
+    rank, world = _world()
+    got: list[Any] | None = [None] * world if rank == 0 else None
+    # (other dp rows send their replica too: one collective, no group to build)
+    torch.distributed.gather_object(mine if rank < args.pipeline else None, got, dst=0)
+    if got is None:
+        return None
+    return {k: v for part in got[: args.pipeline] for k, v in part.items()}
+
+
+def _from_rank0(args: argparse.Namespace, value: Any) -> Any:
+    # under --pipeline rank 0 evaluates and samples: every rank returns its values
+    if args.pipeline is None:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @torch.no_grad()
 def evaluate(loss_fn: Callable[..., torch.Tensor], params: dict, batches: Iterable[dict]) -> float:
     """Mean of ``loss_fn(params, batch)`` over ``batches``.
@@ -552,7 +806,7 @@ def _train_loop(
         if i == start:
             t0 = time.perf_counter()
         else:
-            tokens += batch["x"].numel()
+            tokens += batch["x"].numel() if isinstance(batch, dict) else batch[0].numel()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
         done = i + 1
         if save is not None and (done == args.steps or done % (args.save_every or args.steps) == 0):
@@ -582,6 +836,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     args = parse_args(argv)
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if args.pipeline is not None and "RANK" not in os.environ and not group:
+        raise SystemExit(
+            f"fsharding.train: --pipeline {args.pipeline} runs one stage per process; start it "
+            f"with torchrun, e.g. `torchrun --nproc-per-node {args.pipeline} -m "
+            f"fsharding.train --pipeline {args.pipeline}` (torchrun sets RANK and WORLD_SIZE; "
+            f"{2 * args.pipeline} processes: 2 pipelines, data parallel). For one process, "
+            "leave --pipeline out."
+        )
     if args.zero is not None and "RANK" not in os.environ and not group:
         raise SystemExit(
             f"fsharding.train: --zero {args.zero} trains data parallel, one process per rank; "
@@ -589,19 +851,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"--zero {args.zero}` (torchrun sets RANK and WORLD_SIZE). For one process, "
             "leave --zero out."
         )
-    rank = int(os.environ.get("RANK", "0")) if args.zero is not None else 0
+    distributed = args.zero is not None or args.pipeline is not None
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
     corpus = data.load(args.data_bytes)
     model = build_model(args)
     seq_len = model.config.seq_len
-    apply, params = build_apply(args, model)
+    apply, params = build_apply(args, model)  # the whole model: evaluation and the sample
     loss_fn = make_loss_fn(apply)
-    step = build_step(args, build_grad_fn(args, apply), build_optimizer(args))
+    if args.pipeline is None:
+        grad_fn = build_grad_fn(args, apply)
+    else:  # this rank's stages only: the other stages' weights go below
+        mesh = build_mesh(args)
+        fns, params = build_stages(args, model, mesh)
+        grad_fn = build_pipeline_grad_fn(args, fns, mesh)
+    step = build_step(args, grad_fn, build_optimizer(args))
     if args.amp is not None:
         params = args.amp.cast_to_param(params)
     # params share storage with `model`, which is only used through `apply` from here on
     # (donation updates them in place).
     params, opt_state = step.init(params)
-    if args.zero == 3:  # apply passes every param explicitly: drop the module's full replica
+    if args.zero == 3 or args.pipeline is not None:
+        # apply passes every param explicitly: drop the module's full replica (under
+        # --pipeline: the other stages' weights, which `params` does not hold)
         model.to("meta")
     generator = seed_rng(args)  # after build_step: under torchrun the group is up
     losses = torch.zeros(args.steps, dtype=torch.float64)  # (fs.save refuses NaN)
@@ -625,14 +896,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "val", args.batch_size, seq_len, torch.Generator().manual_seed(10_000 + args.seed)
     )
     val_batches = [next(val_stream) for _ in range(args.eval_batches)]
-    initial_val = evaluate(loss_fn, step.gather(params), val_batches)
+    full = whole_params(args, step, params)
+    initial_val = _from_rank0(args, None if full is None else evaluate(loss_fn, full, val_batches))
+    del full
     model.train()
-    # Under --zero every rank draws its own batches (its share of the global batch).
+    # Under --zero every rank draws its own batches (its share of the global batch); under
+    # --pipeline every dp row (both inputs and targets: stage 0 reads x, the last stage y).
     train_stream = corpus.batches("train", args.batch_size, seq_len, generator)
+    if args.pipeline is not None:
+        train_stream = ((b["x"], b["y"]) for b in train_stream)
     first = next(train_stream)
     report = fs.memory_report(step, params, opt_state, first)
     reports = [report]
-    if args.zero is not None and torch.distributed.is_initialized():  # (not for 1 rank)
+    if distributed and torch.distributed.is_initialized():  # (not for 1 rank)
         reports = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(reports, report)
     args.no_progress = args.no_progress or rank != 0
@@ -663,25 +939,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.export is not None:
         fs.export(args.export, params)  # every rank: each streams its own shards
 
-    full = step.gather(params)
+    full = whole_params(args, step, params)
     model.eval()
-    sample_ids = generate(
-        apply,
-        full,
-        data.encode("def "),
-        args.sample_len,
-        0.8,
-        torch.Generator().manual_seed(args.seed),
-    )
+    final = None
+    if full is not None:
+        sample_ids = generate(
+            apply,
+            full,
+            data.encode("def "),
+            args.sample_len,
+            0.8,
+            torch.Generator().manual_seed(args.seed),
+        )
+        final = {
+            "params": sum(p.numel() for p in full.values()),
+            "val_loss": evaluate(loss_fn, full, val_batches),
+            "sample": data.decode(sample_ids),
+        }
+    final = _from_rank0(args, final)
     result = {
         "preset": args.preset,
-        "params": sum(p.numel() for p in full.values()),
+        "params": final["params"],
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seq_len": seq_len,
         "initial_val_loss": initial_val,
         "train_loss": float(losses[-10:].mean()),
-        "val_loss": evaluate(loss_fn, full, val_batches),
+        "val_loss": final["val_loss"],
         "unigram_baseline": corpus.unigram_baseline(),
         "tokens_per_s": tokens_per_s,
         "train_s": train_s,
@@ -692,7 +976,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "memory_reports": [str(r) for r in reports],
         "losses": losses.tolist(),
         "resumed_from": start if resumed is not None else None,
-        "sample": data.decode(sample_ids),
+        "sample": final["sample"],
         "wall_s": time.perf_counter() - t_start,
     }
     if rank != 0:

@@ -224,10 +224,137 @@ def test_checkpoint_helpers_examples_run():
     # (tests/test_doctests.py skips fsharding.train: its main() example trains)
     helpers = [train.config_fingerprint, train.seed_rng, train.rng_state, train.set_rng_state]
     helpers += [train.training_state, train.resume_rng, train.checkpoint_path]
-    helpers += [train.load_training_state]
+    helpers += [train.load_training_state, train.build_mesh, train.stage_layers]
+    helpers += [train.build_stages, train.lm_loss, train.build_pipeline_grad_fn]
+    helpers += [train.whole_params]
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     for fn in helpers:
         (test,) = doctest.DocTestFinder().find(fn, globs=vars(train).copy())
         assert test.examples, fn.__name__
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+# --pipeline: a torchrun job that calls train.main several times in the same processes
+# (one launch: starting ranks costs seconds each), each rank writing what its main returned
+PIPELINE_JOB = """
+import json, pathlib, shutil, sys
+import torch.distributed as dist
+from fsharding import train
+
+out, flags = pathlib.Path(sys.argv[1]), sys.argv[2:]
+runs = {
+    "a": ["--save-dir", str(out / "full"), "--save-every", "2", "--export", str(out / "ea")],
+    "b": ["--save-dir", str(out / "cut"), "--resume", "--export", str(out / "eb")],
+    "c": ["--schedule", "interleaved_1f1b"],
+}
+got = {}
+for name, extra in runs.items():
+    got[name] = train.main(flags + extra)
+    if name == "a" and dist.get_rank() == 0:  # "killed" after step 2: only that checkpoint
+        shutil.copytree(out / "full" / "step_00000002", out / "cut" / "step_00000002")
+    dist.barrier()
+(out / f"rank{dist.get_rank()}.json").write_text(json.dumps(got))
+"""
+
+
+def _torchrun(nprocs: int, script: str, *argv: str, timeout: float) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs)]
+    proc = subprocess.run(
+        [*cmd, script, *argv], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(400)
+def test_pipeline_under_torchrun_equals_one_process_and_resumes_exactly(tmp_path):
+    """--pipeline 2 on 2 ranks (1F1B; interleaved 1F1B with 2 stages per rank): every rank
+    gets the losses of the one-process run of the same batches; resumed after step 2 in a
+    later main() the losses and exported params continue bit for bit; the export is one
+    checkpoint of the whole GPT (strict load_state_dict) with the job's val loss."""
+    flags = ["--steps", "4", "--batch-size", "4", "--data-bytes", "200000", *QUICK]
+    flags[flags.index("--eval-batches") + 1] = "1"
+    script = tmp_path / "job.py"
+    script.write_text(PIPELINE_JOB)
+    _torchrun(2, str(script), str(tmp_path), "--pipeline", "2", *flags, timeout=360)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one = train.main(flags)  # one process, the whole GPT, the same batches
+    # float32: the pipeline sums the loss and grads over 4 microbatches of 1 sequence where
+    # the one process reduces over the batch at once; other rounding (~1e-7 relative per
+    # op) grows over 4 Adam steps to ~1e-7..1e-6 of the loss; 1e-5 bounds it 10x, and a
+    # wrong stage, batch or scaling moves the loss by > 1e-3
+    for r, got in enumerate(ranks):
+        for name in ("a", "c"):
+            assert got[name]["losses"] == pytest.approx(one["losses"], rel=1e-5), (r, name)
+            assert got[name]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+            assert got[name]["params"] == one["params"] and got[name]["sample"] == one["sample"]
+        assert got["a"]["losses"] != got["a"]["losses"][::-1]  # it trains: the losses move
+        # resumed: bitwise the same losses (every rank saved and loaded its own stage)
+        assert got["b"]["resumed_from"] == 2 and got["a"]["resumed_from"] is None
+        assert got["b"]["losses"] == got["a"]["losses"]
+        assert got["b"]["val_loss"] == got["a"]["val_loss"] == ranks[0]["a"]["val_loss"]
+    assert "pipeline stages" in ranks[1]["a"]["memory_reports"][1]  # each rank's report
+    assert "rank 1 of 2" in ranks[0]["a"]["memory_reports"][1]
+    # each rank kept only its stage: params_bytes is its part of the whole
+    assert ranks[0]["a"]["params_bytes"] + ranks[1]["a"]["params_bytes"] == 4 * one["params"]
+    assert 0 < ranks[0]["a"]["params_bytes"] < 4 * one["params"]
+    ea, eb = (_reload_export(tmp_path / e) for e in ("ea", "eb"))
+    for (name, x), (_, y) in zip(ea.state_dict().items(), eb.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    batch = next(data.load(200_000).batches("val", 4, 64, torch.Generator().manual_seed(10_000)))
+    with torch.no_grad():
+        val = F.cross_entropy(ea(batch["x"]).flatten(0, 1), batch["y"].flatten())
+    assert float(val) == pytest.approx(ranks[0]["a"]["val_loss"], rel=1e-5)
+
+
+def test_pipeline_flags_reject_what_does_not_compose(monkeypatch):
+    args = train.parse_args(["--pipeline", "2"])
+    assert (args.schedule, args.microbatches) == ("1f1b", 4)
+    assert train.parse_args(["--pipeline", "2", "--batch-size", "2"]).microbatches == 2
+    bad = {
+        "--pipeline P": ["--schedule", "gpipe"],
+        "divide --batch-size": ["--pipeline", "2", "--batch-size", "4", "--microbatches", "3"],
+        "a multiple of --pipeline": ["--pipeline", "2", "--schedule", "interleaved_1f1b"]
+        + ["--microbatches", "3", "--batch-size", "3"],
+        "--accumulate with --pipeline": ["--pipeline", "2", "--accumulate", "2"],
+        "--offload with --pipeline": ["--pipeline", "2", "--offload", "cpu"],
+        "--zero 3 with --pipeline": ["--pipeline", "2", "--zero", "3"],
+        "--pipeline must be >= 2": ["--pipeline", "1"],
+    }
+    for message, argv in bad.items():
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert message in _usage_error(argv)
+    with pytest.raises(SystemExit, match="fewer stages"):  # 6 stages, 2 blocks + 2 ends
+        train.stage_layers(
+            train.parse_args(
+                [
+                    "--pipeline",
+                    "3",
+                    "--schedule",
+                    "interleaved_1f1b",
+                    "--microbatches",
+                    "3",
+                    "--batch-size",
+                    "3",
+                ]
+            ),
+            2,
+        )
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match=r"torchrun --nproc-per-node 2 -m fsharding.train"):
+        train.main(["--pipeline", "2", "--steps", "2", "--batch-size", "2", *QUICK])
+
+
+def _usage_error(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        train.parse_args(argv)
+    return err.getvalue()
