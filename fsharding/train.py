@@ -333,7 +333,7 @@ def build_stages(
         if s % p != r:
             fns.append(_elsewhere(s, s % p))
             continue
-        apply, params = fs.functional(stage, wrap=wrap)
+        apply, params = fs.functional(stage, wrap=wrap if len(stage.layers) else None)
         fns.append(apply if args.amp is None else fs.amp(apply, policy=args.amp))
         mine.append(params)
     return fns, mine[0] if len(mine) == 1 else mine
