@@ -124,3 +124,30 @@ def test_checkpoint_commands_name_real_flags():
         argv = line.split("#")[0].split("fsharding.train", 1)[1].split()
         args = train.parse_args(argv)  # exits on an unknown flag or a bad combination
         assert args.resume or args.export
+
+
+def test_main_job_commands_name_real_flags_and_enough_ranks():
+    from fsharding import train
+
+    section = README.split("## The main job", 1)[1].split("\n## ", 1)[0]
+    lines = re.findall(r"```bash\n(.*?)```", section, re.S)[0].strip().splitlines()
+    pipelines = 0
+    for line in lines:
+        argv = line.split("#")[0].split("fsharding.train", 1)[1].split()
+        args = train.parse_args(argv)  # exits on an unknown flag or a bad combination
+        if args.pipeline is not None or args.zero is not None:
+            nproc = int(re.search(r"torchrun --nproc-per-node (\d+) ", line).group(1))
+            assert nproc % (args.pipeline or 1) == 0, line
+            pipelines += args.pipeline is not None
+    assert pipelines == 2
+
+
+def test_tutorials_are_listed_in_order():
+    section = README.split("## Tutorials", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(
+        r"^(\d+)\. \[`(\d\d)_(\w+)\.ipynb`\]\(tutorials/\2_\3\.ipynb\)", section, re.M
+    )
+    notebooks = sorted(p.name for p in (ROOT / "tutorials").glob("[0-9][0-9]_*.ipynb"))
+    assert [f"{n}_{name}.ipynb" for _, n, name in listed] == notebooks
+    assert [int(i) for i, _, _ in listed] == [int(n) for _, n, _ in listed]
+    assert [int(i) for i, _, _ in listed] == list(range(1, len(listed) + 1))
