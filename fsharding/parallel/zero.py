@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +101,7 @@ from fsharding.step import (
     apply_update,
     as_loss_scale,
     check_params_arg,
+    partition,
     split_state,
     split_value,
     train_step,
@@ -441,6 +443,11 @@ class _ZeRO:
         blocks: bool,
         deterministic: bool = False,
     ) -> None:
+        # a pipeline's grad fn (fs.pipeline over another axis of the mesh): each rank holds
+        # its stage's grads, so the norm and the finite check also span the stages
+        self.part = partition(grad_fn, "fs.zero.step")
+        if self.part is not None:  # called with batch = (inputs, targets)
+            grad_fn = functools.partial(self.part.call, grad_fn)
         self.grad_fn, self.opt, self.mesh = grad_fn, optimizer, mesh
         self.deterministic = deterministic
         self.loss_scale, self.blocks = loss_scale, blocks
@@ -1016,7 +1023,10 @@ class _ZeRO:
             g, mean = self._canonical(g, loss, loss_dtype, sums, local_params)
         else:
             g = self._reduce(g)
-        grad_norm = self._sharded_norm(g) if self.grads_sharded else _optim.global_norm(g)
+        if self.grads_sharded:
+            grad_norm = self._sharded_norm(g)
+        else:
+            grad_norm = _optim.global_norm(g) if self.part is None else self.part.global_norm(g)
         _observe_grads(g, reduced=True)
         if sums is None:
             mean = (self._psum(loss.to(torch.float64)) / self.dp).to(loss.dtype)
@@ -1063,6 +1073,8 @@ class _ZeRO:
         else:
             p = local_params
         opt_local, within = opt, None
+        if self.part is not None:  # stage 0: the norm and decisions over every stage's grads
+            within = self.part.norms()
         if self.state_sharded:  # the optimizer runs on the shards' local tensors
             opt_local = self._unwrap_state(opt)
             within = _optim.sharded_norm(
@@ -1083,11 +1095,17 @@ class _ZeRO:
         return params_out, new_opt
 
     def _all_min(self, flag: torch.Tensor) -> torch.Tensor:
-        """A yes/no flag (0-dim int32) agreed by every data-parallel rank: the MIN."""
-        return self._psum(flag.to(device=self.device, dtype=torch.int32), dist.ReduceOp.MIN)
+        """A yes/no flag (0-dim int32) agreed by every data-parallel rank (and every
+        pipeline stage): the MIN."""
+        flag = self._psum(flag.to(device=self.device, dtype=torch.int32), dist.ReduceOp.MIN)
+        return flag if self.part is None else self.part.all_min(flag)
 
     def _sq_reduce(self, sq_per_leaf: list[torch.Tensor]) -> torch.Tensor:
-        return _lay.sq_reduce(sq_per_leaf, self.layouts, self.group)
+        if self.part is None:
+            return _lay.sq_reduce(sq_per_leaf, self.layouts, self.group)
+        # pipeline stages: a tied copy counted once, then the sum over the stages
+        total = _lay.sq_reduce(self.part.counted(sq_per_leaf), self.layouts, self.group)
+        return self.part.sum(total)
 
     def _leaf_sq_reduce(self, positions: list[int], sq: torch.Tensor) -> torch.Tensor:
         return _lay.leaf_sq_reduce(positions, sq, self.layouts, self.group)

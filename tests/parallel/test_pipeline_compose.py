@@ -254,12 +254,6 @@ def _four_ranks():
     return [_dp_pp(1), _dp_pp(3)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the fs.zero side of the pipeline partition (P2's zero.py diff: call a "
-    "pipeline grad fn with batch=(inputs, targets), norm and finite check over dp AND pp); "
-    "remove this mark when the coordinator applies it",
-)
 @pytest.mark.timeout(240)
 def test_zero_over_dp_and_pp_equals_the_single_process_reference():
     assert run(_four_ranks, 4, timeout=200) == [[True, True]] * 4
