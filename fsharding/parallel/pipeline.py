@@ -201,9 +201,10 @@ def pipeline(
         scaled before backward and the grads unscaled, as ``fs.value_and_grad`` does.
         The function carries ``f.mesh``, ``f.axis`` (the pipeline's mesh axis), ``f.stages``
         (the global stage indices this rank runs, in order), ``f.microbatches``,
-        ``f.schedule``, ``f.virtual_stages`` and ``f.tied`` (``((name, ((stage, leaf
-        path), ...)), ...)``, stages non-negative: a global grad norm counts a tie once),
-        for transforms that compose with it.
+        ``f.schedule``, ``f.virtual_stages``, ``f.tied`` (``((name, ((stage, leaf
+        path), ...)), ...)``, stages non-negative) and ``f.copies(grads) -> list[bool]``
+        (per grads leaf: True for a tied copy that the tie's first owner counts, so that a
+        global grad norm counts the weight once), for transforms that compose with it.
 
     Raises:
         TypeError: a function is not callable, ``microbatches`` not an int, a params leaf is
@@ -259,6 +260,19 @@ def pipeline(
     pipelined.virtual_stages = virtual_stages  # type: ignore[attr-defined]
     # ((name, ((stage, leaf path), ...)), ...): a global grad norm counts each tie once
     pipelined.tied = tuple((k, tuple(o)) for k, o in runner.tied)  # type: ignore[attr-defined]
+    later_owners = {owner for _, owners in runner.tied for owner in owners[1:]}
+
+    def copies(grads: PyTree) -> list[bool]:
+        """Per leaf of this rank's grads (``optree.tree_leaves`` order): True for a tied
+        copy whose first owner (the lowest stage) counts the weight (step.Partition)."""
+        trees = [grads] if len(runner.stages) == 1 else list(grads)
+        return [
+            (st.index, path) in later_owners
+            for st, tree in zip(runner.stages, trees, strict=True)
+            for path, _ in _tree.leaves_with_path(tree)
+        ]
+
+    pipelined.copies = copies  # type: ignore[attr-defined]
     return pipelined
 
 

@@ -669,11 +669,12 @@ def _tied():
         part = own[0]["wte"] if r == 0 else (own[-1]["lm"]["w"] if nested else own[-1]["wte"])
         assert (part - ref["wte"]).abs().max() > 1e-3, what
 
-    # fs.train_step: both owners stay identical, and equal the shared model's step
+    # fs.train_step, clipped by the global norm (f.copies: the tie counted once, as the
+    # shared model's one tensor): both owners stay identical, equal to the shared model's
     model, composed, stages = shared_model(seed=11, blocks=0)
-    opt = optim.adamw(1e-2, weight_decay=0.1)
+    opt = optim.chain(optim.clip_by_global_norm(0.05), optim.adamw(1e-2, weight_decay=0.1))
     f = pipeline([tok_embed, lm_head], loss_fn, mesh=mesh, microbatches=M, tied={"wte": (0, 1)})
-    step = fs.train_step(lambda p, b, **kw: f(p, *b, **kw), opt)
+    step = fs.train_step(f, opt)  # batch = (inputs, targets); the norm over both stages
     ref_step = fs.train_step(
         lambda ps, b, **kw: fs.accumulate(fs.value_and_grad(composed), steps=M)(ps, *b, **kw), opt
     )
@@ -684,6 +685,7 @@ def _tied():
         params, state, metrics = step.step(params, state, batch)
         every, ref_state, ref_metrics = ref_step.step(every, ref_state, (x, y))
         assert_close(metrics["loss"], ref_metrics["loss"], "tied train_step loss", **TOL)
+        assert_close(metrics["grad_norm"], ref_metrics["grad_norm"], "tied grad norm", **TOL)
     assert_close(params["wte"], every["wte"], "tied train_step wte", **TOL)
     copies = [None, None]
     torch.distributed.all_gather_object(copies, params["wte"])
@@ -719,9 +721,11 @@ def test_tied_bad_arguments_raise_at_build_time():
         schedule="gpipe",
         tied=tied,
     )
-    assert build({"wte": {-1: ("lm", "w"), 0: "wte"}}).tied == (
-        ("wte", ((0, "['wte']"), (1, "['lm']['w']"))),
-    )
+    f = build({"wte": {-1: ("lm", "w"), 0: "wte"}})
+    assert f.tied == (("wte", ((0, "['wte']"), (1, "['lm']['w']"))),)
+    grads = [{"w": 0, "wpe": 0, "wte": 0}, {"ln": 0, "lm": {"w": 0}}]
+    assert f.copies(grads) == [False, False, False, True, False]  # the head's lm.w (< ln)
+    assert build(None).copies(grads) == [False] * 5
     assert "stage 2" in raises(lambda: build({"wte": (0, 2)}), ValueError)
     assert "two or more" in raises(lambda: build({"wte": (0, -2)}), ValueError)
     assert "tied must be a dict" in raises(lambda: build([("wte", (0, 1))]), TypeError)
