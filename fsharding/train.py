@@ -211,11 +211,6 @@ def _check_pipeline_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
             "--offload with --pipeline is not supported by the main job: each stage's "
             "optimizer state is only its own share already; leave --offload out"
         )
-    if args.zero == 3:
-        p.error(
-            "--zero 3 with --pipeline is not supported by the main job (the stages would need "
-            "fs.gather inside the pipeline); use --zero 1 or 2 to shard the optimizer state"
-        )
 
 
 def build_model(args: argparse.Namespace) -> GPT:
@@ -239,6 +234,10 @@ def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any
         >>> apply(params, torch.zeros(1, 3, dtype=torch.long)).shape
         torch.Size([1, 3, 256])
     """
+    return fs.functional(model, wrap=_per_block(args))
+
+
+def _per_block(args: argparse.Namespace) -> dict[type, Callable[..., Any]] | None:
     transforms: list[Callable] = []
     if args.zero == 3:  # innermost: re-gathered in backward (or when remat recomputes)
         transforms.append(fs.gather(reshard_after_forward=True))
@@ -247,14 +246,14 @@ def build_apply(args: argparse.Namespace, model: GPT) -> tuple[Callable[..., Any
     if args.offload_activations:
         transforms.append(fs.offload(to=args.offload))
     if not transforms:
-        return fs.functional(model)
+        return None
 
     def per_block(block_apply: Callable[..., Any]) -> Callable[..., Any]:
         for t in transforms:
             block_apply = t(block_apply)
         return block_apply
 
-    return fs.functional(model, wrap={Block: per_block})
+    return {Block: per_block}
 
 
 def build_mesh(args: argparse.Namespace) -> fs.Mesh:
@@ -326,7 +325,7 @@ def build_stages(
     layers = stage_layers(args, model.config.n_layers)
     stages = split_gpt(model, len(layers), layers=layers)
     p, r = args.pipeline, mesh.coordinate["pp"]
-    wrap = {Block: fs.remat(policy=getattr(fs.policies, args.remat))} if args.remat else None
+    wrap = _per_block(args)  # --remat; fs.gather under --zero 3
     fns: list[Callable[..., Any]] = []
     mine: list[dict] = []
     for s, stage in enumerate(stages):
@@ -474,7 +473,11 @@ def build_step(
         mesh = grad_fn.mesh
         if mesh.shape["dp"] == 1:
             return fs.train_step(grad_fn, opt, loss_scale=scale)
-        return fs.zero(grad_fn, opt, mesh=mesh, stage=args.zero or 0, loss_scale=scale, axis="dp")
+        gather = "blocks" if args.zero == 3 else "boundary"
+        stage = args.zero or 0
+        return fs.zero(
+            grad_fn, opt, mesh=mesh, stage=stage, loss_scale=scale, gather=gather, axis="dp"
+        )
     if args.zero is None:
         return fs.train_step(grad_fn, opt, loss_scale=scale)
     mesh = fs.Mesh(dp=int(os.environ.get("WORLD_SIZE", "1")))

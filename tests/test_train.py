@@ -321,7 +321,6 @@ def test_pipeline_flags_reject_what_does_not_compose(monkeypatch):
         + ["--microbatches", "3", "--batch-size", "3"],
         "--accumulate with --pipeline": ["--pipeline", "2", "--accumulate", "2"],
         "--offload with --pipeline": ["--pipeline", "2", "--offload", "cpu"],
-        "--zero 3 with --pipeline": ["--pipeline", "2", "--zero", "3"],
         "--pipeline must be >= 2": ["--pipeline", "1"],
     }
     for message, argv in bad.items():
@@ -360,16 +359,28 @@ def _usage_error(argv: list[str]) -> str:
     return err.getvalue()
 
 
+ZERO_JOB = """
+import json, pathlib, sys
+import torch.distributed as dist
+from fsharding import train
+
+out, flags = pathlib.Path(sys.argv[1]), sys.argv[2:]
+got = {z: train.main(flags + ["--zero", z]) for z in ("1", "3")}
+(out / f"rank{dist.get_rank()}.json").write_text(json.dumps(got))
+"""
+
+
 @pytest.mark.timeout(400)
 def test_pipeline_with_zero_on_four_ranks_equals_one_process(tmp_path):
-    """--pipeline 2 --zero 1 on 4 ranks: 2 pipelines (dp rows) of 2 stages, each row its own
-    batches, ZeRO-1 over dp. Equals one process stepping on both rows' batches at once."""
+    """--pipeline 2 --zero 1 (and --zero 3) on 4 ranks: 2 pipelines (dp rows) of 2 stages,
+    each row its own batches, ZeRO over dp. Equals one process stepping on both rows'
+    batches at once."""
     flags = ["--steps", "3", "--batch-size", "4", "--data-bytes", "200000", *QUICK]
     flags[flags.index("--eval-batches") + 1] = "1"
-    out = tmp_path / "m.json"
-    _torchrun(4, "-m", "fsharding.train", "--pipeline", "2", "--zero", "1", *flags,
-              "--json", str(out), timeout=360)  # fmt: skip
-    got = json.loads(out.read_text())
+    script = tmp_path / "job.py"
+    script.write_text(ZERO_JOB)
+    _torchrun(4, str(script), str(tmp_path), "--pipeline", "2", *flags, timeout=360)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     # the reference: the whole GPT in one process on the global batch (row d's batches come
     # from the generator seeded 7919 * d, as under plain --zero)
     args = train.parse_args(flags)
@@ -388,11 +399,16 @@ def test_pipeline_with_zero_on_four_ranks_equals_one_process(tmp_path):
     with torch.no_grad():
         ref_val = float(train.make_loss_fn(apply)(params, val))
     # float32, 4 microbatches x 2 rows against one reduction: see the 2-rank test's bound
-    assert got["losses"] == pytest.approx(losses, rel=1e-5)
-    assert got["val_loss"] == pytest.approx(ref_val, rel=1e-5)
-    assert len(got["memory_reports"]) == 4 and "rank 3 of 4" in got["memory_reports"][3]
-    # ZeRO-1 over the 2 rows: rank 0 holds half of its stage's Adam moments (not 2x params)
-    assert got["opt_state_bytes"] < 1.2 * got["params_bytes"]
+    for r, got in enumerate(ranks):
+        for z in ("1", "3"):
+            assert got[z]["losses"] == pytest.approx(losses, rel=1e-5), (r, z)
+            assert got[z]["val_loss"] == pytest.approx(ref_val, rel=1e-5), (r, z)
+    one, three = ranks[0]["1"], ranks[0]["3"]
+    assert len(one["memory_reports"]) == 4 and "rank 3 of 4" in one["memory_reports"][3]
+    # ZeRO-1 over the 2 rows: rank 0 holds half of its stage's Adam moments (not 2x params);
+    # ZeRO-3 also half of its stage's params
+    assert one["opt_state_bytes"] < 1.2 * one["params_bytes"]
+    assert three["params_bytes"] == one["params_bytes"] // 2
 
 
 def test_optimizer_on_a_pipeline_ranks_stage_list_equals_the_whole_dict():
