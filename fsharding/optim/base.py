@@ -202,14 +202,16 @@ def global_norm(updates: PyTree) -> torch.Tensor:
         5.0
     """
     leaves = [x for x in optree.tree_leaves(updates) if _tree.is_floating(x)]
-    if not leaves:
-        return torch.zeros((), dtype=torch.float32)
     acc = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
     reduce = _SHARDED_NORM.get()
     if reduce is not None:  # leaves are local shards (fs.zero): sum squares over ranks
+        # called even with no leaves: the other ranks wait in its collective (a pipeline
+        # stage without params, a rank whose shards are empty)
         local = [_tree.local_tensor(x) for x in leaves]
-        per_leaf = [n.to(acc).square() for n in torch._foreach_norm(local, 2)]
+        per_leaf = [n.to(acc).square() for n in torch._foreach_norm(local, 2)] if local else []
         return reduce(per_leaf).to(acc).sqrt()
+    if not leaves:
+        return torch.zeros((), dtype=torch.float32)
     plain = [x for x in leaves if not _tree.is_dtensor(x)]
     sq = [_sum_sq(_leaves.pick(plain, g), acc) for g in _leaves.groups(plain)]
     if len(plain) < len(leaves):

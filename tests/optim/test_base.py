@@ -288,3 +288,20 @@ def test_sharded_norm_reduces_per_leaf_squares():
         out, _ = optim.clip_by_global_norm(5.0).update(u, optim.EmptyState())
     assert seen == [[9.0, 16.0], [9.0, 16.0]]
     assert out["a"].tolist() == [1.5] and optim.global_norm(u).item() == 5.0  # outside: local
+
+
+def test_sharded_norm_with_no_leaves_still_calls_the_reduce():
+    # a rank whose part holds no floating leaves (a pipeline stage without params) must
+    # still enter the reduce: the other ranks wait in its collective
+    seen = []
+
+    def reduce(per_leaf):
+        seen.append(list(per_leaf))
+        return torch.tensor(25.0, dtype=torch.float64)  # the other ranks' squares
+
+    with optim.base.sharded_norm(reduce):
+        assert optim.global_norm({}).item() == 5.0
+        assert optim.global_norm({"i": torch.tensor([1])}).item() == 5.0  # no floating leaf
+        out, _ = optim.clip_by_global_norm(1.0).update({}, optim.EmptyState())
+    assert out == {} and seen == [[], [], []]
+    assert optim.global_norm({}).item() == 0.0  # outside: no reduce, no leaves
