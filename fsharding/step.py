@@ -31,6 +31,7 @@ This module owns what every training step shares, whatever produces its grads:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -280,7 +281,8 @@ def train_step(
         opt, scale = split_state(opt_state, loss_scale, api)
         kw = {"loss_scale": scale} if scale is not None else {}
         if part is None:
-            value, grads = grad_fn(params, batch, **kw)
+            with hidden_pipeline_check(api):
+                value, grads = grad_fn(params, batch, **kw)
         else:
             value, grads = part.call(grad_fn, params, batch, **kw)
         loss, aux, has_aux = split_value(value, api)
@@ -545,10 +547,55 @@ class Partition:
         """The L2 norm of every part's grads together (float32, or float64 when this
         part has a float64 leaf), the same on every rank."""
         leaves = [x for x in optree.tree_leaves(grads) if _tree.is_floating(x)]
-        dtype = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
         local = [_tree.local_tensor(x) for x in leaves]
         sq = [n.to(torch.float64).square() for n in torch._foreach_norm(local, 2)] if local else []
-        return self.sq_reduce(sq).sqrt().to(dtype)
+        total = self.sq_reduce(sq)
+        return total.sqrt().to(self.widest(leaves, total.device))
+
+    def widest(self, leaves: list[torch.Tensor], device: Any = None) -> torch.dtype:
+        """float64 when any part has a float64 leaf, else float32: the metric's dtype,
+        agreed by every part (a stage without float64 params reports like the others)."""
+        has64 = any(x.dtype == torch.float64 for x in leaves)
+        if self.size > 1:
+            flag = torch.tensor(0 if has64 else 1, dtype=torch.int32, device=device)
+            has64 = bool(self.all_min(flag) == 0)
+        return torch.float64 if has64 else torch.float32
+
+
+# The channel from fs.pipeline to the steps (defined here, not in _context: the steps own
+# it): inside hidden_pipeline_check a list that every pipeline call over p > 1 ranks
+# appends its axis to (pipeline.note_pipeline_ran), elsewhere None.
+_PIPELINE_RAN: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "fs_pipeline_ran", default=None
+)
+
+
+def note_pipeline_ran(axis: str) -> None:
+    """Called by a pipeline over several ranks: a step watching its grad_fn learns of it."""
+    seen = _PIPELINE_RAN.get()
+    if seen is not None:
+        seen.append(axis)
+
+
+@contextlib.contextmanager
+def hidden_pipeline_check(api: str) -> Iterator[None]:
+    """Around a grad function without the partition attributes: raises TypeError when a
+    pipeline over several ranks ran inside it. Its grads are one stage's, so the step would
+    clip and skip per stage (silently wrong); every rank of the pipeline raises."""
+    token = _PIPELINE_RAN.set([])
+    try:
+        yield
+        seen = _PIPELINE_RAN.get()
+    finally:
+        _PIPELINE_RAN.reset(token)
+    if seen:
+        raise TypeError(
+            f"{api}: grad_fn ran an fs.pipeline over the {seen[0]!r} axis but does not carry "
+            "its attributes (mesh, axis, copies), e.g. a lambda around it; its grads are this "
+            "stage's only, so the grad norm, clipping and skipped steps would be per stage. "
+            "Pass the pipeline's function itself (it takes batch = (inputs, targets)), wrap "
+            "it with fs.accumulate, or keep its attributes with functools.wraps(pipeline_fn)."
+        )
 
 
 def partition(grad_fn: Any, api: str = "fs.train_step") -> Partition | None:

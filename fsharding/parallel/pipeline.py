@@ -100,6 +100,7 @@ from fsharding import _compat, _context
 from fsharding import tree as _tree
 from fsharding.parallel.mesh import Mesh
 from fsharding.precision import StaticLossScale
+from fsharding.step import note_pipeline_ran
 
 __all__ = ["pipeline"]
 
@@ -248,6 +249,8 @@ def pipeline(
     def pipelined(
         stage_params: PyTree, inputs: PyTree, targets: PyTree, *, loss_scale: Any = None
     ) -> tuple[torch.Tensor, PyTree]:
+        if runner.p > 1:  # a step around a grad_fn that hides this pipeline refuses it
+            note_pipeline_ran(axis)
         return runner(stage_params, inputs, targets, loss_scale)
 
     # what a composing transform (fs.zero over a dp x pp mesh, fs.train_step's grad norm)
@@ -258,6 +261,7 @@ def pipeline(
     pipelined.microbatches = microbatches  # type: ignore[attr-defined]
     pipelined.schedule = schedule  # type: ignore[attr-defined]
     pipelined.virtual_stages = virtual_stages  # type: ignore[attr-defined]
+    pipelined.weighted = weights is not None  # type: ignore[attr-defined]
     # ((name, ((stage, leaf path), ...)), ...): a global grad norm counts each tie once
     pipelined.tied = tuple((k, tuple(o)) for k, o in runner.tied)  # type: ignore[attr-defined]
     later_owners = {owner for _, owners in runner.tied for owner in owners[1:]}
@@ -852,6 +856,7 @@ class _Runner:
     def _probe(self, params, batch, error):
         """Microbatch 0 through every stage under no_grad: caches each stage's activation
         metadata (and the loss dtype) and raises any rank's error on every rank."""
+        self._check_config()
         failure = None if error is None else (None, error)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -886,6 +891,30 @@ class _Runner:
                         self._wait_sends()
         self._raise_any(failure)
         self._check_tied(params)
+
+    def _check_config(self) -> None:
+        """Before any P2P: every rank of the axis built the pipeline alike (else the
+        message tags never match and the ranks hang); raises ValueError on every rank."""
+        if self.group is None:
+            return
+        mine = {
+            "microbatches": self.m,
+            "virtual_stages": self.v,
+            "schedule": self.schedule,
+            "tied": tuple((k, tuple(o)) for k, o in self.tied),
+            "weights": "None" if self.weights is None else "a callable",
+        }
+        configs: list[Any] = [None] * self.p
+        dist.all_gather_object(configs, mine, group=self.group)
+        for r, theirs in enumerate(configs):
+            for name, value in mine.items():
+                if theirs[name] != value:
+                    raise ValueError(
+                        f"{_API}: the ranks of axis {self.axis!r} built the pipeline with "
+                        f"different {name}=: rank {r} has {theirs[name]!r}, rank {self.rank} "
+                        f"{value!r}. Every rank of the axis must pass the same {name}= to "
+                        "fs.pipeline (else their messages never match and the ranks hang)."
+                    )
 
     def _raise_any(self, failure: tuple[int | None, Exception] | None) -> None:
         """Raises on every rank when some rank failed (each its own error, the others the

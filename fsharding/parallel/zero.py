@@ -101,6 +101,7 @@ from fsharding.step import (
     apply_update,
     as_loss_scale,
     check_params_arg,
+    hidden_pipeline_check,
     partition,
     split_state,
     split_value,
@@ -446,6 +447,7 @@ class _ZeRO:
         # a pipeline's grad fn (fs.pipeline over another axis of the mesh): each rank holds
         # its stage's grads, so the norm and the finite check also span the stages
         self.part = partition(grad_fn, "fs.zero.step")
+        weighted = bool(getattr(grad_fn, "weighted", False))  # fs.pipeline(weights=...)
         if self.part is not None:  # called with batch = (inputs, targets)
             grad_fn = functools.partial(self.part.call, grad_fn)
         self.grad_fn, self.opt, self.mesh = grad_fn, optimizer, mesh
@@ -462,6 +464,16 @@ class _ZeRO:
         # every data-parallel group that communicates, shard axis first
         self.dp_groups = ([self.group] if mesh.shape[self.axis] > 1 else []) + self.rep_groups
         self.dp = math.prod(mesh.shape[a] for a in axes)
+        if self.part is not None and weighted and self.dp > 1:
+            # (every rank builds its step alike: raised on every rank, before any collective)
+            raise ValueError(
+                "fs.zero: a pipeline grad function built with fs.pipeline(weights=...) over "
+                f"{self.dp} data-parallel ranks is not supported yet: the replicas' token "
+                "means would be averaged (not the global token mean) and a replica whose "
+                "microbatches all have weight 0 would stop the others. Build the pipeline "
+                "without weights= (equal microbatch weights), or run it with data "
+                "parallelism of 1."
+            )
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.treedef = None
         # overlap of the reduction with backward: None to be probed, True on, False off
@@ -1002,6 +1014,8 @@ class _ZeRO:
         self.factor, self.empty, self.det_total = None, (False, False), None
         with contextlib.ExitStack() as scope:
             scope.enter_context(_acc.reporting_weights(self._weights))
+            if self.part is None:  # a pipeline hidden in grad_fn: refused on every rank
+                scope.enter_context(hidden_pipeline_check(api))
             sums = scope.enter_context(_acc.deterministic_sums()) if self.deterministic else None
             value, grads, p_shards = self._grad_fn(local_params, batch, kw)
         loss, aux, has_aux = split_value(value, api)
@@ -1101,6 +1115,8 @@ class _ZeRO:
         return flag if self.part is None else self.part.all_min(flag)
 
     def _sq_reduce(self, sq_per_leaf: list[torch.Tensor]) -> torch.Tensor:
+        if not sq_per_leaf:  # no floating leaves here (a stage without params): still reduce
+            sq_per_leaf = [torch.zeros((), dtype=torch.float64, device=self.device)]
         if self.part is None:
             return _lay.sq_reduce(sq_per_leaf, self.layouts, self.group)
         # pipeline stages: a tied copy counted once, then the sum over the stages
@@ -1115,10 +1131,11 @@ class _ZeRO:
         # one fused pass per dtype (a per-leaf .double().square().sum() cost ~35 ms/step on
         # GPT small); squared in float64 so the cross-rank sum stays exact enough
         sq = [n.double().square() for n in torch._foreach_norm(local, 2)] if local else []
-        return (
-            self._sq_reduce(sq)
-            .sqrt()
-            .to(torch.float64 if any(x.dtype == torch.float64 for x in g) else torch.float32)
+        total = self._sq_reduce(sq)
+        if self.part is not None:  # the metric's dtype agreed by every stage
+            return total.sqrt().to(self.part.widest(g, total.device))
+        return total.sqrt().to(
+            torch.float64 if any(x.dtype == torch.float64 for x in g) else torch.float32
         )
 
     def as_step(self) -> Step:

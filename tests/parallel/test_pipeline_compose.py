@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,26 +133,54 @@ def _two_ranks():
     assert all(float(m["grad_norm"]) > 0.05 for m in ref_metrics if not m["skipped"])
 
     f = fs.pipeline(FNS, mse, mesh=mesh, microbatches=M)
-    for name, grad_fn in (("global", f), ("per_stage", lambda p, b, **kw: f(p, *b, **kw))):
+
+    @functools.wraps(f)  # keeps mesh, axis, copies: the step sees the pipeline
+    def wrapped(p, x, t, **kw):
+        return f(p, x, t, **kw)
+
+    # fs.accumulate keeps them too (functools.wraps): 2 x M microbatches of equal size
+    cases = (("global", f), ("wrapped", wrapped), ("accumulate", fs.accumulate(f, steps=2)))
+    for name, grad_fn in cases:
         step = fs.train_step(grad_fn, optimizer(), loss_scale=scale())
         params, state = step.init(make_params()[r])
         metrics = []
         for x, t in batches:
-            params, state, m = step.step(params, state, (x if r == 0 else None, t))
+            params, state, m = step.step(params, state, (x, t))
             metrics.append(m)
-        out[name] = (params, metrics)
+        _check_metrics(metrics, ref_metrics, f"{name} rank {r}")
+        for k in params:
+            assert_close(params[k], ref_params[r][k], f"{name} rank {r} params {k}", **TOL)
 
-    params, metrics = out["global"]
-    _check_metrics(metrics, ref_metrics, f"rank {r}")
-    for k in params:
-        assert_close(params[k], ref_params[r][k], f"rank {r} params {k}", **TOL)
+    # a pipeline hidden in a lambda (its attributes lost) would clip and skip per stage:
+    # refused on every rank, by fs.train_step and by fs.zero
+    hidden = lambda p, b, **kw: f(p, *b, **kw)  # noqa: E731
+    one = fs.Mesh(dp=1, pp=2)  # fs.zero over a data-parallel axis of 1
+    for name, build in (
+        ("hidden", lambda: fs.train_step(hidden, optimizer())),
+        ("hidden zero", lambda: fs.zero(hidden, optimizer(), mesh=one, stage=1, axis="dp")),
+    ):
+        step = build()
+        params, state = step.init(make_params()[r])
+        try:
+            step.step(params, state, batches[0])
+            raise AssertionError(f"{name}: a pipeline hidden in a lambda ran")
+        except TypeError as e:
+            out[name] = str(e)
 
-    # the old per-stage step: each stage clips by its own norm, only stage 0 skips
-    params, metrics = out["per_stage"]
-    assert metrics[POISON_STEP]["skipped"] == (r == 0)
-    assert any(not torch.allclose(params[k], ref_params[r][k], **TOL) for k in params), (
-        "per-stage clipping should differ from the reference"
+    out["no params"] = _stage_without_params(mesh, batches[:2])
+
+    # fs.pipeline(weights=...) under fs.zero over dp > 1 (here dp=2 x pp=1): refused on every
+    # rank (the replicas' token means would be averaged), before any collective
+    dp2 = fs.Mesh(dp=2, pp=1)
+    tokens = lambda x, t: float(t.shape[0])  # noqa: E731
+    weighted = fs.pipeline(
+        FNS, mse, mesh=dp2, virtual_stages=2, schedule="gpipe", microbatches=M, weights=tokens
     )
+    try:
+        fs.zero(weighted, optimizer(), mesh=dp2, stage=1, axis="dp")
+        raise AssertionError("fs.zero took a weighted pipeline over dp=2")
+    except ValueError as e:
+        out["weighted dp"] = str(e)
 
     # a bad batch for a pipeline step: the error names the batch and the fix
     step = fs.train_step(f, optimizer())
@@ -162,6 +192,32 @@ def _two_ranks():
 
     out["gpt"] = _gpt_through_pipeline(mesh)
     return out
+
+
+def _stage_without_params(mesh, batches):
+    """Stage 1 holds no params ({}): it still takes part in the clip's global norm (it
+    hung), and both stages report the grad norm in one dtype (float64 here)."""
+    r = mesh.coordinate["pp"]
+    crop = lambda p, a: a["h"][:, :C]  # noqa: E731
+    ref = fs.train_step(
+        fs.accumulate(fs.value_and_grad(lambda p, b: mse(crop({}, first(p, b[0])), b[1])), steps=M),
+        optimizer(),
+    )
+    ref_params, ref_state = ref.init(make_params()[0])
+    f = fs.pipeline([first, crop], mse, mesh=mesh, microbatches=M)
+    step = fs.train_step(f, optimizer())
+    params, state = step.init(make_params()[0] if r == 0 else {})
+    dtypes = []
+    for i, batch in enumerate(batches):
+        ref_params, ref_state, e = ref.step(ref_params, ref_state, batch)
+        params, state, m = step.step(params, state, batch)
+        assert float(e["grad_norm"]) > 0.05  # the clip is active
+        assert_close(m["grad_norm"].double(), e["grad_norm"].double(), f"no params norm {i}", **TOL)
+        dtypes.append(m["grad_norm"].dtype)
+    for k in params:
+        assert_close(params[k], ref_params[k], f"no params: params {k}", **TOL)
+    assert params == {} or r == 0
+    return dtypes
 
 
 def _gpt_config() -> GPTConfig:
@@ -214,6 +270,10 @@ def test_train_step_on_a_pipeline_clips_and_skips_globally_and_gpt_split_matches
     results = run(_two_ranks, 2, timeout=200)
     for out in results:
         assert "(inputs, targets)" in out["bad_batch"], out["bad_batch"]
+        for name in ("hidden", "hidden zero"):
+            assert "functools.wraps" in out[name] and "fs.accumulate" in out[name], out[name]
+        assert out["no params"] == [torch.float64] * 2, out["no params"]
+        assert "weights=" in out["weighted dp"] and "2 data-parallel" in out["weighted dp"]
     # every rank compared itself with the reference in the worker; the stages' params
     # cover the GPT's, each exactly once
     every = {n: sorted(k for out in results for p in out["gpt"][n] for k in p) for n in (2, 4)}

@@ -104,6 +104,20 @@ def _two_ranks():
     out["after probe"] = _failing_call(f, *args)
     FAIL.clear()
     _check_next_call_works(f, [_reshaping, head], params3, a, y, r, "after probe")
+    # ranks that built the pipeline differently: refused on every rank before any P2P (the
+    # tags would never match: a hang); then a pipeline built alike works
+    args = (params[r], x if r == 0 else None, y if r == 1 else None)
+    differs = {
+        "microbatches": {"microbatches": M if r == 0 else 2},
+        "schedule": {"schedule": "1f1b" if r == 0 else "gpipe"},
+        "weights": {"weights": None if r == 0 else (lambda x, y: 1.0)},
+    }
+    for name, kw in differs.items():
+        kw = {"microbatches": M, **kw}
+        out[f"config {name}"] = _failing_call(pipeline(fns, loss_fn, mesh=mesh, **kw), *args)
+    _check_next_call_works(
+        pipeline(fns, loss_fn, mesh=mesh, microbatches=M), fns, params, x, y, r, "alike"
+    )
     return out
 
 
@@ -123,6 +137,11 @@ def test_two_ranks_a_stage_that_raises_mid_schedule_fails_every_rank():
             assert "differ from microbatch 0's" in msg and "(2, 4, 6)" in msg, (case, msg)
             assert seconds < BOUND, (case, seconds)
         assert "microbatch 3" in out["microbatch shape"][1], out["microbatch shape"]
+        for name in ("microbatches", "schedule", "weights"):
+            kind, msg, seconds = out[f"config {name}"]
+            assert kind == "ValueError", (name, r, msg)
+            assert f"different {name}=" in msg and f"rank {1 - r} has" in msg, (name, msg)
+            assert seconds < BOUND, (name, seconds)
         assert "microbatch 0 " in out["after probe"][1], out["after probe"]
 
 
