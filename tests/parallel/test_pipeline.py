@@ -397,7 +397,7 @@ def _two_ranks():
     out["report"] = {}
     for schedule in ("gpipe", "1f1b", "zero_bubble"):
         f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, schedule=schedule)
-        step = fs.train_step(lambda p, b, f=f, **kw: f(p, *b, **kw), optim.sgd(0.1))
+        step = fs.train_step(f, optim.sgd(0.1))  # batch = (inputs, targets)
         report = fs.memory_report(step, *step.init(params[r]), args[1:])
         assert set(report.stages) == {r}, report.stages
         st = report.stages[r]
@@ -407,7 +407,7 @@ def _two_ranks():
     # fs.train_step on the pipeline: each rank updates its stage as the reference step does
     opt = optim.adamw(1e-2, weight_decay=0.1)
     f = pipeline(fns, loss_fn, mesh=mesh, microbatches=M, weights=tokens)
-    step = fs.train_step(lambda p, b, **kw: f(p, *b, **kw), opt)
+    step = fs.train_step(f, opt)
     ref_fn = reference_grad_fn(fns, tokens)
     ref_step = fs.train_step(lambda ps, b, **kw: ref_fn(ps, *b, **kw), opt)
     mine, opt_state = step.init(params[r])
