@@ -15,7 +15,7 @@
 # Its processes carry "run_headlines.sh" in their command line (argv[0] of this shell), so a
 # `pgrep -f run_headlines.sh` (the pause signal for everyone else) finds them.
 #
-#   1. bench_pipeline: 6 variants (fs / torch x 1f1b, gpipe, zero bubble) x (3 + 20) steps in
+#   1. bench_pipeline: 6 variants (fs / torch x 1f1b, gpipe, zero bubble) x (3 + 15) steps in
 #      one 2-rank launch; DeepSpeed PipelineEngine with torch and fs 1F1B re-runs in its own
 #      launch; each variant alone in a fresh launch for peak RSS / peak live       ~8 min
 #   2. bench_checkpoint: fs.save/load/export vs DCP direct (5 repeats, one launch), DeepSpeed
@@ -46,7 +46,7 @@ if [ "${NO_DEEPSPEED:-0}" = 1 ]; then
   CDS=(--ds-python '')
 fi
 
-run python benchmarks/bench_pipeline.py --steps 20 --warmup 3 --memory --memory-steps 3 \
+run python benchmarks/bench_pipeline.py --steps 15 --warmup 3 --memory --memory-steps 2 \
   --write "${PDS[@]}"
 
 run python benchmarks/bench_checkpoint.py --repeats 5 --dir /tmp --write "${CDS[@]}"
