@@ -12,12 +12,15 @@ Owns:
 - :func:`register_drain` / :func:`drain`: work to finish before a process leaves (an
   ``fs.save(..., async_=True)`` still writing). ``fs.launch``'s ranks run :func:`drain`
   after ``fn`` returns, before destroying their process group; it also runs at
-  interpreter exit (``atexit``) for plain ``torchrun`` scripts.
+  interpreter exit (``atexit``) for plain ``torchrun`` scripts;
+- :func:`fsync_dir`: make a rename or a new file in a directory durable, where the
+  platform has directory file descriptors (``fs.save``'s commit, ``fs.export``'s files).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import warnings
@@ -26,7 +29,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["top_saved_tensors_hooks", "use_counts", "settle", "register_drain", "drain"]
+__all__ = [
+    "top_saved_tensors_hooks",
+    "use_counts",
+    "settle",
+    "register_drain",
+    "drain",
+    "fsync_dir",
+]
 
 _TOP = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -185,3 +195,18 @@ def drain() -> None:
 
 
 atexit.register(drain)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` the directory ``path`` (its entries: a rename, a new file), best effort: a
+    platform without directory file descriptors, or a failing fsync, is ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsharding import _compat
 from fsharding import tree as _tree
 from fsharding._compat import settle, use_counts
 
@@ -563,7 +564,7 @@ class _AtomicFile:
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
+        _compat.fsync_dir(self.final.parent)
 
     def discard(self) -> None:
         self.f.close()
@@ -577,19 +578,6 @@ class _AtomicFile:
             self.commit()
         else:
             self.discard()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove(p: Path) -> None:

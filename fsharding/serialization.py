@@ -783,19 +783,6 @@ def _check_replicas(
                 )
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _commit(path: str, tmp: str, meta: dict[str, Any]) -> None:
     meta = dict(meta, time_ns=time.time_ns())
     file = os.path.join(tmp, INDEX)
@@ -803,11 +790,11 @@ def _commit(path: str, tmp: str, meta: dict[str, Any]) -> None:
         json.dump(meta, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    _compat.fsync_dir(tmp)
     if os.path.lexists(path):
         raise FileExistsError(path)
     os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    _compat.fsync_dir(os.path.dirname(path))
 
 
 # --------------------------------------------------------------------------------------
