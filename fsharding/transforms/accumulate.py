@@ -598,12 +598,7 @@ def _run(
         leaves, tdef = optree.tree_flatten(grads)
         if buf is None:
             treedef = tdef
-            bad = [(p, g) for p, g in _tree.leaves_with_path(grads) if not torch.is_tensor(g)]
-            if bad:
-                raise TypeError(
-                    f"{_API}: grad_fn returned grads leaf {bad[0][0]} of type "
-                    f"{type(bad[0][1]).__name__}; every grads leaf must be a tensor."
-                )
+            _check_tensor_leaves(grads)
             grad_dtypes = [g.dtype for g in leaves]
             buf = [g.detach().to(_acc_dtype(g.dtype), copy=True) for g in leaves]
             if w != 1.0:
@@ -611,14 +606,7 @@ def _run(
             loss_dtype = value.dtype
             loss_acc = value.detach().to(_acc_dtype(value.dtype)) * w
         else:
-            if tdef != treedef:
-                first = optree.tree_unflatten(treedef, [0] * treedef.num_leaves)
-                _tree.check_same_structure(
-                    first,
-                    grads,
-                    names=("the first microbatch's grads", f"microbatch {i}'s"),
-                    api=_API,
-                )
+            _check_same_treedef(treedef, tdef, grads, i)
             _foreach(torch._foreach_add_, buf, [g.detach() for g in leaves], w)
             loss_acc = loss_acc + value.detach().to(loss_acc.dtype) * w
         del value, grads, leaves  # free this microbatch's grads before the next one runs
@@ -660,22 +648,11 @@ def _run_tree(
         leaves, tdef = optree.tree_flatten(grads)
         if treedef is None:
             treedef = tdef
-            bad = [(p, g) for p, g in _tree.leaves_with_path(grads) if not torch.is_tensor(g)]
-            if bad:
-                raise TypeError(
-                    f"{_API}: grad_fn returned grads leaf {bad[0][0]} of type "
-                    f"{type(bad[0][1]).__name__}; every grads leaf must be a tensor."
-                )
+            _check_tensor_leaves(grads)
             grad_dtypes = [g.dtype for g in leaves]
             loss_dtype = value.dtype
-        elif tdef != treedef:
-            first = optree.tree_unflatten(treedef, [0] * treedef.num_leaves)
-            _tree.check_same_structure(
-                first,
-                grads,
-                names=("the first microbatch's grads", f"microbatch {i}'s"),
-                api=_API,
-            )
+        else:
+            _check_same_treedef(treedef, tdef, grads, i)
         node = [*leaves, value]
         del value, grads, leaves
         if weighted and w != 1.0:
@@ -695,6 +672,28 @@ def _run_tree(
         loss = loss.to(loss_dtype)
     grads = optree.tree_unflatten(treedef, buf)
     return ((loss, auxes), grads) if has_aux else (loss, grads)
+
+
+def _check_tensor_leaves(grads: _PyTree) -> None:
+    """Every leaf of the first microbatch's grads is a tensor (else a TypeError naming it)."""
+    bad = [(p, g) for p, g in _tree.leaves_with_path(grads) if not torch.is_tensor(g)]
+    if bad:
+        raise TypeError(
+            f"{_API}: grad_fn returned grads leaf {bad[0][0]} of type "
+            f"{type(bad[0][1]).__name__}; every grads leaf must be a tensor."
+        )
+
+
+def _check_same_treedef(treedef: Any, tdef: Any, grads: _PyTree, i: int) -> None:
+    """Microbatch ``i``'s grads (``tdef``) have the first microbatch's structure."""
+    if tdef != treedef:
+        first = optree.tree_unflatten(treedef, [0] * treedef.num_leaves)
+        _tree.check_same_structure(
+            first,
+            grads,
+            names=("the first microbatch's grads", f"microbatch {i}'s"),
+            api=_API,
+        )
 
 
 def _foreach(op: Callable[..., Any], bufs: list[torch.Tensor], others: Any, scalar: float) -> None:
