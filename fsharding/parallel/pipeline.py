@@ -184,7 +184,10 @@ def pipeline(
             weight (e.g. its count of valid tokens, when ``loss_fn`` is a token mean), as in
             ``fs.accumulate``. It is called on the last stage's rank, where ``inputsᵢ`` is
             ``None`` when that rank was passed ``inputs=None``: compute it from the targets.
-            ``None``: equal weights.
+            ``None``: equal weights. Under ``fs.zero`` over a data-parallel axis the
+            weights are shared with every stage and reported as ``fs.accumulate``'s are:
+            the loss and grads are the global token mean over the replicas, and a replica
+            whose microbatches all weigh 0 runs nothing (zero grads).
         tied: weights shared between stages (the embedding of stage 0 and the LM head of the
             last): ``{name: stages}``, e.g. ``{"wte": (0, -1)}`` (the leaf ``params["wte"]``
             of stages 0 and ``n-1``), or ``{name: {stage: path}}`` where the leaf's path
@@ -754,11 +757,14 @@ class _Runner:
         self.measure = _context.MEMORY_MEASURE.get()
         if not hasattr(self.measure, "enter_stage"):
             self.measure = None
+        # fs.zero's token-weight channel (as for fs.accumulate): set when this call is a
+        # data-parallel replica's share of a global token mean
+        report = _context.ACCUMULATE_REPORT.get() if self.weights is not None else None
         error, params, batch, signature = None, None, None, None
         try:  # errors are raised on every rank (in the probe), never here alone
             loss_scale = _as_loss_scale(loss_scale)
             params = self._params(stage_params)
-            batch = self._split_batch(inputs, targets)
+            batch = self._split_batch(inputs, targets, allow_zero=report is not None)
             signature = (
                 _signature(params),
                 _signature(batch[0][0]) if batch[0] is not None else None,
@@ -767,6 +773,8 @@ class _Runner:
         except Exception as e:
             error = e
         self.device = _device(params or [], inputs, targets)
+        if report is not None and self._report_weights(report, batch, error):
+            return self._nothing_to_run(params)
         if self._any(error is not None or signature != self.signature):
             self.signature = None
             self._probe(params, batch, error)
@@ -821,8 +829,10 @@ class _Runner:
                     )
         return per_stage
 
-    def _split_batch(self, inputs, targets):
-        """``(inputs microbatches | None, targets microbatches | None, weights, total)``."""
+    def _split_batch(self, inputs, targets, allow_zero: bool = False):
+        """``(inputs microbatches | None, targets microbatches | None, weights, total)``;
+        all weights 0 raise unless ``allow_zero`` (under fs.zero another replica may hold
+        the tokens)."""
         first = any(st.is_first for st in self.stages)
         last = any(st.is_last for st in self.stages)
         xs = _split(inputs, "inputs", self.m, 0) if first else None
@@ -843,13 +853,48 @@ class _Runner:
                 )
                 ws = [_weight(self.weights(x, y), i) for i, (x, y) in enumerate(zip(xs_here, ys))]
             total = math.fsum(ws)
-            if total == 0:
+            if total == 0 and not allow_zero:
                 raise ValueError(
                     f"{_API}: every microbatch has weight 0 (weights {ws}), so there is "
                     "nothing to average (Σ wᵢ = 0). Drop batches without valid tokens, or "
                     "return a positive weight for at least one microbatch."
                 )
         return xs, ys, ws, total
+
+    def _report_weights(self, report: Callable[[list[float]], None], batch, error) -> bool:
+        """Under ``fs.zero``: the last stage's microbatch weights go to every rank of the
+        axis (one all-reduce, with a failure flag), and every rank reports them to its
+        data-parallel group, as ``fs.accumulate`` does, so the replicas weight each other
+        into the global token mean. A failure on any rank of the axis is reported as NaN
+        weights (the other replicas then raise too) and raised by the probe. True when
+        every weight here is 0: this replica runs nothing (another holds the tokens)."""
+        t = torch.zeros(self.m + 1, dtype=torch.float64, device=self.device)
+        if error is not None:
+            t[self.m] = 1.0
+        elif batch[2] is not None:  # the rank of the last stage
+            t[: self.m] = torch.tensor(batch[2], dtype=torch.float64)
+        if self.group is not None:
+            before = _compat.use_counts([t])
+            dist.all_reduce(t, group=self.group)
+            _compat.settle(before)
+        *ws, failed = t.tolist()
+        if failed:
+            try:
+                report([math.nan] * self.m)
+            except Exception:
+                pass  # every replica raises; this one its own error, in the probe
+            return False
+        report(ws)
+        return math.fsum(ws) == 0
+
+    def _nothing_to_run(self, params: list[PyTree]) -> tuple[torch.Tensor, Any]:
+        """A replica whose microbatches all weigh 0: a zero loss (``fs.zero`` gives it the
+        other replicas' dtype) and zero grads, without running the schedule."""
+        zeros = [optree.tree_map(torch.zeros_like, p) for p in params]
+        floats = [x for p in params for x in optree.tree_leaves(p)]
+        wide = any(x.dtype == torch.float64 for x in floats)
+        loss = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=self.device)
+        return loss, zeros[0] if self.v == 1 else zeros
 
     # -- the probe: shapes once, errors on every rank ---------------------------------
 

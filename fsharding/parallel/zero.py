@@ -464,15 +464,14 @@ class _ZeRO:
         # every data-parallel group that communicates, shard axis first
         self.dp_groups = ([self.group] if mesh.shape[self.axis] > 1 else []) + self.rep_groups
         self.dp = math.prod(mesh.shape[a] for a in axes)
-        if self.part is not None and weighted and self.dp > 1:
+        if self.part is not None and weighted and deterministic and self.dp > 1:
             # (every rank builds its step alike: raised on every rank, before any collective)
             raise ValueError(
-                "fs.zero: a pipeline grad function built with fs.pipeline(weights=...) over "
-                f"{self.dp} data-parallel ranks is not supported yet: the replicas' token "
-                "means would be averaged (not the global token mean) and a replica whose "
-                "microbatches all have weight 0 would stop the others. Build the pipeline "
-                "without weights= (equal microbatch weights), or run it with data "
-                "parallelism of 1."
+                "fs.zero: deterministic=True with a pipeline grad function built with "
+                "fs.pipeline(weights=...) is not supported: the pipeline returns its "
+                "replica's weighted mean, not the canonical sums deterministic mode combines. "
+                "Use deterministic=False (the global token mean, to rounding) or equal "
+                "microbatch weights."
             )
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.treedef = None

@@ -169,16 +169,17 @@ def _two_ranks():
 
     out["no params"] = _stage_without_params(mesh, batches[:2])
 
-    # fs.pipeline(weights=...) under fs.zero over dp > 1 (here dp=2 x pp=1): refused on every
-    # rank (the replicas' token means would be averaged), before any collective
+    # fs.pipeline(weights=...) under fs.zero(deterministic=True) over dp > 1 (here dp=2 x
+    # pp=1): refused on every rank, before any collective (the pipeline returns its replica's
+    # weighted mean, not the canonical sums); deterministic=False: see _dp_pp_weighted
     dp2 = fs.Mesh(dp=2, pp=1)
     tokens = lambda x, t: float(t.shape[0])  # noqa: E731
     weighted = fs.pipeline(
         FNS, mse, mesh=dp2, virtual_stages=2, schedule="gpipe", microbatches=M, weights=tokens
     )
     try:
-        fs.zero(weighted, optimizer(), mesh=dp2, stage=1, axis="dp")
-        raise AssertionError("fs.zero took a weighted pipeline over dp=2")
+        fs.zero(weighted, optimizer(), mesh=dp2, stage=1, axis="dp", deterministic=True)
+        raise AssertionError("fs.zero(deterministic=True) took a weighted pipeline")
     except ValueError as e:
         out["weighted dp"] = str(e)
 
@@ -273,7 +274,7 @@ def test_train_step_on_a_pipeline_clips_and_skips_globally_and_gpt_split_matches
         for name in ("hidden", "hidden zero"):
             assert "functools.wraps" in out[name] and "fs.accumulate" in out[name], out[name]
         assert out["no params"] == [torch.float64] * 2, out["no params"]
-        assert "weights=" in out["weighted dp"] and "2 data-parallel" in out["weighted dp"]
+        assert "weights=" in out["weighted dp"] and "deterministic" in out["weighted dp"]
     # every rank compared itself with the reference in the worker; the stages' params
     # cover the GPT's, each exactly once
     every = {n: sorted(k for out in results for p in out["gpt"][n] for k in p) for n in (2, 4)}
@@ -309,11 +310,73 @@ def _dp_pp(zero_stage: int):
     return True
 
 
+def _dp_pp_weighted():
+    """fs.pipeline(weights=token counts) under fs.zero over dp=2 x pp=2: the global token
+    mean (as fs.accumulate's weights under fs.zero), not the mean of the replicas' means;
+    a replica whose microbatches all weigh 0 runs nothing and gets zero grads (step 1:
+    dp rank 0's whole half is masked out), while the other replica holds the tokens."""
+    mesh = fs.Mesh(dp=2, pp=2)
+    d, r = mesh.coordinate["dp"], mesh.coordinate["pp"]
+    dp = mesh.shape["dp"]
+    g = torch.Generator().manual_seed(11)
+    batches = []
+    for i in range(3):
+        x = {"x": torch.randn(dp * B, D, generator=g, dtype=torch.float64)}
+        x["k"] = torch.ones(dp * B, dtype=torch.float64)
+        mask = (torch.rand(dp * B, generator=g) < 0.3).double()
+        mask[B:] = 1.0  # dp rank 1's half: every row counts; dp rank 0's: about 30%
+        if i == 1:
+            mask[:B] = 0.0  # dp rank 0 holds no tokens at all
+        t = torch.randn(dp * B, C, generator=g, dtype=torch.float64)
+        batches.append((x, torch.cat([t, mask[:, None]], 1)))
+
+    def masked_mse(y, t):
+        m = t[:, C]
+        return (((y - t[:, :C]) ** 2).mean(1) * m).sum() / m.sum().clamp(min=1)
+
+    def tokens(x, t):
+        return t[:, C].sum()
+
+    def composed(ps, batch):
+        x, t = batch
+        return masked_mse(last(ps[1], first(ps[0], x)), t)
+
+    ref = fs.train_step(
+        fs.accumulate(fs.value_and_grad(composed), steps=dp * M, weights=lambda b: tokens(*b)),
+        optimizer(),
+    )
+    ref_params, ref_state = ref.init(make_params())
+    f = fs.pipeline(FNS, masked_mse, mesh=mesh, axis="pp", microbatches=M, weights=tokens)
+    step = fs.zero(f, optimizer(), mesh=mesh, stage=1, axis="dp")
+    params, state = step.init(make_params()[r])
+    local = slice(d * B, (d + 1) * B)
+    for i, (x, t) in enumerate(batches):
+        ref_params, ref_state, e = ref.step(ref_params, ref_state, (x, t))
+        xs = {k: v[local] for k, v in x.items()}
+        params, state, m = step.step(params, state, (xs if r == 0 else None, t[local]))
+        assert_close(m["loss"], e["loss"], f"weighted loss {i}", **TOL)
+        assert_close(m["grad_norm"].double(), e["grad_norm"].double(), f"norm {i}", **TOL)
+    for k, v in step.gather(params).items():
+        assert_close(v, ref_params[r][k], f"weighted params {k}", **TOL)
+    # the mean of the replicas' means differs (the test would fail on it)
+    x, t = batches[0]
+    halves = [
+        composed(make_params(), (x_h, t_h))
+        for x_h, t_h in (
+            ({k: v[:B] for k, v in x.items()}, t[:B]),
+            ({k: v[B:] for k, v in x.items()}, t[B:]),
+        )
+    ]
+    whole = composed(make_params(), (x, t))
+    assert abs(float(sum(halves) / 2 - whole)) > 1e-3
+    return True
+
+
 def _four_ranks():
     torch.set_num_threads(1)
-    return [_dp_pp(1), _dp_pp(3)]
+    return [_dp_pp(1), _dp_pp(3), _dp_pp_weighted()]
 
 
 @pytest.mark.timeout(240)
 def test_zero_over_dp_and_pp_equals_the_single_process_reference():
-    assert run(_four_ranks, 4, timeout=200) == [[True, True]] * 4
+    assert run(_four_ranks, 4, timeout=200) == [[True, True, True]] * 4
