@@ -1277,16 +1277,10 @@ class _Runner:
             grads_in, self.deferred[(k, i)] = _backward_input(
                 [o for o, _ in pairs], [g for _, g in pairs], float_in, params
             )
+        elif pairs:
+            grads_in = self._backward_into(k, pairs, params, float_in)
         else:
-            wrt = params + float_in
-            if pairs:
-                grads = torch.autograd.grad(
-                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-                )
-            else:
-                grads = (None,) * len(wrt)
-            self._accumulate(k, grads[: len(params)])
-            grads_in = grads[len(params) :]
+            grads_in = [None] * len(float_in)
         del pairs, outs
         if not self.split:
             self._unhold(k, i)
@@ -1300,6 +1294,41 @@ class _Runner:
     def _unhold(self, k: int, i: int) -> None:
         """Local stage ``k`` no longer needs microbatch ``i``'s received inputs."""
         self.io[self.stages[k].index]["held"] -= self.held.pop((k, i), 0)
+
+    def _backward_into(self, k: int, pairs: list, params: list, float_in: list) -> list:
+        """One microbatch's backward for local stage ``k`` (1F1B, GPipe, interleaved): the
+        param grads go straight into the float32 (or wider) sums as autograd produces them,
+        as torch's ``AccumulateGrad`` does into ``.grad`` (``autograd.backward(inputs=)``
+        on the aliases, whose ``.grad`` *is* the sum: the first microbatch's grads are
+        taken without a copy, later ones added in place), so a stage's whole grads never
+        sit beside the sums. Params narrower than float32 (bf16, fp16) get this
+        microbatch's grads in ``.grad`` and are added into their float32 sums after.
+        Returns the grads of the received inputs (None where unused)."""
+        bufs = self.bufs[k]
+        wide = [p.dtype == torch.promote_types(p.dtype, torch.float32) for p in params]
+        for j, p in enumerate(params):
+            p.grad = bufs[j] if wide[j] else None
+        try:
+            torch.autograd.backward(
+                [o for o, _ in pairs], [g for _, g in pairs], inputs=params + float_in
+            )
+            for j, p in enumerate(params):
+                g, p.grad = p.grad, None
+                if g is None:
+                    continue
+                if wide[j]:
+                    bufs[j] = g.detach()
+                elif bufs[j] is None:
+                    bufs[j] = g.detach().to(torch.float32)
+                else:
+                    bufs[j].add_(g)
+            grads_in = [x.grad for x in float_in]
+        finally:
+            for p in params:
+                p.grad = None
+            for x in float_in:
+                x.grad = None
+        return grads_in
 
     def _accumulate(self, k: int, grads: Sequence[torch.Tensor | None]) -> None:
         """Adds one microbatch's param grads of local stage ``k`` to its float32 sums."""
