@@ -32,7 +32,7 @@ from torch.nn.utils import stateless
 
 from fsharding import _context, _replay
 from fsharding import tree as _tree
-from fsharding.precision import StaticLossScale
+from fsharding.precision import as_loss_scale
 
 __all__ = ["functional", "value_and_grad", "grad"]
 
@@ -703,7 +703,7 @@ def value_and_grad(
 
     @functools.wraps(fn)
     def value_and_grad_fn(*args: Any, loss_scale: Any = None, **kwargs: Any) -> Any:
-        loss_scale = _as_loss_scale(loss_scale)
+        loss_scale = as_loss_scale(loss_scale, "fs.value_and_grad")
         if max(nums) >= len(args) or min(nums) < -len(args):
             raise TypeError(
                 f"fs.value_and_grad: argnums={argnums!r} but the function was called with "
@@ -759,20 +759,6 @@ def _check_not_module(fn: Any, api: str) -> None:
             f"fs.functional(model)`, then `{api}(lambda p, x: loss(apply(p, x)))(params, "
             "x)`."
         )
-
-
-def _as_loss_scale(loss_scale: Any) -> Any:
-    if loss_scale is None:
-        return None
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        return StaticLossScale(loss_scale)
-    if not (hasattr(loss_scale, "scale") and hasattr(loss_scale, "unscale")):
-        raise TypeError(
-            "fs.value_and_grad: loss_scale must be None, a number (a static scale, e.g. "
-            "1024.0) or an fs.LossScale (fs.StaticLossScale(1024.0), fs.DynamicLossScale()), "
-            f"got {loss_scale!r} of type {type(loss_scale).__name__}."
-        )
-    return loss_scale
 
 
 def _check_scalar(value: Any) -> None:

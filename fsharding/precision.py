@@ -470,3 +470,21 @@ class DynamicLossScale(_DynamicFields):
 
 LossScale = Union[NoOpLossScale, StaticLossScale, DynamicLossScale]  # noqa: UP007
 """Any of the three loss scales: ``scale``, ``unscale``, ``adjust`` and ``loss_scale``."""
+
+
+def as_loss_scale(loss_scale: Any, api: str, needs: tuple[str, ...] = ("scale", "unscale")) -> Any:
+    """``loss_scale`` as a ``fs.LossScale``: None stays None, a number is a static scale;
+    anything else must have the methods ``needs`` (a gradient function needs ``scale`` and
+    ``unscale``; a training step also ``adjust`` and ``loss_scale``), else a TypeError
+    naming ``api``."""
+    if loss_scale is None:
+        return None
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+        return StaticLossScale(loss_scale)
+    if not all(hasattr(loss_scale, a) for a in needs):
+        raise TypeError(
+            f"{api}: loss_scale must be None, a number (a static scale, e.g. 1024.0) or an "
+            f"fs.LossScale (fs.StaticLossScale(1024.0), fs.DynamicLossScale()), got "
+            f"{loss_scale!r} of type {type(loss_scale).__name__}."
+        )
+    return loss_scale

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from fsharding import tree as _tree
 from fsharding._compat import settle, use_counts
 from fsharding.optim import base as _optim
-from fsharding.precision import StaticLossScale
+from fsharding.precision import as_loss_scale as _as_loss_scale
 from fsharding.transforms.accumulate import PerMicrobatch
 
 __all__ = ["Step", "TrainState", "train_step", "stack_microbatches"]
@@ -100,18 +100,9 @@ def check_params_arg(params: Any, api: str) -> None:
 
 
 def as_loss_scale(loss_scale: Any, api: str) -> Any:
-    """``loss_scale`` as a ``fs.LossScale``: None stays None, a number is a static scale."""
-    if loss_scale is None:
-        return None
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        return StaticLossScale(loss_scale)
-    if not all(hasattr(loss_scale, a) for a in ("scale", "unscale", "adjust", "loss_scale")):
-        raise TypeError(
-            f"{api}: loss_scale must be None, a number (a static scale, e.g. 1024.0) or an "
-            f"fs.LossScale (fs.StaticLossScale(1024.0), fs.DynamicLossScale()), got "
-            f"{loss_scale!r} of type {type(loss_scale).__name__}."
-        )
-    return loss_scale
+    """``loss_scale`` for a training step (``precision.as_loss_scale`` with the methods a
+    step calls: ``scale``, ``unscale``, ``adjust``, ``loss_scale``)."""
+    return _as_loss_scale(loss_scale, api, ("scale", "unscale", "adjust", "loss_scale"))
 
 
 def split_state(opt_state: Any, loss_scale: Any, api: str) -> tuple[Any, Any]:

@@ -99,7 +99,7 @@ import torch.distributed as dist
 from fsharding import _compat, _context
 from fsharding import tree as _tree
 from fsharding.parallel.mesh import Mesh
-from fsharding.precision import StaticLossScale
+from fsharding.precision import as_loss_scale
 from fsharding.step import note_pipeline_ran
 
 __all__ = ["pipeline"]
@@ -349,19 +349,6 @@ def _check_args(
             f"{type(loss_fn).__name__}."
         )
     return fns
-
-
-def _as_loss_scale(loss_scale: Any) -> Any:
-    if loss_scale is None:
-        return None
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        return StaticLossScale(loss_scale)
-    if not (hasattr(loss_scale, "scale") and hasattr(loss_scale, "unscale")):
-        raise TypeError(
-            f"{_API}: loss_scale must be None, a number or an fs.LossScale, got "
-            f"{type(loss_scale).__name__}."
-        )
-    return loss_scale
 
 
 # --------------------------------------------------------------------------------------
@@ -762,7 +749,7 @@ class _Runner:
         report = _context.ACCUMULATE_REPORT.get() if self.weights is not None else None
         error, params, batch, signature = None, None, None, None
         try:  # errors are raised on every rank (in the probe), never here alone
-            loss_scale = _as_loss_scale(loss_scale)
+            loss_scale = as_loss_scale(loss_scale, _API)
             params = self._params(stage_params)
             batch = self._split_batch(inputs, targets, allow_zero=report is not None)
             signature = (
