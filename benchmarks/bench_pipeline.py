@@ -343,18 +343,6 @@ def label(key: str) -> str:
 # ----------------------------------------------------------------------------- rank side
 
 
-def _cpu_busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
-
-
-def _own_jiffies() -> int:
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(fields[k]) for k in (11, 12, 13, 14))
-
-
 def run_alternating(steppers: list[Stepper], warmup: int, steps: int) -> dict:
     """Every variant steps in turn (a barrier before each step). Returns per variant the step
     times (the slower rank's), the loss per step (from a rank that has it) and each rank's
@@ -368,7 +356,9 @@ def run_alternating(steppers: list[Stepper], warmup: int, steps: int) -> dict:
             dist.barrier()
             traj[k].append(s.step(i))
     dist.barrier()
-    busy0, own0, wall0 = _cpu_busy_jiffies(), _own_jiffies(), time.perf_counter()
+    from common import cpu_busy_jiffies, own_jiffies
+
+    busy0, own0, wall0 = cpu_busy_jiffies(), own_jiffies(), time.perf_counter()
     for i in range(warmup, warmup + steps):
         for k, s in enumerate(steppers):
             gc.collect()
@@ -377,7 +367,7 @@ def run_alternating(steppers: list[Stepper], warmup: int, steps: int) -> dict:
             traj[k].append(s.step(i))
             times[k].append(time.perf_counter() - t0)
     dist.barrier()
-    busy, own = _cpu_busy_jiffies() - busy0, _own_jiffies() - own0
+    busy, own = cpu_busy_jiffies() - busy0, own_jiffies() - own0
     wall = time.perf_counter() - wall0
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (busy, own, wall, times, traj))

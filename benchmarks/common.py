@@ -54,14 +54,16 @@ class Result:
         return (q[2] - q[0]) / self.median
 
 
-def _cpu_busy_jiffies() -> int:
+def cpu_busy_jiffies() -> int:
+    """Jiffies every CPU spent busy since boot (for the contention of a timed run)."""
     with open("/proc/stat") as f:
         parts = f.readline().split()[1:]
     vals = [int(x) for x in parts]
     return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
 
 
-def _own_jiffies() -> int:
+def own_jiffies() -> int:
+    """Jiffies this process spent on a CPU, its waited-for children included."""
     with open(f"/proc/{os.getpid()}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
@@ -80,7 +82,7 @@ def run_side_by_side(
         for s in steppers:
             s()
     times: list[list[float]] = [[] for _ in variants]
-    busy0, own0, wall0 = _cpu_busy_jiffies(), _own_jiffies(), time.perf_counter()
+    busy0, own0, wall0 = cpu_busy_jiffies(), own_jiffies(), time.perf_counter()
     for _ in range(rounds):
         for _ in range(steps):
             for i, s in enumerate(steppers):
@@ -88,7 +90,7 @@ def run_side_by_side(
                 t0 = time.perf_counter()
                 s()
                 times[i].append(time.perf_counter() - t0)
-    busy, own = _cpu_busy_jiffies() - busy0, _own_jiffies() - own0
+    busy, own = cpu_busy_jiffies() - busy0, own_jiffies() - own0
     wall = time.perf_counter() - wall0
     hz = os.sysconf("SC_CLK_TCK")
     contention = max(0.0, (busy - own) / hz) / (wall * (os.cpu_count() or 1))
@@ -372,14 +374,14 @@ def run_side_by_side_quiet(
     busy_all = own_all = wall_all = 0.0
     quiet = 0
     while quiet < steps and len(rounds) < max_rounds:
-        busy0, own0, wall0 = _cpu_busy_jiffies(), _own_jiffies(), time.perf_counter()
+        busy0, own0, wall0 = cpu_busy_jiffies(), own_jiffies(), time.perf_counter()
         ts = []
         for s in steppers:
             gc.collect()
             t0 = time.perf_counter()
             s()
             ts.append(time.perf_counter() - t0)
-        busy, own = _cpu_busy_jiffies() - busy0, _own_jiffies() - own0
+        busy, own = cpu_busy_jiffies() - busy0, own_jiffies() - own0
         wall = time.perf_counter() - wall0
         c = max(0.0, (busy - own) / hz) / (wall * ncpu)
         busy_all, own_all, wall_all = busy_all + busy, own_all + own, wall_all + wall

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fsharding.models.gpt import GPT, GPTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakLiveMemory, param_deviation  # noqa: E402
+from common import PeakLiveMemory, cpu_busy_jiffies, own_jiffies, param_deviation  # noqa: E402
 
 LR, BETAS, EPS, WD = 3e-3, (0.9, 0.95), 1e-8, 0.1
 MIB = 2**20
@@ -200,18 +200,6 @@ def ddp(data: dict, fused: bool = True) -> Stepper:
 # ----------------------------------------------------------------------------- timing
 
 
-def _cpu_busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
-
-
-def _own_jiffies() -> int:
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(fields[k]) for k in (11, 12, 13, 14))
-
-
 def run_alternating(
     steppers: list[Stepper], *, warmup: int, steps: int
 ) -> tuple[list[list[float]], list[list[tuple[float, float]]], float]:
@@ -232,7 +220,7 @@ def run_alternating(
         s.phases.cur = {}
     times: list[list[float]] = [[] for _ in steppers]
     dist.barrier()
-    busy0, own0, wall0 = _cpu_busy_jiffies(), _own_jiffies(), time.perf_counter()
+    busy0, own0, wall0 = cpu_busy_jiffies(), own_jiffies(), time.perf_counter()
     for i in range(warmup, warmup + steps):
         for k, s in enumerate(steppers):
             gc.collect()
@@ -242,7 +230,7 @@ def run_alternating(
             times[k].append(time.perf_counter() - t0)
             s.phases.end_step()
     dist.barrier()
-    busy, own = _cpu_busy_jiffies() - busy0, _own_jiffies() - own0
+    busy, own = cpu_busy_jiffies() - busy0, own_jiffies() - own0
     wall = time.perf_counter() - wall0
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (busy, own, wall, times, traj))
